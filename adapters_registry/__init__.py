@@ -1,0 +1,10 @@
+"""Adapter formats, validation, on-disk catalog, device slots and the tiered registry (no HTTP)."""
+from .config import RegistryConfig
+from .errors import AdapterError
+from .ids import validate_adapter_id
+from .records import AdapterInfo, Lease
+from .registry import AdapterRegistry
+from .slots import LoraStacks
+
+__all__ = ["AdapterError", "AdapterInfo", "AdapterRegistry", "Lease", "LoraStacks", "RegistryConfig",
+           "validate_adapter_id"]

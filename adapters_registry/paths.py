@@ -1,0 +1,36 @@
+"""Confining register-by-path to folders the operator allowed (`--adapter-root`)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .adapter_files import ADAPTER_FILES
+from .errors import BAD_REQUEST, FORBIDDEN, AdapterError
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def confine_path(raw: object, roots: tuple[Path, ...]) -> Path:
+    """The real (symlink-free) folder `raw` names, if it and its adapter files lie under a root.
+
+    Symlinks are resolved before the check, for the folder and for each adapter file inside it,
+    so neither `root/link -> /etc` nor `root/a/adapter_model.safetensors -> /secret` gets out.
+    """
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        raise AdapterError(BAD_REQUEST, "path must be a non-empty string", param="path")
+    if not roots:
+        raise AdapterError(FORBIDDEN, "registering adapters by server path is disabled (no allowed roots "
+                                      "configured); upload the files instead", param="path")
+    path = Path(os.path.expanduser(raw))
+    if not path.is_absolute():
+        raise AdapterError(BAD_REQUEST, f"path {raw!r} must be absolute", param="path")
+    real = path.resolve()
+    if not _inside(real, roots):
+        raise AdapterError(FORBIDDEN, f"path {raw!r} is outside the allowed adapter roots", param="path")
+    for name in ADAPTER_FILES:
+        f = real / name
+        if f.exists() and not _inside(f.resolve(), roots):
+            raise AdapterError(FORBIDDEN, f"{raw}/{name} links outside the allowed adapter roots", param="path")
+    return real

@@ -1,0 +1,45 @@
+"""What the registry hands out: AdapterInfo (a snapshot for listings) and Lease (a held adapter)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+Kind = Literal["lora", "prefix"]
+Tier = Literal["device", "host", "disk"]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    id: str
+    type: Kind
+    rank: int                    # largest per-module rank (0 for prefix)
+    alpha: float                 # config lora_alpha (0 for prefix)
+    targets: tuple[str, ...]     # adapted projections (empty for prefix)
+    size_bytes: int              # the safetensors file
+    tier: Tier                   # where its weights are ready: device slot / host memory / disk only
+    last_used: float | None      # wall-clock time of the last acquire
+    requests_served: int         # acquires so far (this process)
+    active_leases: int
+    num_virtual_tokens: int      # prefix tuning only (0 for LoRA)
+    use_rslora: bool
+    source: str                  # folder served from
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+@dataclass(eq=False)
+class Lease:
+    """One request's hold on an adapter. LoRA: `slot` indexes the stacks; prefix: `slot` is -1 and
+    `prefix_kv` is (num_layers, 2, n_virt, num_kv_heads, head_dim) in the registry dtype/device.
+    Give it back with `AdapterRegistry.release` exactly once."""
+    adapter_id: str
+    kind: Kind
+    slot: int
+    prefix_kv: torch.Tensor | None = None
+    released: bool = False
+    _record: object = field(default=None, repr=False)

@@ -1,0 +1,278 @@
+"""The adapter registry: ids -> adapters, across three tiers, with leases for running requests.
+
+Tiers: a fixed number of device slots (LoraStacks), a bounded LRU of parsed weights in host
+memory, and the catalog on disk. `try_acquire` pulls an adapter up into a slot, evicting the least
+recently used slot nobody holds; a lease pins it until `release`. Prefix adapters need no slot:
+their KV prefix lives in the host tier (already on the device) and the lease carries it.
+
+One lock guards all state; it is held for bookkeeping and slot copies but not while reading
+files, so the engine thread never waits behind a slow disk read of another request's adapter.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.models.spec import ModelSpec
+
+from .adapter_files import WEIGHTS_FILE
+from .catalog import Catalog
+from .config import RegistryConfig
+from .errors import BAD_REQUEST, CONFLICT, INTERNAL, NOT_FOUND, AdapterError
+from .formats import Manifest, Weights, inspect_adapter, load_adapter
+from .host_cache import LruCache
+from .ids import validate_adapter_id
+from .paths import confine_path
+from .records import AdapterInfo, Lease
+from .slots import LoraStacks, SlotTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)  # identity semantics: a re-registered id is a different record
+class _Record:
+    adapter_id: str
+    folder: Path
+    manifest: Manifest
+    size_bytes: int
+    persisted: bool
+    refcount: int = 0
+    slot: int = -1
+    retired: bool = False
+    last_used: float | None = None
+    requests_served: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+
+class AdapterRegistry:
+    def __init__(self, spec: ModelSpec, config: RegistryConfig, *, dtype: torch.dtype,
+                 device: torch.device | str, base_model_name: str):
+        self.spec, self.config = spec, config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.base_model_name = base_model_name
+        self.stacks = LoraStacks(spec, config.max_slots, config.max_rank, dtype=dtype, device=self.device)
+        self.catalog = Catalog(config.data_dir)
+        self.load_errors: dict[str, str] = {}  # persisted adapters that failed validation at startup
+        self._lock = threading.RLock()
+        self._live: dict[str, _Record] = {}
+        self._slots: SlotTable[_Record] = SlotTable(config.max_slots)
+        self._host: LruCache[_Record, Weights] = LruCache(config.max_host_adapters)
+        self._restore()
+
+    # -- registration ---------------------------------------------------------------------------
+    def _restore(self) -> None:
+        """Re-register the persisted catalog: config + header checks only, weights load lazily."""
+        for entry in self.catalog.entries():
+            try:
+                validate_adapter_id(entry.adapter_id, self.base_model_name)
+                manifest = self._inspect(entry.path, str(entry.path))
+                size = (entry.path / WEIGHTS_FILE).stat().st_size
+            except (AdapterError, OSError) as e:
+                self.load_errors[entry.adapter_id] = getattr(e, "message", str(e))
+                log.warning("persisted adapter %r not served: %s", entry.adapter_id, self.load_errors[entry.adapter_id])
+                continue
+            self._live[entry.adapter_id] = _Record(entry.adapter_id, entry.path, manifest, size, persisted=True)
+
+    def _inspect(self, folder: Path, label: str) -> Manifest:
+        return inspect_adapter(folder, self.spec, max_rank=self.config.max_rank,
+                               max_virtual_tokens=self.config.max_virtual_tokens, label=label)
+
+    def _check_free(self, adapter_id: str) -> None:
+        if adapter_id in self._live:
+            raise AdapterError(CONFLICT, f"adapter {adapter_id!r} already exists", param="id")
+        if adapter_id in self.catalog:
+            raise AdapterError(CONFLICT, f"adapter {adapter_id!r} is in the catalog but failed to load "
+                                         f"({self.load_errors.get(adapter_id, 'unknown error')}); delete it first",
+                               param="id")
+
+    def register(self, adapter_id: str, path: Path, *, copy: bool = True) -> AdapterInfo:
+        """Validate an adapter folder completely, then serve and persist it under `adapter_id`.
+
+        copy=True copies the files under the data dir first and validates that copy (what we serve
+        is what we checked); copy=False persists a reference to `path`. Nothing changes unless
+        validation passes.
+        """
+        return self._register(adapter_id, Path(path), copy=copy, persist=True)
+
+    def preload_dir(self, folder: Path) -> list[AdapterInfo]:
+        """Serve every subfolder of `folder` as an adapter named after it (`--adapters DIR`).
+
+        These are served in place and not persisted: the directory is the source of truth and is
+        read again at each start. The first invalid adapter raises, naming its folder.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise AdapterError(BAD_REQUEST, f"adapters directory {folder} does not exist", param="path")
+        return [self._register(sub.name, sub, copy=False, persist=False)
+                for sub in sorted(folder.iterdir()) if sub.is_dir() and not sub.name.startswith(".")]
+
+    def resolve_allowed_path(self, raw: object) -> Path:
+        """Check a client-supplied path against `allowed_roots` (AdapterError 403/400 otherwise)."""
+        return confine_path(raw, self.config.allowed_roots)
+
+    def _register(self, adapter_id: str, path: Path, *, copy: bool, persist: bool) -> AdapterInfo:
+        validate_adapter_id(adapter_id, self.base_model_name)
+        label = str(path)
+        source = path.expanduser().resolve()
+        with self._lock:
+            self._check_free(adapter_id)
+        self._inspect(source, label)  # cheap refusal before copying anything
+        staged = self.catalog.stage(source) if copy else None
+        try:
+            folder = staged or source
+            manifest = self._inspect(folder, label)
+            weights = load_adapter(folder, manifest, self.spec, dtype=self.dtype, device=self.device, label=label)
+            size = (folder / WEIGHTS_FILE).stat().st_size
+            with self._lock:
+                self._check_free(adapter_id)
+                if persist:
+                    folder = self.catalog.add(adapter_id, folder, staged=copy).path
+                    staged = None  # the catalog owns it now
+                record = _Record(adapter_id, folder, manifest, size, persisted=persist)
+                self._live[adapter_id] = record
+                self._host_put(record, weights)  # just registered: likely used soon
+                return self._info(record)
+        finally:
+            if staged is not None:
+                self.catalog.discard(staged)
+
+    def unregister(self, adapter_id: str) -> None:
+        """Remove at once for new requests; weights stay until in-flight leases are released."""
+        with self._lock:
+            record = self._live.pop(adapter_id, None)
+            if record is None:
+                if adapter_id in self.catalog:  # persisted but broken at startup
+                    self.catalog.remove(adapter_id)
+                    self.load_errors.pop(adapter_id, None)
+                    return
+                raise self._not_found(adapter_id)
+            record.retired = True
+            if record.persisted:
+                self.catalog.remove(adapter_id)
+            if record.refcount == 0:
+                self._drop(record)
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def get(self, adapter_id: str) -> AdapterInfo:
+        with self._lock:
+            return self._info(self._get_live(adapter_id))
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            return [self._info(r) for r in self._live.values()]
+
+    def __contains__(self, adapter_id: object) -> bool:
+        with self._lock:
+            return adapter_id in self._live
+
+    def _get_live(self, adapter_id: str) -> _Record:
+        record = self._live.get(adapter_id) if isinstance(adapter_id, str) else None
+        if record is None:
+            raise self._not_found(adapter_id)
+        return record
+
+    @staticmethod
+    def _not_found(adapter_id: object) -> AdapterError:
+        return AdapterError(NOT_FOUND, f"adapter {str(adapter_id)[:80]!r} does not exist",
+                            param="model", code="adapter_not_found")
+
+    def _info(self, r: _Record) -> AdapterInfo:
+        m = r.manifest
+        if r.slot >= 0 or (m.kind == "prefix" and r in self._host):
+            tier = "device"  # a cached prefix's KV already lives on the device
+        else:
+            tier = "host" if r in self._host else "disk"
+        return AdapterInfo(
+            id=r.adapter_id, type=m.kind, rank=m.rank, alpha=m.alpha, targets=m.targets,
+            size_bytes=r.size_bytes, tier=tier, last_used=r.last_used, requests_served=r.requests_served,
+            active_leases=r.refcount, num_virtual_tokens=getattr(m, "num_virtual_tokens", 0),
+            use_rslora=getattr(m, "use_rslora", False), source=str(r.folder),
+        )
+
+    # -- leases ---------------------------------------------------------------------------------
+    def try_acquire(self, adapter_id: str) -> Lease | None:
+        """Hold an adapter for one request, loading it into a slot if needed.
+
+        Returns None when it needs a slot and every slot is held by running requests: the caller
+        retries after some request finishes (no eviction of in-use adapters, no thrashing).
+        Raises AdapterError 404 for an unknown id.
+        """
+        loaded: tuple[_Record, Weights] | None = None  # weights read outside the lock
+        while True:
+            with self._lock:
+                record = self._get_live(adapter_id)
+                weights = self._host.get(record)
+                if weights is None and loaded is not None and loaded[0] is record:
+                    weights = loaded[1]
+                    self._host_put(record, weights)
+                if record.kind == "prefix":
+                    if weights is not None:
+                        return self._lease(record, -1, weights.kv)
+                elif record.slot >= 0:
+                    self._slots.touch(record.slot)
+                    return self._lease(record, record.slot, None)
+                else:
+                    slot = self._slots.victim(lambda owner: owner.refcount == 0)
+                    if slot is None:
+                        return None
+                    if weights is not None:
+                        self._place(record, slot, weights)
+                        return self._lease(record, slot, None)
+            loaded = (record, self._reload(record))
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            if lease.released:
+                raise ValueError(f"lease on {lease.adapter_id!r} released twice")
+            lease.released = True
+            record: _Record = lease._record
+            record.refcount -= 1
+            if record.slot >= 0:
+                self._slots.touch(record.slot)  # just finished: recently used
+            if record.refcount == 0 and record.retired:
+                self._drop(record)
+
+    def _lease(self, record: _Record, slot: int, kv: torch.Tensor | None) -> Lease:
+        record.refcount += 1
+        record.requests_served += 1
+        record.last_used = time.time()
+        return Lease(record.adapter_id, record.kind, slot, kv, _record=record)
+
+    def _place(self, record: _Record, slot: int, weights: Weights) -> None:
+        evicted = self._slots.owner[slot]
+        if evicted is not None:
+            evicted.slot = -1
+        self.stacks.write(slot, weights)
+        self._slots.assign(slot, record)
+        record.slot = slot
+
+    def _reload(self, record: _Record) -> Weights:
+        """Read a registered adapter's weights again (outside the lock)."""
+        try:
+            manifest = self._inspect(record.folder, str(record.folder))
+            if manifest != record.manifest:
+                raise AdapterError(INTERNAL, "its files changed on disk since registration")
+            return load_adapter(record.folder, manifest, self.spec, dtype=self.dtype, device=self.device)
+        except (AdapterError, OSError) as e:
+            raise AdapterError(INTERNAL, f"adapter {record.adapter_id!r} can no longer be loaded: "
+                                         f"{getattr(e, 'message', e)}") from None
+
+    def _host_put(self, record: _Record, weights: Weights) -> None:
+        self._host.put(record, weights)
+
+    def _drop(self, record: _Record) -> None:
+        """Free everything a retired, unleased adapter still occupies."""
+        if record.slot >= 0:
+            self._slots.free(record.slot)
+            self.stacks.slot_rank[record.slot] = 0
+            record.slot = -1
+        self._host.pop(record)
+
