@@ -1,0 +1,67 @@
+"""Batched LoRA ops that let one batch mix adapters: one API, dispatched by device.
+
+CUDA tensors run the Triton kernels (``kernels.triton_ops``: SGMV for prefill, BGMV for decode);
+CPU tensors run the torch path (``kernels.torch_ops``). Both are twins with identical signatures
+and can be called directly (the Triton twin runs on CPU tensors under Triton's interpreter).
+
+A LoRA projection of a batch of T tokens, token i using adapter slot ``slot[i]`` (-1: none)::
+
+    t = lora_shrink(x, A_stack, mapping, scale)   # (T, r)
+    y = x @ W.T                                    # base projection, (T, d_out_total)
+    lora_expand(t, B_stack, mapping, y, y_offset)  # y[:, y_offset:y_offset + d_out] += ...
+
+Conventions (the engine integrator's checklist):
+  * ``x``, ``A_stack``, ``B_stack``, ``t`` and ``y`` share one dtype (fp32, bf16 or fp16) and one
+    device; ``scale`` is float32 (S,). Adapters of smaller rank are zero-padded to r_max.
+  * ``mapping`` is a :class:`LoraMapping`, built once per engine step with
+    ``LoraMapping.from_slots(token_slots)`` on the batch's device and reused by every layer and
+    projection. A raw (T,) slot tensor is accepted too, but is then re-grouped on every call.
+  * When ``not mapping.any_lora`` both ops are free (shrink returns zeros, expand returns at once),
+    but the engine may skip them outright.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels import torch_ops
+from kernels.mapping import LoraMapping
+
+__all__ = ["LoraMapping", "lora_expand", "lora_shrink"]
+
+
+def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
+    """Per-token adapter down-projection, scaled.
+
+    x (T, d_in), A_stack (S, r_max, d_in), scale (S,) float32  ->  t (T, r_max) in x.dtype::
+
+        for i in range(T):
+            s = slot[i]
+            t[i] = scale[s] * x[i] @ A_stack[s].T if s >= 0 else 0
+    """
+    return _ops(x).lora_shrink(x, A_stack, mapping, scale)
+
+
+def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
+                y: torch.Tensor, y_offset: int = 0) -> None:
+    """Per-token adapter up-projection, added in place into a column slice of ``y``.
+
+    t (T, r_max), B_stack (S, d_out, r_max), y (T, >= y_offset + d_out)::
+
+        for i in range(T):
+            s = slot[i]
+            if s >= 0:
+                y[i, y_offset:y_offset + d_out] += t[i] @ B_stack[s].T
+
+    ``y_offset`` serves fused projections: q/k/v (or gate/up) share one ``y`` and each adapter
+    module expands into its own column slice. Rows with slot -1 are left untouched.
+    """
+    _ops(t).lora_expand(t, B_stack, mapping, y, y_offset)
+
+
+def _ops(a: torch.Tensor):
+    if a.is_cuda:
+        from kernels import triton_ops  # triton is imported only where it can run
+
+        return triton_ops
+    return torch_ops

@@ -1,0 +1,41 @@
+"""Plain float64 per-token reference of the LoRA ops: the oracle the tests compare against.
+
+Deliberately the most literal reading of the semantics (one token at a time, float64 throughout),
+never used on a serving path. Same arguments as the ops, but it returns float64 results instead of
+writing in place, so tests can see the exact values before any rounding to the working dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _slots(mapping) -> list[int]:
+    slots = getattr(mapping, "token_slots", mapping)
+    return [int(s) for s in torch.as_tensor(slots).tolist()]
+
+
+def shrink_ref(x: torch.Tensor, A_stack: torch.Tensor, mapping, scale: torch.Tensor) -> torch.Tensor:
+    """t[i] = scale[slot[i]] * x[i] @ A_stack[slot[i]].T, rows with slot -1 are 0.
+
+    x (T, d_in), A_stack (S, r, d_in), scale (S,)  ->  t (T, r) float64
+    """
+    x64, a64, s64 = x.double().cpu(), A_stack.double().cpu(), scale.double().cpu()
+    t = torch.zeros(x.shape[0], A_stack.shape[1], dtype=torch.float64)
+    for i, s in enumerate(_slots(mapping)):
+        if s >= 0:
+            t[i] = s64[s] * (a64[s] @ x64[i])
+    return t
+
+
+def expand_ref(t: torch.Tensor, B_stack: torch.Tensor, mapping, y: torch.Tensor, y_offset: int = 0) -> torch.Tensor:
+    """y[i, y_offset:y_offset+d_out] + t[i] @ B_stack[slot[i]].T, other columns and slot -1 rows as in y.
+
+    t (T, r), B_stack (S, d_out, r), y (T, >= y_offset + d_out)  ->  new y float64 (y is not modified)
+    """
+    t64, b64 = t.double().cpu(), B_stack.double().cpu()
+    out = y.double().cpu().clone()
+    d_out = B_stack.shape[1]
+    for i, s in enumerate(_slots(mapping)):
+        if s >= 0:
+            out[i, y_offset:y_offset + d_out] += b64[s] @ t64[i]
+    return out
