@@ -1,0 +1,143 @@
+"""Runs the LLMEngine step loop in its own thread and hands outputs to asyncio consumers.
+
+torch releases the GIL inside its kernels, so the HTTP event loop stays responsive while a step
+runs. Requests and aborts cross into the engine thread through a locked inbox that is drained
+between steps: the engine's own state is only ever touched by its thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.llm_engine import LLMEngine, StepOutput
+from engine.sampling import SamplingParams
+
+log = logging.getLogger("loramux.engine")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: str | None
+    n: int
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue: int = 1024) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._new: list[_Request] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, _Request] = {}     # engine thread only
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + len(self._new)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       adapter_id: str | None = None, n: int = 1) -> AsyncIterator[StepOutput]:
+        """Yield each step's output for this request's n choices until all finish.
+
+        Leaving the iterator early (client gone, task cancelled) aborts the request in the engine,
+        which frees its KV blocks and adapter reference.
+        """
+        self.check_accepting()
+        req = _Request(request_id, prompt_token_ids, params, adapter_id, n, asyncio.Queue(),
+                       asyncio.get_running_loop())
+        with self._lock:
+            self._new.append(req)
+        self._wakeup.set()
+        remaining = n
+        try:
+            while remaining:
+                out = await req.queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                remaining -= out.finished
+                yield out
+        finally:
+            if remaining:
+                self.abort(request_id)
+
+    def check_accepting(self) -> None:
+        """Raise when a new request would be refused: engine dead, shutting down, or queue full."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped: {self.error!r}")
+        if self._stopping:
+            raise EngineDeadError("the server is shutting down")
+        if self.num_waiting >= self.max_queue:
+            raise QueueFullError("the request queue is full")
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wakeup.set()
+
+    # -- engine thread ----------------------------------------------------------------------------
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, []
+        for req in new:
+            self._streams[req.request_id] = req
+            self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.n)
+        for request_id in aborts:
+            self.engine.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping or self.engine.has_work:
+                self._drain_inbox()
+                if not self.engine.has_work:
+                    self._wakeup.wait(0.5)
+                    self._wakeup.clear()
+                    continue
+                done: set[str] = set()
+                for out in self.engine.step():
+                    req = self._streams.get(out.request_id)
+                    if req is not None:
+                        req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+                        if out.finished:
+                            done.add(out.request_id)
+                for request_id in done:
+                    if not self.engine.scheduler.find(request_id):   # all n choices finished
+                        self._streams.pop(request_id, None)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must hear that the engine died
+            log.exception("engine loop died")
+            self.error = exc
+            for req in self._streams.values():
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, EngineDeadError(f"engine failed: {exc!r}"))

@@ -1,0 +1,56 @@
+"""Engine configuration: one dataclass, validated once at construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_supports_bf16() -> bool:
+    """True where bf16 matmuls run natively (AVX512-BF16/AMX), the case where bf16 beats fp32 here."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def default_dtype_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return "bfloat16"
+    return "bfloat16" if cpu_supports_bf16() else "float32"
+
+
+@dataclass
+class EngineConfig:
+    model_dir: Path
+    dtype: str = "auto"                 # float32 | bfloat16 | auto
+    device: str = "cpu"
+    max_model_len: int = 2048           # context window served (prompt + completion + virtual tokens)
+    max_num_seqs: int = 64              # sequences in one step
+    max_num_batched_tokens: int = 4096  # tokens in one step (prefill + decode)
+    block_size: int = 16                # tokens per KV block
+    kv_cache_bytes: int = 1 << 30       # KV cache budget; sets the number of blocks
+    max_loras: int = 8                  # device adapter slots
+    max_lora_rank: int = 64
+    max_queue: int = 1024               # waiting requests before 503
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if self.dtype == "auto":
+            self.dtype = default_dtype_name(self.device)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras",
+                     "max_lora_rank", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.max_num_batched_tokens < self.max_model_len:
+            # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
+            self.max_num_batched_tokens = self.max_model_len
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,209 @@
+"""The serving core without HTTP: add requests, step, collect outputs."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.attention import KVCache
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import Detokenizer
+from engine.model_runner import ModelRunner
+from engine.models.llama import LlamaModel
+from engine.models.spec import ModelSpec
+from engine.sampler import logprobs_of, sample
+from engine.sampling import SamplingParams
+from engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
+from engine.sequence import Sequence, TokenLogprob
+
+log = logging.getLogger("loramux.engine")
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one sequence."""
+    request_id: str
+    index: int                          # which of the request's n choices
+    token_id: int
+    text_delta: str
+    logprob: TokenLogprob | None
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    ttft: float | None = None           # seconds from arrival to first token, on the first output
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
+    batch_sizes: list[int] = field(default_factory=list)  # drained by the metrics exporter
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, adapters: AdapterLeaser | None = None, lora_stacks=None) -> None:
+        self.config = config
+        self.spec = ModelSpec.from_dir(config.model_dir)
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.max_model_len = min(config.max_model_len, self.spec.max_position_embeddings)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        self.model = self._load_model()
+        per_token = KVCache.bytes_per_token(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim,
+                                            self.dtype)
+        num_blocks = max(config.kv_cache_bytes // (per_token * config.block_size),
+                         -(-self.max_model_len // config.block_size) + 1)
+        self.kv = KVCache(self.spec.num_layers, num_blocks, config.block_size, self.spec.num_kv_heads,
+                          self.spec.head_dim, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens, adapters=adapters)
+        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_token_ids = self._eos_ids()
+        self.stats = EngineStats()
+        self._choice_index: dict[int, int] = {}
+
+    def _load_model(self) -> LlamaModel:
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = LlamaModel(self.spec, self.max_model_len)
+        model = model.to_empty(device=self.device)
+        if self.spec.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight      # to_empty unties shared parameters
+        model.load_safetensors(self.config.model_dir)
+        model = model.to(self.dtype)
+        model.rope.build(self.device)                 # float32 tables, after the dtype cast
+        log.info("loaded %s (%s) in %.1fs", self.config.model_dir, self.config.dtype, time.perf_counter() - t0)
+        return model.eval()
+
+    def _eos_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        gen_cfg = self.config.model_dir / "generation_config.json"
+        if gen_cfg.is_file():
+            import json
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    @property
+    def weight_bytes(self) -> int:
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+        return total
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt_token_ids: list[int], max_tokens: int, num_prefix_tokens: int = 0) -> None:
+        """Raise ValueError when a request cannot fit the context window (OpenAI wording)."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < self.spec.vocab_size for t in prompt_token_ids):
+            raise ValueError(f"token ids must be in [0, {self.spec.vocab_size})")
+        total = num_prefix_tokens + len(prompt_token_ids) + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({len(prompt_token_ids)} in the prompt, {max_tokens} for the completion"
+                + (f", {num_prefix_tokens} virtual prefix tokens" if num_prefix_tokens else "")
+                + "). Please reduce the length of the prompt or the completion.")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_id: str | None = None, n: int = 1) -> list[Sequence]:
+        seqs = []
+        for i in range(n):
+            seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id=adapter_id,
+                           arrival_time=time.monotonic())
+            if not params.greedy:
+                seq.generator = torch.Generator(device="cpu")
+                if params.seed is not None:
+                    seq.generator.manual_seed(params.seed + i)
+                else:
+                    seq.generator.seed()
+            self._choice_index[seq.seq_id] = i
+            self.scheduler.add(seq)
+            seqs.append(seq)
+        return seqs
+
+    def abort(self, request_id: str) -> int:
+        """Cancel every sequence of a request: frees its KV blocks and adapter reference."""
+        seqs = self.scheduler.find(request_id)
+        for seq in seqs:
+            self.scheduler.finish(seq, "abort")
+            self._choice_index.pop(seq.seq_id, None)
+        return len(seqs)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self._record(batch)
+        logits = self.runner.run(batch)
+        seqs = batch.sequences
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        lps = logprobs_of(logits, tokens, [s.params.logprobs for s in seqs])
+        return [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
+
+    def _record(self, batch: ScheduledBatch) -> None:
+        self.stats.steps += 1
+        self.stats.last_batch_size = len(batch.sequences)
+        self.stats.last_batch_tokens = len(batch.decodes) + sum(
+            s.num_tokens - max(s.num_computed_tokens, s.num_prefix_tokens) for s in batch.prefills)
+        self.stats.batch_sizes.append(len(batch.sequences))
+
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        now = time.monotonic()
+        ttft = None
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            ttft = now - seq.arrival_time
+        seq.output_token_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        reason = self._finish_reason(seq, token)
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        delta = self.detokenizer.pop_delta(seq)
+        index = self._choice_index.pop(seq.seq_id) if seq.is_finished else self._choice_index[seq.seq_id]
+        return StepOutput(seq.request_id, index, token, delta, logprob, seq.is_finished, seq.finish_reason,
+                          len(seq.prompt_token_ids), len(seq.output_token_ids), ttft)
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
+            # The stop token itself is not part of the text (skip_special_tokens drops it).
+            self.detokenizer.update(seq)
+            return "stop"
+        if self.detokenizer.update(seq):
+            return "stop"
+        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- convenience for tests and benchmarks -----------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapter_ids: list[str | None] | None = None) -> list[Sequence]:
+        """Run prompts to completion together (continuous batching) and return their sequences."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapter_ids = adapter_ids or [None] * len(prompts)
+        seqs = [self.add_request(f"gen-{i}-{time.monotonic_ns()}", p, sp, a)[0]
+                for i, (p, sp, a) in enumerate(zip(prompts, params_list, adapter_ids))]
+        while self.has_work:
+            self.step()
+        return seqs

@@ -1,0 +1,185 @@
+"""A compact Llama-family decoder whose projections are LoRA-aware.
+
+Weights load from an HF safetensors checkpoint. Every step runs on a flat batch of tokens from
+many sequences (no padding): each carries a position, a KV cache row and an adapter slot, so one
+forward pass serves any mix of adapters and the bare base model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+import kernels
+from engine.attention import AttentionMetadata, KVCache, paged_attention
+from engine.models.spec import ModelSpec
+
+
+@dataclass
+class ForwardContext:
+    """Everything a step's forward pass needs besides the tokens; passed down, never global."""
+    positions: torch.Tensor                 # [T]
+    attn: AttentionMetadata
+    kv: KVCache
+    lora: Any = None                        # kernels.LoraMapping, or None when no token uses an adapter
+    lora_stacks: Any = None                 # registry stacks: .A/.B/.scale[layer][module]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 like HF's LlamaRMSNorm, so float32 results match it exactly.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + scale[slot] * (x A[slot]^T) B[slot]^T, with the slot chosen per token."""
+
+    def __init__(self, base: nn.Module, layer: int, name: str) -> None:
+        super().__init__()
+        self.base = base
+        self.layer = layer
+        self.name = name
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        y = self.base(x)
+        if ctx.lora is not None:
+            stacks = ctx.lora_stacks
+            a = stacks.A[self.layer].get(self.name)
+            if a is not None:
+                t = kernels.lora_shrink(x, a, ctx.lora, stacks.scale[self.layer][self.name])
+                kernels.lora_expand(t, stacks.B[self.layer][self.name], ctx.lora, y)
+        return y
+
+
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=False)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.max_positions = head_dim, theta, max_positions
+        self.cos = self.sin = None
+
+    def build(self, device: torch.device | str = "cpu") -> None:
+        """Compute the float32 cos/sin tables (kept out of the state dict and of dtype casts)."""
+        hd = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd))
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)                                  # (P, hd)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, hd] -> rotated, computed as HF does (rotate_half)."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)                      # (T, 1, hd)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        d = spec.hidden_size
+        self.q_proj = LoRALinear(_linear(d, self.nh * self.hd), layer, "q_proj")
+        self.k_proj = LoRALinear(_linear(d, self.nkv * self.hd), layer, "k_proj")
+        self.v_proj = LoRALinear(_linear(d, self.nkv * self.hd), layer, "v_proj")
+        self.o_proj = LoRALinear(_linear(self.nh * self.hd, d), layer, "o_proj")
+        self.layer = layer
+        self.scale = 1.0 / math.sqrt(self.hd)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> torch.Tensor:
+        T = x.shape[0]
+        q = rope(self.q_proj(x, ctx).view(T, self.nh, self.hd), ctx.positions)   # (T, nh, hd)
+        k = rope(self.k_proj(x, ctx).view(T, self.nkv, self.hd), ctx.positions)  # (T, nkv, hd)
+        v = self.v_proj(x, ctx).view(T, self.nkv, self.hd)
+        o = paged_attention(q, k, v, ctx.kv.k[self.layer], ctx.kv.v[self.layer], ctx.attn, self.scale)
+        return self.o_proj(o.reshape(T, self.nh * self.hd), ctx)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        d, ff = spec.hidden_size, spec.intermediate_size
+        self.gate_proj = LoRALinear(_linear(d, ff), layer, "gate_proj")
+        self.up_proj = LoRALinear(_linear(d, ff), layer, "up_proj")
+        self.down_proj = LoRALinear(_linear(ff, d), layer, "down_proj")
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec, layer)
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx, rope)
+        return h + self.mlp(self.post_attention_layernorm(h), ctx)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec, max_positions: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = _linear(spec.hidden_size, spec.vocab_size)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, max_positions)
+        self.requires_grad_(False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """input_ids: [T] -> logits [len(logit_rows), vocab] in float32 (all rows if None)."""
+        h = self.embed_tokens(input_ids)                                         # (T, d)
+        for layer in self.layers:
+            h = layer(h, ctx, self.rope)
+        if logit_rows is not None:
+            h = h[logit_rows]
+        return self.lm_head(self.norm(h)).float()
+
+    def load_safetensors(self, model_dir: Path) -> None:
+        """Copy weights from every *.safetensors shard in `model_dir` (HF names) into this model."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        renames = {n.replace(".base.", "."): n for n in params}                 # HF name -> ours
+        loaded: set[str] = set()
+        for shard in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    name = key.removeprefix("model.")
+                    ours = renames.get(name) or renames.get(key)
+                    if ours is None:
+                        if "rotary_emb" in key:
+                            continue
+                        raise ValueError(f"unexpected weight {key} in {shard.name}")
+                    tensor = f.get_tensor(key)
+                    if tensor.shape != params[ours].shape:
+                        raise ValueError(f"{key}: shape {tuple(tensor.shape)}, expected {tuple(params[ours].shape)}")
+                    params[ours].data.copy_(tensor)
+                    loaded.add(ours)
+        if self.spec.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        missing = set(params) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:5]}...")

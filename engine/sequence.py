@@ -1,0 +1,79 @@
+"""A sequence: one prompt and the tokens generated for it, plus where its KV lives."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Any
+
+import torch
+
+from engine.sampling import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]        # (token id, logprob), most likely first
+
+
+@dataclass
+class Sequence:
+    """Logical layout: [virtual prefix tokens | prompt tokens | output tokens].
+
+    Virtual tokens (from a prefix-tuning adapter) have KV but no token ids; positions count them,
+    as peft does when it passes the prefix as past_key_values.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter_id: str | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0        # logical tokens whose KV is in the cache
+    num_prefix_tokens: int = 0          # virtual tokens (set when the adapter lease is taken)
+    lease: Any = None                   # adapter registry lease, held while the sequence runs
+    generator: torch.Generator | None = None
+    finish_reason: str | None = None
+    text: str = ""                      # detokenized output, cut at a stop string
+    sent_chars: int = 0                 # how much of `text` was already handed to the client
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_real_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def lora_slot(self) -> int:
+        return getattr(self.lease, "slot", -1) if self.lease is not None else -1
+
+    def token_at(self, logical_index: int) -> int:
+        i = logical_index - self.num_prefix_tokens
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
+
+    def uncomputed_token_ids(self) -> list[int]:
+        return [self.token_at(i) for i in range(max(self.num_computed_tokens, self.num_prefix_tokens),
+                                                 self.num_tokens)]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

@@ -1,0 +1,72 @@
+"""The FastAPI app: OpenAI routes, health, metrics; admin routes when a registry is present."""
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from server.completions import run_request
+from server.errors import install_error_handlers
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.state import ServerState
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        state.engine.start()
+        yield
+        state.engine.shutdown()      # drains in-flight requests before the process exits
+
+    app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan)
+    app.state.loramux = state
+    install_error_handlers(app)
+    engine = state.engine
+    state.metrics.bind(
+        queue_depth=lambda: engine.num_waiting,
+        running=lambda: engine.num_running,
+        memory={"base_weights": lambda: engine.engine.weight_bytes, "kv_cache": lambda: engine.engine.kv.nbytes,
+                "adapter_slots": lambda: getattr(state.registry, "slot_bytes", 0) if state.registry else 0},
+        drain_batch_sizes=lambda: _drain(engine.engine.stats.batch_sizes))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await run_request(state, req, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        return await run_request(state, req, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        data = [{"id": state.base_model_name, "object": "model", "created": created, "owned_by": "loramux",
+                 "root": state.base_model_name, "parent": None}]
+        if state.registry is not None:
+            data += [{"id": info.id, "object": "model", "created": created, "owned_by": "loramux",
+                      "root": state.base_model_name, "parent": state.base_model_name}
+                     for info in state.registry.list()]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health():
+        if engine.error is not None:
+            return Response(status_code=503, content="engine stopped")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if state.registry is not None:
+        from server.admin_routes import make_admin_router
+        app.include_router(make_admin_router(state.registry, state.admin_key))
+    return app
+
+
+def _drain(items: list[int]) -> list[int]:
+    out = items[:]
+    del items[:len(out)]
+    return out

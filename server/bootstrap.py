@@ -1,0 +1,79 @@
+"""Builds the server's state from its settings: model, engine, adapter registry."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_source import cache_root, model_name, resolve_model
+from server.state import ServerState
+
+log = logging.getLogger("loramux.server")
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int = 2048
+    max_num_seqs: int = 64
+    kv_cache_bytes: int = 1 << 30
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    adapters_dir: Path | None = None
+    data_dir: Path | None = None
+    allowed_roots: tuple[Path, ...] = field(default_factory=tuple)
+    admin_key: str | None = None
+    max_queue: int = 1024
+    host: str = "127.0.0.1"
+    threads: int = 0                     # torch intra-op threads; 0 = all cores
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_state(cfg: ServeConfig) -> ServerState:
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    model_dir = resolve_model(cfg.model)
+    econf = EngineConfig(model_dir=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                         max_num_seqs=cfg.max_num_seqs, kv_cache_bytes=cfg.kv_cache_bytes, max_loras=cfg.max_loras,
+                         max_lora_rank=cfg.max_lora_rank, max_queue=cfg.max_queue)
+    registry = _build_registry(cfg, econf, model_name(model_dir))
+    engine = LLMEngine(econf, adapters=registry, lora_stacks=getattr(registry, "stacks", None))
+    log.info("memory: base weights %.1f MiB, KV cache %.1f MiB (%d blocks of %d tokens), adapter slots %.1f MiB",
+             engine.weight_bytes / 2**20, engine.kv.nbytes / 2**20, engine.blocks.num_blocks, econf.block_size,
+             getattr(registry, "slot_bytes", 0) / 2**20)
+    if cfg.admin_key is None and not _is_loopback(cfg.host):
+        log.warning("admin routes are NOT locked and the server listens on %s: set --admin-key or "
+                    "LORAMUX_ADMIN_KEY", cfg.host)
+    return ServerState(engine=AsyncEngine(engine, cfg.max_queue), tokenizer=engine.tokenizer,
+                       base_model_name=model_name(model_dir), registry=registry, admin_key=cfg.admin_key)
+
+
+def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str):
+    try:
+        from adapters_registry import AdapterRegistry, RegistryConfig
+    except ImportError:
+        return None
+    from engine.models.spec import ModelSpec
+    data_dir = cfg.data_dir or cache_root() / "data"
+    registry = AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
+                               RegistryConfig(data_dir=Path(data_dir), max_slots=econf.max_loras,
+                                              max_rank=econf.max_lora_rank, allowed_roots=tuple(cfg.allowed_roots)),
+                               dtype=econf.torch_dtype, device=torch.device(econf.device), base_model_name=base_name)
+    if cfg.adapters_dir is not None:
+        registry.preload_dir(cfg.adapters_dir)
+    return registry

@@ -1,0 +1,237 @@
+"""The request path of /v1/completions and /v1/chat/completions.
+
+request body -> (prompt token ids, sampling params, adapter) per choice group -> engine ->
+one JSON response, or SSE chunks in OpenAI's format.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.async_engine import EngineDeadError, QueueFullError
+from engine.llm_engine import StepOutput
+from engine.sampling import SamplingParams
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.state import ServerState
+
+
+@dataclass
+class Job:
+    """One prompt with its n choices, run as one engine request."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    n: int
+    first_index: int                 # choice index of this job's first choice in the response
+
+
+@dataclass
+class Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    completion_tokens: int = 0
+
+
+def _sampling(state: ServerState, req, prompt_ids: list[int], max_tokens: int | None, logprobs: int | None,
+              num_prefix: int) -> SamplingParams:
+    limit = state.engine.engine.max_model_len - len(prompt_ids) - num_prefix
+    try:
+        params = req.sampling_params(max_tokens if max_tokens is not None else max(limit, 1), logprobs)
+        state.engine.engine.check_prompt(prompt_ids, params.max_tokens, num_prefix)
+    except ValueError as exc:
+        code = "context_length_exceeded" if "context length" in str(exc) else "invalid_value"
+        raise APIError(400, str(exc), param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+                       code=code) from None
+    return params
+
+
+def _tokenize_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, str):
+        return state.tokenizer(prompt)["input_ids"]
+    return list(prompt)
+
+
+def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    text = state.tokenizer.apply_chat_template(req.template_messages(), tokenize=False, add_generation_prompt=True)
+    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None
+               ) -> list[Job]:
+    num_prefix = state.num_prefix_tokens(adapter_id)
+    base = uuid.uuid4().hex
+    if isinstance(req, ChatCompletionRequest):
+        prompts = [chat_prompt_ids(state, req)]
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        prompts = [_tokenize_prompt(state, p) for p in req.prompts()]
+        max_tokens, logprobs = req.max_tokens, req.logprobs
+    return [Job(f"{base}-{i}", ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix), req.n, i * req.n)
+            for i, ids in enumerate(prompts)]
+
+
+async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None
+                  ) -> AsyncIterator[tuple[Job, StepOutput]]:
+    """Run every job concurrently and yield their outputs as they come."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(job: Job) -> None:
+        try:
+            async for out in state.engine.generate(job.request_id, job.prompt_token_ids, job.params, adapter_id,
+                                                   job.n):
+                await queue.put((job, out))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(job)) for job in jobs]
+    live = len(tasks)
+    try:
+        while live:
+            item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()                # leaving early aborts the engine requests (see AsyncEngine)
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, QueueFullError):
+        return APIError(503, "the server is overloaded; retry later", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), code="engine_error")
+    return APIError(500, f"internal error: {exc!r}")
+
+
+class Responder:
+    """Formats engine outputs as OpenAI completion or chat objects."""
+
+    def __init__(self, state: ServerState, req, model: str, jobs: list[Job]) -> None:
+        self.state, self.req, self.model, self.jobs = state, req, model, jobs
+        self.chat = isinstance(req, ChatCompletionRequest)
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+
+    def token_text(self, token_id: int) -> str:
+        return self.state.tokenizer.decode([token_id])
+
+    def logprobs_obj(self, entries: list) -> dict | None:
+        if not entries:
+            return None
+        if self.chat:
+            def item(tok: int, lp: float) -> dict:
+                s = self.token_text(tok)
+                return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+            return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                                for e in entries]}
+        return {"tokens": [self.token_text(e.token_id) for e in entries],
+                "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries],
+                "text_offset": []}
+
+    def choice_obj(self, index: int, text: str, finish_reason: str | None, logprobs: list, delta: bool,
+                   first: bool = False) -> dict:
+        lp = self.logprobs_obj(logprobs)
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+        if delta:
+            msg = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": index, "delta": msg, "logprobs": lp, "finish_reason": finish_reason}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                "finish_reason": finish_reason}
+
+    def usage(self, choices: dict[int, Choice]) -> dict:
+        prompt = sum(len(j.prompt_token_ids) for j in self.jobs)
+        completion = sum(c.completion_tokens for c in choices.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def envelope(self, choices: list[dict], usage: dict | None = None, chunk: bool = False) -> dict:
+        obj = {"id": self.id, "object": self.object + (".chunk" if chunk and self.chat else ""),
+               "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None or not chunk:
+            obj["usage"] = usage
+        return obj
+
+
+async def run_request(state: ServerState, req: CompletionRequest | ChatCompletionRequest, endpoint: str):
+    model, adapter_id = state.resolve_model(req.adapter_id or req.model)
+    jobs = build_jobs(state, req, adapter_id)
+    try:
+        state.engine.check_accepting()
+    except (QueueFullError, EngineDeadError) as exc:
+        raise _engine_error(exc) from None
+    responder = Responder(state, req, model, jobs)
+    tracker = state.track(model, endpoint, sum(len(j.prompt_token_ids) for j in jobs))
+    if req.stream:
+        return StreamingResponse(_stream(state, responder, jobs, adapter_id, tracker), media_type="text/event-stream")
+    choices: dict[int, Choice] = {}
+    try:
+        async for job, out in _merged(state, jobs, adapter_id):
+            tracker.on_token(out)
+            c = choices.setdefault(job.first_index + out.index, Choice())
+            c.text += out.text_delta
+            c.completion_tokens = out.completion_tokens
+            if out.logprob is not None:
+                c.logprobs.append(out.logprob)
+            if out.finished:
+                c.finish_reason = out.finish_reason
+    except (QueueFullError, EngineDeadError) as exc:
+        tracker.done("error")
+        raise _engine_error(exc) from None
+    tracker.done("ok")
+    body = responder.envelope([responder.choice_obj(i, c.text, c.finish_reason, c.logprobs, delta=False)
+                               for i, c in sorted(choices.items())], responder.usage(choices))
+    return JSONResponse(body)
+
+
+def _sse(obj: dict | str) -> bytes:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id: str | None, tracker
+                  ) -> AsyncIterator[bytes]:
+    choices: dict[int, Choice] = {}
+    status = "cancelled"
+    try:
+        if r.chat:   # OpenAI's first chat chunk carries the role for every choice
+            for job in jobs:
+                for i in range(job.n):
+                    yield _sse(r.envelope([r.choice_obj(job.first_index + i, "", None, [], delta=True, first=True)],
+                                          chunk=True))
+        async for job, out in _merged(state, jobs, adapter_id):
+            tracker.on_token(out)
+            index = job.first_index + out.index
+            c = choices.setdefault(index, Choice())
+            c.completion_tokens = out.completion_tokens
+            if out.text_delta or out.finished or out.logprob is not None:
+                lps = [out.logprob] if out.logprob is not None else []
+                yield _sse(r.envelope([r.choice_obj(index, out.text_delta, out.finish_reason if out.finished else None,
+                                                    lps, delta=True)], chunk=True))
+        req = r.req
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield _sse(r.envelope([], r.usage(choices), chunk=True))
+        yield _sse("[DONE]")
+        status = "ok"
+    except (QueueFullError, EngineDeadError) as exc:
+        status = "error"
+        err = _engine_error(exc)
+        yield _sse({"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}})
+    finally:
+        tracker.done(status)

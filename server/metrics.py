@@ -1,0 +1,44 @@
+"""Prometheus metrics, on a registry of the app's own (several apps can live in one process)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("loramux_requests", "Requests finished, by model (adapter) and outcome",
+                                ["model", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("loramux_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("loramux_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("loramux_time_to_first_token_seconds", "Arrival to first token", ["model"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("loramux_time_per_output_token_seconds", "Mean gap between output tokens",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("loramux_request_latency_seconds", "Arrival to last token", ["model"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("loramux_batch_size", "Sequences per engine step",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.queue_depth = Gauge("loramux_queue_depth", "Requests waiting to be scheduled", registry=r)
+        self.running = Gauge("loramux_running_sequences", "Sequences in the running batch", registry=r)
+        self.memory = Gauge("loramux_memory_bytes", "Resident bytes by kind", ["kind"], registry=r)
+
+    def bind(self, queue_depth: Callable[[], float], running: Callable[[], float],
+             memory: dict[str, Callable[[], float]], drain_batch_sizes: Callable[[], list[int]]) -> None:
+        """Read live engine state at scrape time instead of pushing it every step."""
+        self.queue_depth.set_function(queue_depth)
+        self.running.set_function(running)
+        for kind, fn in memory.items():
+            self.memory.labels(kind).set_function(fn)
+        self._drain = drain_batch_sizes
+
+    def render(self) -> bytes:
+        for size in self._drain():
+            self.batch_size.observe(size)
+        return generate_latest(self.registry)

@@ -1,0 +1,74 @@
+"""What the HTTP handlers share: the engine, tokenizer, adapter registry, metrics and settings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import StepOutput
+from server.errors import APIError
+from server.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    tokenizer: Any
+    base_model_name: str
+    registry: Any = None                 # adapters_registry.AdapterRegistry, or None (base model only)
+    admin_key: str | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def resolve_model(self, name: str) -> tuple[str, str | None]:
+        """`model` (or `adapter_id`) -> (name to report, adapter id or None for the bare base model)."""
+        if name == self.base_model_name:
+            return name, None
+        if self.registry is not None:
+            from adapters_registry import AdapterError
+            try:
+                self.registry.get(name)
+                return name, name
+            except AdapterError:
+                pass
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+    def num_prefix_tokens(self, adapter_id: str | None) -> int:
+        if adapter_id is None or self.registry is None:
+            return 0
+        return int(getattr(self.registry.get(adapter_id), "num_virtual_tokens", 0) or 0)
+
+    def track(self, model: str, endpoint: str, prompt_tokens: int) -> "RequestTracker":
+        return RequestTracker(self.metrics, model, endpoint, prompt_tokens)
+
+
+class RequestTracker:
+    """Per-request Prometheus bookkeeping: TTFT, per-token gaps, totals, outcome."""
+
+    def __init__(self, metrics: Metrics, model: str, endpoint: str, prompt_tokens: int) -> None:
+        self.m, self.model, self.endpoint = metrics, model, endpoint
+        self.start = time.monotonic()
+        self.first: float | None = None
+        self.last: float | None = None
+        self.tokens = 0
+        self.finished = False
+        metrics.prompt_tokens.labels(model).inc(prompt_tokens)
+
+    def on_token(self, out: StepOutput) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+            self.m.ttft.labels(self.model).observe(now - self.start)
+        self.last = now
+        self.tokens += 1
+        self.m.generation_tokens.labels(self.model).inc()
+
+    def done(self, status: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.m.requests.labels(self.model, self.endpoint, status).inc()
+        if self.first is not None and self.last is not None:
+            self.m.latency.labels(self.model).observe(self.last - self.start)
+            if self.tokens > 1:
+                self.m.tpot.labels(self.model).observe((self.last - self.first) / (self.tokens - 1))
