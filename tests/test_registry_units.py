@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
+
 from adapters_registry import AdapterError, AdapterRegistry, RegistryConfig, validate_adapter_id
 from adapters_registry.catalog import INDEX_FILE, Catalog, CatalogError
 from adapters_registry.host_cache import LruCache
