@@ -67,6 +67,17 @@ class AdapterRegistry:
         self._host: LruCache[_Record, Weights] = LruCache(config.max_host_adapters)
         self._restore()
 
+    @property
+    def slot_bytes(self) -> int:
+        """Device memory held by the slot stacks (allocated once, at startup)."""
+        return self.stacks.nbytes
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Where callers may stage incoming files (e.g. uploads) in folders named `.staging-*`:
+        on the data dir's disk, and swept at the next start if the process dies mid-upload."""
+        return self.catalog.adapters_dir
+
     # -- registration ---------------------------------------------------------------------------
     def _restore(self) -> None:
         """Re-register the persisted catalog: config + header checks only, weights load lazily."""
@@ -93,14 +104,14 @@ class AdapterRegistry:
                                          f"({self.load_errors.get(adapter_id, 'unknown error')}); delete it first",
                                param="id")
 
-    def register(self, adapter_id: str, path: Path, *, copy: bool = True) -> AdapterInfo:
+    def register(self, adapter_id: str, path: Path, *, copy: bool = True, label: str | None = None) -> AdapterInfo:
         """Validate an adapter folder completely, then serve and persist it under `adapter_id`.
 
         copy=True copies the files under the data dir first and validates that copy (what we serve
         is what we checked); copy=False persists a reference to `path`. Nothing changes unless
-        validation passes.
+        validation passes. `label` names the adapter in error messages (default: `path`).
         """
-        return self._register(adapter_id, Path(path), copy=copy, persist=True)
+        return self._register(adapter_id, Path(path), copy=copy, persist=True, label=label)
 
     def preload_dir(self, folder: Path) -> list[AdapterInfo]:
         """Serve every subfolder of `folder` as an adapter named after it (`--adapters DIR`).
@@ -118,9 +129,10 @@ class AdapterRegistry:
         """Check a client-supplied path against `allowed_roots` (AdapterError 403/400 otherwise)."""
         return confine_path(raw, self.config.allowed_roots)
 
-    def _register(self, adapter_id: str, path: Path, *, copy: bool, persist: bool) -> AdapterInfo:
+    def _register(self, adapter_id: str, path: Path, *, copy: bool, persist: bool,
+                  label: str | None = None) -> AdapterInfo:
         validate_adapter_id(adapter_id, self.base_model_name)
-        label = str(path)
+        label = label or str(path)
         source = path.expanduser().resolve()
         with self._lock:
             self._check_free(adapter_id)
