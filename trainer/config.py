@@ -1,0 +1,108 @@
+"""What a training run is asked to do: one validated dataclass shared by the CLI and the Python API."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+METHODS = ("lora", "qlora", "prefix")
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# Small adapters on small data want a larger step than full fine-tuning; prefix tuning trains
+# only a few thousand virtual-token values and wants a larger one still.
+DEFAULT_LR = {"lora": 1e-3, "qlora": 1e-3, "prefix": 1e-2}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Paths are resolved; every field is checked before any model is loaded."""
+
+    data: Path
+    out: Path
+    method: str = "lora"
+    base: Path | None = None  # None -> the embedded SmolLM2-135M-Instruct
+    # LoRA / QLoRA
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = "all-linear"
+    # prefix tuning
+    num_virtual_tokens: int = 16
+    prefix_projection: bool = False
+    prefix_hidden_size: int | None = None  # MLP width when prefix_projection; None -> model width
+    # optimisation
+    lr: float | None = None  # None -> DEFAULT_LR[method]
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_ratio: float = 0.05
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 512
+    # evaluation
+    val_data: Path | None = None
+    val_split: float = 0.0  # fraction of `data` held out when no val_data is given
+    eval_every: int | None = None  # optimizer steps between evals; None -> only at the end
+    # machinery
+    seed: int = 0
+    precision: str = "fp32"  # "auto" -> bf16 autocast when the CPU has native bf16 matmul
+    gradient_checkpointing: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes copied into metrics.json
+
+    def __post_init__(self) -> None:
+        self.data = Path(self.data).expanduser().resolve()
+        self.out = Path(self.out).expanduser().resolve()
+        if self.base is not None:
+            self.base = Path(self.base).expanduser().resolve()
+        if self.val_data is not None:
+            self.val_data = Path(self.val_data).expanduser().resolve()
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = tuple(self.target_modules)
+            if not self.target_modules:
+                raise ValueError("target_modules must name at least one module (or be 'all-linear')")
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.method, 1e-3)
+        self._check()
+
+    def _check(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        need(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.num_virtual_tokens >= 1, f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        need(self.prefix_hidden_size is None or self.prefix_hidden_size >= 1, "prefix_hidden_size must be >= 1")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        need(self.max_seq_len >= 2, f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        need(0.0 <= self.val_split < 1.0, f"val_split must be in [0, 1), got {self.val_split}")
+        need(self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1")
+        need(self.data != self.out, "out must not be the data file")
+        need(self.out.name not in ("", "/"), f"out must name a folder, got {self.out}")
+
+    def to_dict(self) -> dict:
+        """JSON-ready copy for metrics.json."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        return d
