@@ -109,7 +109,7 @@ def _check_options(config: dict) -> None:
     unknown = sorted(k for k, v in config.items() if k not in _KNOWN_OPTIONS and v)
     if unknown:
         raise AdapterError(BAD_REQUEST, f"unrecognized LoRA option(s) {', '.join(unknown)} (from a newer peft?)")
-    if config.get("bias", "none") != "none":
+    if (config.get("bias") or "none") != "none":
         raise AdapterError(BAD_REQUEST, f"bias={config['bias']!r} is not supported (only bias='none')")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):

@@ -33,7 +33,8 @@ def _peft_module(peft_model, layer: int, module: str):
 LORA_VARIANTS = {
     "qv-r8": {"r": 8, "alpha": 16, "targets": ("q_proj", "v_proj")},
     "all7-r4": {"r": 4, "alpha": 8, "targets": LORA_TARGETS, "seed": 1},
-    "rslora": {"r": 16, "alpha": 8, "targets": ("q_proj", "k_proj", "o_proj"), "rslora": True, "seed": 2},
+    "rslora": {"r": 16, "alpha": 8, "targets": ("q_proj", "k_proj", "o_proj"), "rslora": True, "seed": 2,
+               "rank_pattern": {"o_proj": 4}, "alpha_pattern": {"layers.0.self_attn.k_proj": 2}},
     "patterns": {"r": 8, "alpha": 16, "targets": ("q_proj", "v_proj", "down_proj"), "seed": 3,
                  "rank_pattern": {"layers.1.self_attn.q_proj": 2, "down_proj": 12},
                  "alpha_pattern": {"v_proj": 3, "model.layers.0.mlp.down_proj": 40}},
