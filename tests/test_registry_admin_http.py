@@ -118,7 +118,8 @@ def test_path_confinement(env, tmp_path):
              (str(sneaky), 403, "links outside"), ("relative/path", 400, "absolute"),
              (str(allowed / "missing"), 400, "not a directory")]
     for path, status, words in cases:
-        assert_openai_error(client.post("/v1/adapters", json={"id": "x", "path": path}), status, words)
+        err = assert_openai_error(client.post("/v1/adapters", json={"id": "x", "path": path}), status, words)
+        assert (err["code"] == "path_not_allowed") == (status == 403) and err["param"] == "path"
         assert_openai_error(client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path}),
                             status, words)
     assert "x" not in [a["id"] for a in client.get("/v1/adapters").json()["data"]]
@@ -204,3 +205,17 @@ def test_vllm_compatible_routes(env):
     assert_openai_error(client.post("/v1/unload_lora_adapter", json={"lora_name": "vl"}), 404)
     persisted = json.loads((registry.config.data_dir / "adapter_index.json").read_text())
     assert "vl" not in [a["id"] for a in persisted["adapters"]]
+
+
+def test_trainer_register_client_contract(env, tmp_path):
+    """trainer/register.py against the real router: by path when allowed, else it falls back to upload."""
+    register = pytest.importorskip("trainer.register")
+    registry, client, _, allowed = env
+    url = str(client.base_url)
+    inside = write_lora_files(allowed / "tr-in")
+    outside = write_lora_files(tmp_path / "tr-out")
+    assert register.register_adapter(url, "tr-in", inside, admin_key=KEY)["id"] == "tr-in"
+    assert register.register_adapter(url, "tr-out", outside, admin_key=KEY)["id"] == "tr-out"
+    assert Path(registry.get("tr-in").source).parent == registry.scratch_dir  # both copied in
+    with pytest.raises(register.RegisterError, match="401"):
+        register.register_adapter(url, "tr-x", inside, admin_key="wrong")
