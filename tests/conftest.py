@@ -32,3 +32,24 @@ def tokenizer(base_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base_model_dir)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, base_model_dir):
+    """One real `loramux serve` process (float32, so greedy answers are exact) for the session."""
+    from tests.server_process import start_server
+
+    tmp = tmp_path_factory.mktemp("server")
+    (tmp / "adapters").mkdir()
+    proc = start_server(tmp, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.25",
+                        "--allowed-root", str(tmp / "adapters"), "--allowed-root", str(tmp_path_factory.getbasetemp()))
+    proc.adapters_root = tmp / "adapters"
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)

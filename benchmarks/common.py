@@ -1,0 +1,28 @@
+"""Shared helpers for benchmarks: machine info and writing a results file with its command."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine()}
+
+
+def write_results(name: str, payload: dict, command: str | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    payload = {"command": command or " ".join([Path(sys.executable).name, *sys.argv]),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **payload}
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    return out
