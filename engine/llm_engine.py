@@ -36,6 +36,8 @@ class StepOutput:
     prompt_tokens: int
     completion_tokens: int
     ttft: float | None = None           # seconds from arrival to first token, on the first output
+    error: str | None = None            # set when the request failed before producing tokens
+    error_status: int = 500
 
 
 @dataclass
@@ -150,14 +152,21 @@ class LLMEngine:
 
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
+        failed = [self._failure(s) for s in self.scheduler.failed]
+        self.scheduler.failed.clear()
         if not batch:
-            return []
+            return failed
         self._record(batch)
         logits = self.runner.run(batch)
         seqs = batch.sequences
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         lps = logprobs_of(logits, tokens, [s.params.logprobs for s in seqs])
-        return [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
+        return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
+
+    def _failure(self, seq: Sequence) -> StepOutput:
+        index = self._choice_index.pop(seq.seq_id, 0)
+        return StepOutput(seq.request_id, index, -1, "", None, True, "error", len(seq.prompt_token_ids), 0,
+                          error=seq.error, error_status=seq.error_status)
 
     def _record(self, batch: ScheduledBatch) -> None:
         self.stats.steps += 1

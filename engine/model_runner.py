@@ -80,12 +80,14 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping).to(dev), prefills=spans, decode_start=decode_start,
             decode_slots=decode_slots, decode_mask=decode_mask)
-        lora = None
-        if any(s >= 0 for s in token_slots):
+        lora, rank = None, 0
+        used = {s for s in token_slots if s >= 0}
+        if used:
+            rank = max(self.lora_stacks.slot_rank[s] for s in used)
             lora = kernels.LoraMapping.from_slots(torch.tensor(token_slots, dtype=torch.long, device=dev),
                                                   decode=not batch.prefills)
         ctx = ForwardContext(positions=torch.cat(positions).to(dev), attn=attn, kv=self.kv, lora=lora,
-                             lora_stacks=self.lora_stacks)
+                             lora_stacks=self.lora_stacks, lora_rank=rank)
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, torch.tensor(logit_rows, device=dev)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:

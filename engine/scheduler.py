@@ -42,6 +42,7 @@ class Scheduler:
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.failed: list[Sequence] = []          # could not start (adapter gone); reported by the engine
 
     @property
     def has_work(self) -> bool:
@@ -79,7 +80,15 @@ class Scheduler:
             if need > budget:
                 break
             if seq.adapter_id is not None and seq.lease is None:
-                seq.lease = self.adapters.try_acquire(seq.adapter_id)
+                try:
+                    seq.lease = self.adapters.try_acquire(seq.adapter_id)
+                except Exception as exc:  # noqa: BLE001 - unloaded or unreadable adapter: fail this request only
+                    self.waiting.popleft()
+                    self.finish(seq, "error")
+                    seq.error = getattr(exc, "message", None) or str(exc)
+                    seq.error_status = getattr(exc, "status", 500)
+                    self.failed.append(seq)
+                    continue
                 if seq.lease is None:
                     # No free adapter slot: this request waits, others behind it may still run.
                     skipped.append(self.waiting.popleft())

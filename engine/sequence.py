@@ -48,6 +48,8 @@ class Sequence:
     lease: Any = None                   # adapter registry lease, held while the sequence runs
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    error: str | None = None            # why the sequence failed (finish_reason "error")
+    error_status: int = 500
     text: str = ""                      # detokenized output, cut at a stop string
     sent_chars: int = 0                 # how much of `text` was already handed to the client
     arrival_time: float = 0.0

@@ -70,10 +70,13 @@ def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str):
         return None
     from engine.models.spec import ModelSpec
     data_dir = cfg.data_dir or cache_root() / "data"
+    # On CPU the kernels run skinny LoRA matmuls fastest in float32 whatever the activations' dtype
+    # (kernels/torch_ops.py); on GPU the stacks follow the model.
+    stack_dtype = torch.float32 if econf.device == "cpu" else econf.torch_dtype
     registry = AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
                                RegistryConfig(data_dir=Path(data_dir), max_slots=econf.max_loras,
                                               max_rank=econf.max_lora_rank, allowed_roots=tuple(cfg.allowed_roots)),
-                               dtype=econf.torch_dtype, device=torch.device(econf.device), base_model_name=base_name)
+                               dtype=stack_dtype, device=torch.device(econf.device), base_model_name=base_name)
     if cfg.adapters_dir is not None:
         registry.preload_dir(cfg.adapters_dir)
     return registry

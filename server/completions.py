@@ -104,6 +104,9 @@ async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None
                 live -= 1
             elif isinstance(item, BaseException):
                 raise item
+            elif item[1].error is not None:
+                raise APIError(item[1].error_status, item[1].error,
+                               code="model_not_found" if item[1].error_status == 404 else "engine_error")
             else:
                 yield item
     finally:
@@ -195,6 +198,9 @@ async def run_request(state: ServerState, req: CompletionRequest | ChatCompletio
     except (QueueFullError, EngineDeadError) as exc:
         tracker.done("error")
         raise _engine_error(exc) from None
+    except APIError:
+        tracker.done("error")
+        raise
     tracker.done("ok")
     body = responder.envelope([responder.choice_obj(i, c.text, c.finish_reason, c.logprobs, delta=False)
                                for i, c in sorted(choices.items())], responder.usage(choices))
@@ -229,9 +235,9 @@ async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id:
             yield _sse(r.envelope([], r.usage(choices), chunk=True))
         yield _sse("[DONE]")
         status = "ok"
-    except (QueueFullError, EngineDeadError) as exc:
+    except (QueueFullError, EngineDeadError, APIError) as exc:
         status = "error"
-        err = _engine_error(exc)
+        err = exc if isinstance(exc, APIError) else _engine_error(exc)
         yield _sse({"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}})
     finally:
         tracker.done(status)

@@ -22,3 +22,17 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 @torch.no_grad()
 def hf_last_logits(model, prompt_ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+@torch.no_grad()
+def greedy_no_cache(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens by full re-forwarding each step (works for any PeftModel, prefix tuning included),
+    plus the float32 logits of the prompt's last position."""
+    ids = list(prompt_ids)
+    first_logits = None
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        if first_logits is None:
+            first_logits = logits
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt_ids):], first_logits

@@ -29,6 +29,7 @@ class ForwardContext:
     kv: KVCache
     lora: Any = None                        # kernels.LoraMapping, or None when no token uses an adapter
     lora_stacks: Any = None                 # registry stacks: .A/.B/.scale[layer][module]
+    lora_rank: int = 0                      # largest rank among this step's adapters: stacks are trimmed to it
 
 
 class RMSNorm(nn.Module):
@@ -56,11 +57,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = self.base(x)
         if ctx.lora is not None:
-            stacks = ctx.lora_stacks
-            a = stacks.A[self.layer].get(self.name)
-            if a is not None:
-                t = kernels.lora_shrink(x, a, ctx.lora, stacks.scale[self.layer][self.name])
-                kernels.lora_expand(t, stacks.B[self.layer][self.name], ctx.lora, y)
+            stacks, r = ctx.lora_stacks, ctx.lora_rank
+            a = stacks.A[self.layer][self.name][:, :r]                          # (S, r, d_in) view
+            b = stacks.B[self.layer][self.name][:, :, :r]                       # (S, d_out, r) view
+            t = kernels.lora_shrink(x, a, ctx.lora, stacks.scale[self.layer][self.name])
+            kernels.lora_expand(t, b, ctx.lora, y)
         return y
 
 
