@@ -1,11 +1,13 @@
 """Plain float64 per-token reference of the LoRA ops: the oracle the tests compare against.
 
 Deliberately the most literal reading of the semantics (one token at a time, float64 throughout),
-never used on a serving path. Same arguments as the ops, but it returns float64 results instead of
+never used on a serving path. The loops run in numpy: tiny single-threaded matvecs, immune to the
+thread-pool stalls that hundreds of tiny multi-threaded torch ops hit on a busy 2-core machine. Same arguments as the ops, but it returns float64 results instead of
 writing in place, so tests can see the exact values before any rounding to the working dtype.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -14,17 +16,23 @@ def _slots(mapping) -> list[int]:
     return [int(s) for s in torch.as_tensor(slots).tolist()]
 
 
+def _f64(a: torch.Tensor) -> np.ndarray:
+    # One torch op at most (16-bit -> float32 is exact), then numpy: no per-token torch calls.
+    a = a.detach().cpu()
+    return (a if a.dtype == torch.float64 else a.float()).numpy().astype(np.float64)
+
+
 def shrink_ref(x: torch.Tensor, A_stack: torch.Tensor, mapping, scale: torch.Tensor) -> torch.Tensor:
     """t[i] = scale[slot[i]] * x[i] @ A_stack[slot[i]].T, rows with slot -1 are 0.
 
     x (T, d_in), A_stack (S, r, d_in), scale (S,)  ->  t (T, r) float64
     """
-    x64, a64, s64 = x.double().cpu(), A_stack.double().cpu(), scale.double().cpu()
-    t = torch.zeros(x.shape[0], A_stack.shape[1], dtype=torch.float64)
+    x64, a64, s64 = _f64(x), _f64(A_stack), _f64(scale)
+    t = np.zeros((x.shape[0], A_stack.shape[1]))
     for i, s in enumerate(_slots(mapping)):
         if s >= 0:
             t[i] = s64[s] * (a64[s] @ x64[i])
-    return t
+    return torch.from_numpy(t)
 
 
 def expand_ref(t: torch.Tensor, B_stack: torch.Tensor, mapping, y: torch.Tensor, y_offset: int = 0) -> torch.Tensor:
@@ -32,10 +40,9 @@ def expand_ref(t: torch.Tensor, B_stack: torch.Tensor, mapping, y: torch.Tensor,
 
     t (T, r), B_stack (S, d_out, r), y (T, >= y_offset + d_out)  ->  new y float64 (y is not modified)
     """
-    t64, b64 = t.double().cpu(), B_stack.double().cpu()
-    out = y.double().cpu().clone()
+    t64, b64, out = _f64(t), _f64(B_stack), _f64(y)
     d_out = B_stack.shape[1]
     for i, s in enumerate(_slots(mapping)):
         if s >= 0:
             out[i, y_offset:y_offset + d_out] += b64[s] @ t64[i]
-    return out
+    return torch.from_numpy(out)

@@ -1,13 +1,26 @@
 """The CPU serving path of the LoRA ops: plain torch, no per-token Python loops.
 
-Twins of ``kernels.triton_ops`` with identical signatures. Strategies (picked per call by
-:func:`_pick`, from host-side facts of the mapping, never from a device sync):
+Twins of ``kernels.triton_ops`` with identical signatures. Strategies, picked per call by
+:func:`_pick` from host-side facts only (never a device sync):
 
-* ``single``  every token uses one adapter: two plain matmuls on that slot's A and B.
-* ``grouped`` tokens sorted by slot, one ``torch.nn.functional.grouped_mm`` over the *whole* stack
-  with empty groups for unused slots: segmented (SGMV-like) and without copying any weights.
-* ``segments`` the same grouping, one matmul per distinct adapter: for stacks whose layout the
-  grouped matmul refuses (it needs 16-byte aligned strides).
+* ``single``   every token uses one adapter: two plain matmuls on that slot's A and B.
+* ``grouped``  tokens sorted by slot, one ``torch.nn.functional.grouped_mm`` over the *whole*
+  stack, unused slots being empty groups: segmented (SGMV-like) without copying any weights.
+* ``gathered`` each token's weights gathered (``index_select``) and one batched matmul (BGMV-like).
+* ``segments`` the grouping of ``grouped``, one matmul per distinct adapter: the fallback for
+  layouts ``grouped_mm`` refuses (it wants 16-byte aligned strides: e.g. bf16 rank 1, d_in 100).
+
+What measured fastest on this 2-core AVX-512 CPU (``python -m benchmarks.bench_kernels``,
+numbers in ``benchmarks/results/kernels.json``): ``grouped`` for float32 stacks, in decode and
+prefill alike; ``single`` whenever it applies. Sixteen-bit GEMMs with one or a few rows are several
+times slower than float32 ones here (oneDNN has no good skinny bf16 kernel without AMX), so the
+stacks may be float32 while activations are bf16/fp16: the math then runs in float32 and only
+``t`` and ``y`` are in the activation dtype. That is the recommended CPU layout.
+
+Rank: adapters are zero-padded to the stack's r_max. Per-slot ranks would save the padded FLOPs,
+but every strategy above wants one rank per call; pass a rank-trimmed view instead
+(``A_stack[:, :r_used]``, ``B_stack[:, :, :r_used]`` with r_used the largest rank in the batch):
+views are fine, nothing here needs contiguous stacks.
 """
 from __future__ import annotations
 
@@ -15,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from kernels.mapping import LoraMapping, as_mapping
+
+# With bf16/fp16 stacks, "gathered" beats "grouped" below this many tokens per adapter.
+_GATHER_16BIT_BELOW = 4
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -28,25 +44,8 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
             t[i] = scale[s] * x[i] @ A_stack[s].T if s >= 0 else 0
     """
     m = as_mapping(mapping)
-    T, S, r = x.shape[0], A_stack.shape[0], A_stack.shape[1]
-    m.check(T, S)
-    if not m.any_lora:
-        return x.new_zeros(T, r)
-    how = _pick(m, x, A_stack)
-    if how == "single":
-        s = m.single_slot
-        t = x @ A_stack[s].T  # (T, r)
-        return t.mul_(scale[s])
-    xs = x.index_select(0, m.order)  # (L, d_in) LoRA tokens, grouped by slot
-    if how == "grouped":
-        ts = F.grouped_mm(xs, A_stack.transpose(1, 2), offs=m.group_offsets(S))  # (L, r)
-    else:
-        ts = torch.empty(m.num_lora_tokens, r, dtype=x.dtype, device=x.device)
-        for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):
-            torch.mm(xs[a:a + n], A_stack[s].T, out=ts[a:a + n])
-    ts.mul_(scale.index_select(0, m.sorted_slots).unsqueeze(1))
-    t = torch.empty(T, r, dtype=x.dtype, device=x.device) if m.all_lora else x.new_zeros(T, r)
-    return t.index_copy_(0, m.order, ts)
+    _check(x, A_stack, m)
+    return _shrink(x, A_stack, m, scale, _pick(m, x, A_stack))
 
 
 def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -61,31 +60,69 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
                 y[i, y_offset:y_offset + d_out] += t[i] @ B_stack[s].T
     """
     m = as_mapping(mapping)
+    _check(t, B_stack, m)
+    _check_out(y, t, y_offset, B_stack.shape[1])
+    _expand(t, B_stack, m, y, y_offset, _pick(m, t, B_stack))
+
+
+def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch.Tensor,
+            how: str) -> torch.Tensor:
+    T, S, r = x.shape[0], A_stack.shape[0], A_stack.shape[1]
+    if not m.any_lora:
+        return x.new_zeros(T, r)
+    cx = x.to(A_stack.dtype)  # compute dtype = stack dtype (no-op unless stacks are float32)
+    if how == "single":
+        s = m.single_slot
+        t = cx @ A_stack[s].T  # (T, r)
+        return t.mul_(scale[s]).to(x.dtype)
+    xs = cx.index_select(0, m.order)  # (L, d_in) LoRA tokens, grouped by slot
+    if how == "grouped":
+        ts = F.grouped_mm(xs, A_stack.transpose(1, 2), offs=m.group_offsets(S))  # (L, r)
+    elif how == "gathered":
+        a = A_stack.index_select(0, m.sorted_slots)  # (L, r, d_in)
+        ts = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # (L, r)
+    else:
+        ts = torch.empty(m.num_lora_tokens, r, dtype=xs.dtype, device=xs.device)
+        for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):
+            torch.mm(xs[a:a + n], A_stack[s].T, out=ts[a:a + n])
+    ts = ts.mul_(scale.index_select(0, m.sorted_slots).unsqueeze(1)).to(x.dtype)
+    t = torch.empty(T, r, dtype=x.dtype, device=x.device) if m.all_lora else x.new_zeros(T, r)
+    return t.index_copy_(0, m.order, ts)
+
+
+def _expand(t: torch.Tensor, B_stack: torch.Tensor, m: LoraMapping, y: torch.Tensor, y_offset: int,
+            how: str) -> None:
     S, d_out = B_stack.shape[0], B_stack.shape[1]
-    m.check(t.shape[0], S)
-    _check_out(y, t.shape[0], y_offset, d_out)
     if not m.any_lora:
         return
     y_view = y[:, y_offset:y_offset + d_out]  # (T, d_out) view: writes land in y
-    how = _pick(m, t, B_stack)
+    ct = t.to(B_stack.dtype)
     if how == "single":
-        s = m.single_slot
-        y_view.addmm_(t, B_stack[s].T)
+        if ct.dtype == y.dtype:
+            y_view.addmm_(ct, B_stack[m.single_slot].T)
+        else:
+            y_view.add_(ct @ B_stack[m.single_slot].T)
         return
-    ts = t.index_select(0, m.order)  # (L, r)
+    ts = ct.index_select(0, m.order)  # (L, r)
     if how == "grouped":
         out = F.grouped_mm(ts, B_stack.transpose(1, 2), offs=m.group_offsets(S))  # (L, d_out)
+    elif how == "gathered":
+        b = B_stack.index_select(0, m.sorted_slots)  # (L, d_out, r)
+        out = torch.bmm(b, ts.unsqueeze(2)).squeeze(2)  # (L, d_out)
     else:
-        out = torch.empty(m.num_lora_tokens, d_out, dtype=y.dtype, device=y.device)
+        out = torch.empty(m.num_lora_tokens, d_out, dtype=ts.dtype, device=ts.device)
         for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):
             torch.mm(ts[a:a + n], B_stack[s].T, out=out[a:a + n])
-    y_view.index_add_(0, m.order, out)
+    y_view.index_add_(0, m.order, out.to(y.dtype))
 
 
 def _pick(m: LoraMapping, a: torch.Tensor, stack: torch.Tensor) -> str:
     if m.single_slot is not None:
         return "single"
-    if _grouped_mm_ok(a) and _grouped_mm_ok(stack.transpose(1, 2)):
+    if stack.dtype != torch.float32 and m.num_lora_tokens < _GATHER_16BIT_BELOW * m.num_segments:
+        return "gathered"
+    # The grouped matmul's left operand is a fresh index_select copy: contiguous and aligned.
+    if (a.shape[1] * stack.element_size()) % 16 == 0 and _grouped_mm_ok(stack.transpose(1, 2)):
         return "grouped"
     return "segments"
 
@@ -104,7 +141,22 @@ def _grouped_mm_ok(mat: torch.Tensor) -> bool:
     return False
 
 
-def _check_out(y: torch.Tensor, num_tokens: int, y_offset: int, d_out: int) -> None:
-    if y.dim() != 2 or y.shape[0] != num_tokens or not 0 <= y_offset <= y.shape[1] - d_out:
+def _check(a: torch.Tensor, stack: torch.Tensor, m: LoraMapping) -> None:
+    """Shapes, devices and dtypes of one op call: a (T, k) against stack (S, ., .) and mapping."""
+    if a.dim() != 2 or stack.dim() != 3:
+        raise ValueError(f"expected a 2-D input and a 3-D stack, got {tuple(a.shape)} and {tuple(stack.shape)}")
+    if a.device != stack.device or m.device != a.device:
+        raise ValueError(f"input on {a.device}, stack on {stack.device}, mapping on {m.device}")
+    if a.shape[1] != stack.shape[2]:
+        raise ValueError(f"input {tuple(a.shape)} does not match stack {tuple(stack.shape)}")
+    if stack.dtype not in (a.dtype, torch.float32):
+        raise TypeError(f"stack dtype {stack.dtype} must be the input's ({a.dtype}) or float32")
+    m.check(a.shape[0], stack.shape[0])
+
+
+def _check_out(y: torch.Tensor, t: torch.Tensor, y_offset: int, d_out: int) -> None:
+    if y.dim() != 2 or y.shape[0] != t.shape[0] or not 0 <= y_offset <= y.shape[1] - d_out:
         raise ValueError(f"y {tuple(y.shape)} cannot take {d_out} columns at offset {y_offset} "
-                         f"for {num_tokens} tokens")
+                         f"for {t.shape[0]} tokens")
+    if y.dtype != t.dtype or y.device != t.device:
+        raise TypeError(f"y is {y.dtype} on {y.device}, t is {t.dtype} on {t.device}")

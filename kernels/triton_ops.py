@@ -27,7 +27,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 from kernels.mapping import LoraMapping, as_mapping
-from kernels.torch_ops import _check_out
+from kernels.torch_ops import _check, _check_out
 
 # Kernels use builtins only (tl.full, tl.reduce, tl.dot, ...), never triton's own @jit helpers
 # (tl.zeros, tl.sum): those are compiled-only objects unless TRITON_INTERPRET was set before triton
@@ -66,6 +66,8 @@ def _sgmv_shrink_kernel(
             if UPCAST:
                 xt = xt.to(tl.float32)
                 at = at.to(tl.float32)
+            else:
+                xt = xt.to(at.dtype)  # float32 stacks with 16-bit activations: dot in float32
             acc = tl.dot(xt, at, acc, input_precision="ieee")
         acc = acc * tl.load(scale_ptr + slot)
         tl.store(t_ptr + tok[:, None] * stride_tt + offs_r[None, :] * stride_tr,
@@ -100,6 +102,8 @@ def _sgmv_expand_kernel(
         if UPCAST:
             tt = tt.to(tl.float32)
             bt = bt.to(tl.float32)
+        else:
+            tt = tt.to(bt.dtype)
         acc = tl.dot(tt, bt, input_precision="ieee", out_dtype=tl.float32)  # (BM, BN)
         y_ptrs = y_ptr + tok[:, None] * stride_yt + (y_offset + offs_n[None, :]) * stride_yn
         mask = mask_m[:, None] & mask_n[None, :]
@@ -198,16 +202,8 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-def _upcast(x: torch.Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and _interpreting(x)
-
-
-def _check(x: torch.Tensor, stack: torch.Tensor, m: LoraMapping) -> None:
-    if x.device != stack.device or m.device != x.device:
-        raise ValueError(f"tensors on {x.device}, stack on {stack.device}, mapping on {m.device}")
-    if x.dtype != stack.dtype:
-        raise TypeError(f"activations are {x.dtype} but the stack is {stack.dtype}")
-    m.check(x.shape[0], stack.shape[0])
+def _upcast(x: torch.Tensor, stack: torch.Tensor) -> bool:
+    return torch.bfloat16 in (x.dtype, stack.dtype) and _interpreting(x)
 
 
 def sgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -225,7 +221,7 @@ def sgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
     sgmv_shrink_kernel[grid](
         x, A_stack, scale, t, m.order, m.seg_slots, m.seg_starts, m.seg_lens,
         d_in, r, *x.stride(), *A_stack.stride(), *t.stride(),
-        BLOCK_M=block_m, BLOCK_R=_pow2(r, 16), BLOCK_K=block_k, UPCAST=_upcast(x),
+        BLOCK_M=block_m, BLOCK_R=_pow2(r, 16), BLOCK_K=block_k, UPCAST=_upcast(x, A_stack),
     )
     return t
 
@@ -236,7 +232,7 @@ def sgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     m = as_mapping(mapping)
     _check(t, B_stack, m)
     S, d_out, r = B_stack.shape
-    _check_out(y, t.shape[0], y_offset, d_out)
+    _check_out(y, t, y_offset, d_out)
     if not m.any_lora:
         return
     block_n = block_n or _pow2(min(d_out, 256 if _interpreting(t) else 64), 16)
@@ -244,7 +240,7 @@ def sgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     sgmv_expand_kernel[grid](
         t, B_stack, y, m.order, m.seg_slots, m.seg_starts, m.seg_lens,
         d_out, r, y_offset, *t.stride(), *B_stack.stride(), *y.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_pow2(r, 16), UPCAST=_upcast(t),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_pow2(r, 16), UPCAST=_upcast(t, B_stack),
     )
 
 
@@ -276,7 +272,7 @@ def bgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     m = as_mapping(mapping)
     _check(t, B_stack, m)
     S, d_out, r = B_stack.shape
-    _check_out(y, t.shape[0], y_offset, d_out)
+    _check_out(y, t, y_offset, d_out)
     if not m.any_lora:
         return
     block_n = block_n or _pow2(min(d_out, 1024 if _interpreting(t) else 256))
