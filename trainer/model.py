@@ -51,6 +51,7 @@ def load_base(base_dir: Path, config: TrainConfig, bf16: bool):
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu"
     )
+    _keep_4bit_weights_trainable(model)
     # Casts norms to fp32, freezes the base and (optionally) turns on checkpointing the way
     # k-bit layers need it.
     return prepare_model_for_kbit_training(
@@ -58,6 +59,18 @@ def load_base(base_dir: Path, config: TrainConfig, bf16: bool):
         use_gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+
+
+def _keep_4bit_weights_trainable(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On AVX512-BF16 CPUs, bnb's Linear4bit repacks its weight for a fast kernel the first time it
+    runs in eval mode, and never packs it back; that kernel has no backward, so after our first
+    eval (the base model's loss) gradients through every base linear were silently dropped.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_config(config: TrainConfig):
@@ -72,6 +85,9 @@ def peft_config(config: TrainConfig):
             task_type=TaskType.CAUSAL_LM,
             num_virtual_tokens=config.num_virtual_tokens,
             prefix_projection=config.prefix_projection,
+            # Zero keys/values start as a near no-op prefix; peft's random default starts the model
+            # at ~2x the base model's loss and spends the first steps recovering from that.
+            init_weights="zero",
             **kwargs,
         )
     targets = config.target_modules

@@ -44,6 +44,12 @@ def _path_refused(response) -> bool:
     """A 4xx saying the server may not read this path: worth retrying as an upload."""
     if not 400 <= response.status_code < 500 or response.status_code in (401, 404):
         return False
+    try:
+        err = response.json().get("error") or {}
+        if isinstance(err, dict) and err.get("code") == "path_not_allowed":
+            return True
+    except (ValueError, AttributeError):
+        pass
     msg = _error_message(response).lower()
     return "path" in msg and ("not allowed" in msg or "not permitted" in msg or "forbidden" in msg)
 
