@@ -1,0 +1,114 @@
+"""End-to-end generation throughput with many adapters in one batch, vs peft, on this CPU.
+
+    python -m benchmarks.bench_mixed [--dtype bfloat16] [--requests 32] [--tokens 32]
+
+Same machine, same dtype, one run. loramux: (mixed) N requests over N distinct adapters,
+(single) N requests on one adapter, (base) N requests on the bare base model. peft: (peft_mixed)
+`generate(adapter_names=...)` on the same N requests in one left-padded batch, (peft_swap)
+`set_adapter` per request, one request at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adapters_registry import AdapterRegistry, RegistryConfig
+from benchmarks.bench_engine import make_prompts
+from benchmarks.common import write_results
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_source import resolve_model
+from engine.models.spec import ModelSpec
+from engine.sampling import SamplingParams
+
+RANK = 16
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def write_adapters(root: Path, spec: ModelSpec, n: int) -> list[Path]:
+    from tests.test_registry_scale import write_small_lora  # one writer of peft-format test adapters
+    paths = []
+    for i in range(n):
+        write_small_lora(root / f"a{i}", spec, seed=i, r=RANK, targets=TARGETS)
+        paths.append(root / f"a{i}")
+    return paths
+
+
+def time_engine(engine: LLMEngine, prompts, adapters, tokens: int) -> float:
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    engine.generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0), adapters[:2])   # warm-up
+    t0 = time.perf_counter()
+    engine.generate(prompts, params, adapters)
+    return len(prompts) * tokens / (time.perf_counter() - t0)
+
+
+def time_peft(model, tokenizer, prompts, names, tokens: int, swap: bool) -> float:
+    tokenizer.padding_side = "left"
+    kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        if swap:
+            for p, name in zip(prompts, names):
+                model.set_adapter(name)
+                model.generate(**tokenizer.pad({"input_ids": [p]}, return_tensors="pt"), **kw)
+        else:
+            model.generate(**tokenizer.pad({"input_ids": prompts}, return_tensors="pt"), adapter_names=names, **kw)
+    return len(prompts) * tokens / (time.perf_counter() - t0)
+
+
+def run(dtype: str = "bfloat16", n: int = 32, tokens: int = 32) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_model(None)
+    spec = ModelSpec.from_dir(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_adapters(Path(tmp) / "adapters", spec, n)
+        registry = AdapterRegistry(spec, RegistryConfig(data_dir=Path(tmp) / "data", max_slots=n, max_rank=RANK),
+                                   dtype=torch.float32, device=torch.device("cpu"), base_model_name="base")
+        ids = [p.name for p in paths]
+        for p in paths:
+            registry.register(p.name, p, copy=False)
+        engine = LLMEngine(EngineConfig(model_dir, dtype=dtype, max_loras=n, max_lora_rank=RANK,
+                                        kv_cache_bytes=256 << 20), adapters=registry, lora_stacks=registry.stacks)
+        prompts = make_prompts(engine.tokenizer, n)
+        res = {"mixed": time_engine(engine, prompts, ids, tokens),
+               "single": time_engine(engine, prompts, [ids[0]] * n, tokens),
+               "base": time_engine(engine, prompts, [None] * n, tokens)}
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=engine.dtype).eval()
+        peft_model = PeftModel.from_pretrained(base, paths[0], adapter_name=ids[0])
+        for p in paths[1:]:
+            peft_model.load_adapter(p, adapter_name=p.name)
+        peft_model.eval()
+        res["peft_mixed"] = time_peft(peft_model, engine.tokenizer, prompts, ids, tokens, swap=False)
+        res["peft_swap"] = time_peft(peft_model, engine.tokenizer, prompts, ids, tokens, swap=True)
+    res = {k: round(v, 1) for k, v in res.items()}
+    ratios = {"mixed_over_base": round(res["mixed"] / res["base"], 2),
+              "mixed_over_single": round(res["mixed"] / res["single"], 2),
+              "mixed_over_peft_mixed": round(res["mixed"] / res["peft_mixed"], 2),
+              "mixed_over_peft_swap": round(res["mixed"] / res["peft_swap"], 2)}
+    return {"dtype": dtype, "requests": n, "new_tokens": tokens, "rank": RANK, "targets": TARGETS,
+            "tokens_per_s": res, "ratios": ratios,
+            "goals": {"mixed_over_base >= 0.85": ratios["mixed_over_base"] >= 0.85,
+                      "mixed_over_peft_mixed >= 2": ratios["mixed_over_peft_mixed"] >= 2}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    result = run(args.dtype, args.requests, args.tokens)
+    print(result)
+    print(write_results(f"mixed_{args.dtype}", result, "python -m benchmarks.bench_mixed " +
+                        f"--dtype {args.dtype} --requests {args.requests} --tokens {args.tokens}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""200 adapters registered over HTTP on a server with 8 device slots: every answer exact.
+
+Each adapter's answer in a mixed, concurrent load must equal its answer when it runs alone.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+from engine.models.spec import ModelSpec
+
+NUM_ADAPTERS = 200
+
+
+def write_small_lora(out, spec: ModelSpec, seed: int, r: int = 2, targets=("q_proj", "v_proj")) -> None:
+    """A peft-format LoRA on attention projections with weights large enough to change answers."""
+    out.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(spec.num_layers):
+        for m in targets:
+            d_in, d_out = spec.lora_dims(m)
+            key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) / d_in ** 0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.3
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+        "target_modules": list(targets), "bias": "none", "lora_dropout": 0.0}))
+
+
+def test_200_adapters_through_http_with_8_slots(server, client, base_model_dir):
+    spec = ModelSpec.from_dir(base_model_dir)
+    ids = [f"bulk-{i:03d}" for i in range(NUM_ADAPTERS)]
+    for i, adapter_id in enumerate(ids):
+        path = server.adapters_root / adapter_id
+        write_small_lora(path, spec, seed=1000 + i)
+        r = httpx.post(f"{server.url}/v1/adapters", json={"id": adapter_id, "path": str(path)}, timeout=30)
+        assert r.status_code in (200, 201), r.text
+    try:
+        listed = {m.id for m in client.models.list().data}
+        assert set(ids) <= listed
+
+        def ask(adapter_id: str) -> str:
+            return client.completions.create(model=adapter_id, prompt="The weather today is", max_tokens=4,
+                                             temperature=0).choices[0].text
+
+        with cf.ThreadPoolExecutor(16) as pool:              # mixed load: 16 in flight over 200 adapters
+            mixed = dict(zip(ids, pool.map(ask, ids)))
+        alone = {adapter_id: ask(adapter_id) for adapter_id in ids}
+        assert mixed == alone
+        assert len(set(alone.values())) > 20                # the adapters really differ
+        base = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The weather today is",
+                                         max_tokens=4, temperature=0).choices[0].text
+        assert sum(text != base for text in alone.values()) > NUM_ADAPTERS // 2
+        tiers = {a["id"]: a["tier"] for a in httpx.get(f"{server.url}/v1/adapters").json()["data"]}
+        assert sum(tiers[i] == "device" for i in ids) <= 8
+    finally:
+        for adapter_id in ids:
+            httpx.delete(f"{server.url}/v1/adapters/{adapter_id}")
