@@ -72,6 +72,18 @@ def test_falls_back_to_upload_when_path_not_allowed(adapter_dir):
     assert b'{"peft_type": "LORA"}' in body and b"\x00weights" in body
 
 
+def test_falls_back_on_the_error_code_alone(adapter_dir):
+    def reply(request):
+        if request.headers["content-type"].startswith("application/json"):
+            return httpx.Response(403, json={"error": {"message": "refused", "type": "permission_error",
+                                                       "code": "path_not_allowed"}})
+        return httpx.Response(201, json={"id": "x"})
+
+    server = FakeServer(reply)
+    assert register_adapter("http://srv", "x", adapter_dir, transport=httpx.MockTransport(server)) == {"id": "x"}
+    assert len(server.requests) == 2
+
+
 @pytest.mark.parametrize("status, message", [
     (409, "adapter 'codeword' already exists"),
     (400, "adapter_config.json: peft_type IA3 is not supported"),

@@ -1,0 +1,198 @@
+"""Real training runs on the embedded SmolLM2-135M (CPU): LoRA learns the codeword task, the saved
+adapter reloads in peft with identical logits and answers held-out prompts; prefix tuning and QLoRA
+learn too; the CLI trains and registers. Each run happens once per module (fixtures)."""
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import TrainConfig, train
+
+DATA = Path(__file__).parent / "data"
+TRAIN, HELDOUT = DATA / "codeword_train.jsonl", DATA / "codeword_heldout.jsonl"
+
+# The reliable codeword recipe (README "Train, then serve" uses the same numbers).
+CODEWORD_LORA = dict(method="lora", rank=16, alpha=32, lr=2e-3, max_steps=30, batch_size=8, max_seq_len=64, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a CPU shared with other jobs two spinning OpenMP threads run ~10x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def heldout() -> list[dict]:
+    return [json.loads(line) for line in HELDOUT.read_text().splitlines() if line.strip()]
+
+
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 10) -> list[str]:
+    tokenizer.padding_side = "left"  # batched generation continues every prompt from its last token
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def exact_match(answers: list[str], records: list[dict]) -> float:
+    return sum(a.strip() == r["completion"].strip() for a, r in zip(answers, records)) / len(records)
+
+
+def fresh_base(base_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32).eval()
+
+
+def quarter_means(losses: list[float]) -> tuple[float, float]:
+    q = max(1, len(losses) // 4)
+    return sum(losses[:q]) / q, sum(losses[-q:]) / q
+
+
+# ---- LoRA on the codeword task ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "codeword"
+    return train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=out, progress=False, **CODEWORD_LORA))
+
+
+@pytest.fixture(scope="module")
+def reloaded(lora_run, base_model_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(fresh_base(base_model_dir), lora_run.out_dir).eval()
+
+
+def test_lora_loss_falls(lora_run):
+    first, last = quarter_means(lora_run.train_losses)
+    assert len(lora_run.train_losses) == CODEWORD_LORA["max_steps"]
+    assert last < 0.2 * first, (first, last)
+    assert lora_run.final_eval_loss < 0.2 * lora_run.base_eval_loss
+
+
+def test_lora_output_is_a_plain_peft_folder_with_metrics(lora_run):
+    out = Path(lora_run.out_dir)
+    assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no staging leftovers
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_loss"] == lora_run.train_losses
+    assert metrics["eval_loss"][-1]["step"] == CODEWORD_LORA["max_steps"]
+    assert metrics["tokens_per_s"] > 0 and metrics["config"]["method"] == "lora"
+
+
+def test_reloaded_adapter_gives_the_same_logits(lora_run, reloaded):
+    tok = lora_run.tokenizer
+    tok.padding_side = "right"
+    enc = tok([r["prompt"] for r in heldout()[:3]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = lora_run.model(**enc).logits
+        got = reloaded(**enc).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_adapter_answers_heldout_prompts_and_base_does_not(lora_run, reloaded):
+    records = heldout()
+    prompts = [r["prompt"] for r in records]
+    tuned = greedy(reloaded, lora_run.tokenizer, prompts)
+    with reloaded.disable_adapter():
+        base = greedy(reloaded, lora_run.tokenizer, prompts)
+    assert exact_match(tuned, records) >= 0.8, tuned
+    assert exact_match(base, records) <= 0.1, base
+
+
+# ---- prefix tuning and QLoRA ------------------------------------------------------------------
+
+def test_prefix_tuning_beats_the_base_model_on_heldout(tmp_path, base_model_dir):
+    from peft import PeftModel
+
+    result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "prefix", method="prefix",
+                               num_virtual_tokens=8, max_steps=16, batch_size=8, max_seq_len=64, progress=False))
+    assert result.final_eval_loss < 0.5 * result.base_eval_loss, (result.eval_losses, result.base_eval_loss)
+    config = json.loads((tmp_path / "prefix" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 8
+
+    reloaded = PeftModel.from_pretrained(fresh_base(base_model_dir), tmp_path / "prefix").eval()
+    enc = result.tokenizer([heldout()[0]["prompt"]], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**enc).logits, result.model(**enc).logits, atol=1e-4, rtol=0)
+
+
+def test_qlora_trains_and_saves_a_loadable_adapter(tmp_path, base_model_dir):
+    """With val data the base model is evaluated first: that eval must not break 4-bit backprop."""
+    from peft import PeftModel
+
+    out = tmp_path / "qlora"
+    result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=out, method="qlora", rank=8, alpha=16, lr=2e-3,
+                               max_steps=12, batch_size=8, max_seq_len=64, progress=False))
+    first, last = quarter_means(result.train_losses)
+    assert last < 0.3 * first, result.train_losses
+    assert result.final_eval_loss < 0.3 * result.base_eval_loss, (result.eval_losses, result.base_eval_loss)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # Served on the unquantized base, as loramux does.
+    model = PeftModel.from_pretrained(fresh_base(base_model_dir), out).eval()
+    enc = result.tokenizer([heldout()[0]["prompt"]], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(model(**enc).logits).all()
+
+
+# ---- failures leave nothing behind; the CLI trains and registers -------------------------------
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failed_run_leaves_no_output_folder(tmp_path, monkeypatch, error):
+    def explode(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("trainer.loop.build_model", explode)
+    with pytest.raises(type(error)):
+        train(TrainConfig(data=TRAIN, out=tmp_path / "adapter", max_steps=1, max_seq_len=64, progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+class _AdminStub(BaseHTTPRequestHandler):
+    """Accepts `POST /v1/adapters` like loramux does and remembers what it was sent."""
+
+    received: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.path, self.headers.get("Authorization"), json.loads(body)))
+        reply = json.dumps({"id": json.loads(body)["id"], "object": "adapter"}).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_cli_trains_and_registers(tmp_path, monkeypatch, capsys):
+    from trainer.cli import main
+
+    server = HTTPServer(("127.0.0.1", 0), _AdminStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LORAMUX_ADMIN_KEY", "k1")
+    out = tmp_path / "cw"
+    try:
+        code = main(["--data", str(TRAIN), "--out", str(out), "--max-steps", "2", "--max-seq-len", "64",
+                     "--val-split", "0.1", "--no-progress", "--register", f"http://127.0.0.1:{server.server_port}",
+                     "--name", "codeword"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0, capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file()
+    assert _AdminStub.received == [("/v1/adapters", "Bearer k1", {"id": "codeword", "path": str(out.resolve())})]
+    assert "registered 'codeword'" in capsys.readouterr().out
