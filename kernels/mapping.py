@@ -51,9 +51,10 @@ class LoraMapping:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_slots(cls, token_slots: torch.Tensor, *, decode: bool | None = None) -> "LoraMapping":
-        """Group ``token_slots`` (T,) by slot. ``decode`` picks the gathered (True) or segmented (False)
-        kernel variant; ``None`` infers it from the mean number of tokens per adapter.
+    def from_slots(cls, token_slots: torch.Tensor, *, decode: bool | None = None) -> LoraMapping:
+        """Group ``token_slots`` (T,) by slot. ``decode`` picks the Triton variant, gathered BGMV (True)
+        or segmented SGMV (False); ``None`` infers it from the mean number of tokens per adapter. The
+        CPU path picks its own strategy from the grouping and ignores it.
 
         One device -> host copy of the per-adapter table happens here (once per step).
         """

@@ -10,12 +10,15 @@ Twins of ``kernels.triton_ops`` with identical signatures. Strategies, picked pe
 * ``segments`` the grouping of ``grouped``, one matmul per distinct adapter: the fallback for
   layouts ``grouped_mm`` refuses (it wants 16-byte aligned strides: e.g. bf16 rank 1, d_in 100).
 
-What measured fastest on this 2-core AVX-512 CPU (``python -m benchmarks.bench_kernels``,
-numbers in ``benchmarks/results/kernels.json``): ``grouped`` for float32 stacks, in decode and
-prefill alike; ``single`` whenever it applies. Sixteen-bit GEMMs with one or a few rows are several
-times slower than float32 ones here (oneDNN has no good skinny bf16 kernel without AMX), so the
-stacks may be float32 while activations are bf16/fp16: the math then runs in float32 and only
-``t`` and ``y`` are in the activation dtype. That is the recommended CPU layout.
+What measured fastest on this 2-core AVX-512 CPU without AMX (``python -m benchmarks.bench_kernels``,
+numbers in ``benchmarks/results/kernels.json``, "strategies"): ``single`` whenever it applies;
+``grouped`` for float32 stacks, decode and prefill alike (memory-bound: it streams each used
+adapter's weights once and copies nothing); for 16-bit stacks ``gathered`` when adapters have few
+tokens each (oneDNN's 16-bit GEMMs with 1-row operands cost ~50 us a call here, so 2 x 32 of them
+lose to one gather plus a streaming multiply-sum) and ``grouped`` for prefill-shaped batches.
+16-bit math is no faster than float32 on this CPU (the bf16 base matmul is not either), so the
+stacks may be float32 while activations are bf16/fp16: the LoRA math then runs in float32 and only
+``t`` and ``y`` are in the activation dtype. That is the layout we recommend for CPU serving.
 
 Rank: adapters are zero-padded to the stack's r_max. Per-slot ranks would save the padded FLOPs,
 but every strategy above wants one rank per call; pass a rank-trimmed view instead
@@ -80,14 +83,18 @@ def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch
         ts = F.grouped_mm(xs, A_stack.transpose(1, 2), offs=m.group_offsets(S))  # (L, r)
     elif how == "gathered":
         a = A_stack.index_select(0, m.sorted_slots)  # (L, r, d_in)
-        ts = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # (L, r)
+        if a.dtype == torch.float32:
+            ts = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # (L, r)
+        else:  # 16-bit bmm is oneDNN's slow skinny path here; multiply-and-sum streams (fp32 sums)
+            ts = (a * xs.unsqueeze(1)).sum(-1)  # (L, r)
     else:
         ts = torch.empty(m.num_lora_tokens, r, dtype=xs.dtype, device=xs.device)
         for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):
             torch.mm(xs[a:a + n], A_stack[s].T, out=ts[a:a + n])
-    ts = ts.mul_(scale.index_select(0, m.sorted_slots).unsqueeze(1)).to(x.dtype)
-    t = torch.empty(T, r, dtype=x.dtype, device=x.device) if m.all_lora else x.new_zeros(T, r)
-    return t.index_copy_(0, m.order, ts)
+    ts.mul_(scale.index_select(0, m.sorted_slots).unsqueeze(1))
+    # Unsort back to token order in the compute dtype, then round to the activation dtype once.
+    t = ts.new_empty(T, r) if m.all_lora else ts.new_zeros(T, r)
+    return t.index_copy_(0, m.order, ts).to(x.dtype)
 
 
 def _expand(t: torch.Tensor, B_stack: torch.Tensor, m: LoraMapping, y: torch.Tensor, y_offset: int,
@@ -108,7 +115,7 @@ def _expand(t: torch.Tensor, B_stack: torch.Tensor, m: LoraMapping, y: torch.Ten
         out = F.grouped_mm(ts, B_stack.transpose(1, 2), offs=m.group_offsets(S))  # (L, d_out)
     elif how == "gathered":
         b = B_stack.index_select(0, m.sorted_slots)  # (L, d_out, r)
-        out = torch.bmm(b, ts.unsqueeze(2)).squeeze(2)  # (L, d_out)
+        out = torch.bmm(ts.unsqueeze(1), b.transpose(1, 2)).squeeze(1)  # (L, d_out); this layout is the fast one
     else:
         out = torch.empty(m.num_lora_tokens, d_out, dtype=ts.dtype, device=ts.device)
         for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):

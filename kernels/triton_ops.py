@@ -211,7 +211,7 @@ def sgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
     """Segmented shrink; semantics of :func:`lora_shrink`."""
     m = as_mapping(mapping)
     _check(x, A_stack, m)
-    T, (S, r, d_in) = x.shape[0], A_stack.shape
+    T, (_, r, d_in) = x.shape[0], A_stack.shape
     t = (torch.empty if m.all_lora else torch.zeros)(T, r, dtype=x.dtype, device=x.device)
     if not m.any_lora:
         return t
@@ -231,7 +231,7 @@ def sgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     """Segmented expand; semantics of :func:`lora_expand`."""
     m = as_mapping(mapping)
     _check(t, B_stack, m)
-    S, d_out, r = B_stack.shape
+    _, d_out, r = B_stack.shape
     _check_out(y, t, y_offset, d_out)
     if not m.any_lora:
         return
@@ -250,7 +250,7 @@ def bgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
     (more parallelism for few tokens) and accumulates into a float32 buffer with atomics."""
     m = as_mapping(mapping)
     _check(x, A_stack, m)
-    T, (S, r, d_in) = x.shape[0], A_stack.shape
+    T, (_, r, d_in) = x.shape[0], A_stack.shape
     if not m.any_lora:
         return x.new_zeros(T, r)
     block_k = block_k or _pow2(min(d_in, 512 if _interpreting(x) else 128), 16)
@@ -271,7 +271,7 @@ def bgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     """Gathered expand; semantics of :func:`lora_expand`."""
     m = as_mapping(mapping)
     _check(t, B_stack, m)
-    S, d_out, r = B_stack.shape
+    _, d_out, r = B_stack.shape
     _check_out(y, t, y_offset, d_out)
     if not m.any_lora:
         return

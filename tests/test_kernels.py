@@ -27,9 +27,9 @@ from kernels.reference import expand_ref, shrink_ref
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {  # vs float64; the inputs are already in the dtype, so this is accumulation + output rounding
-    torch.float32: dict(atol=1e-4, rtol=1e-4),
-    torch.float16: dict(atol=3e-3, rtol=3e-3),
-    torch.bfloat16: dict(atol=2.5e-2, rtol=2.5e-2),
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 3e-3, "rtol": 3e-3},
+    torch.bfloat16: {"atol": 2.5e-2, "rtol": 2.5e-2},
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RANKS = [1, 8, 16, 64]
@@ -81,8 +81,8 @@ def make_case(dtype, r, d, T, mix, seed=0, stack_dtype=None, d_out=None):
     t[base] = float("nan")
     y = torch.randn(T, Y_OFFSET + d_out + Y_PAD, generator=gen)
     y[:, :Y_OFFSET] = y[:, Y_OFFSET + d_out:] = float("nan")  # columns outside the slice
-    return dict(x=x.to(dtype), A=A.to(stack_dtype), B=B.to(stack_dtype), scale=scale, slots=slots,
-                t=t.to(dtype), y=y.to(dtype), base=base, d_out=d_out)
+    return {"x": x.to(dtype), "A": A.to(stack_dtype), "B": B.to(stack_dtype), "scale": scale, "slots": slots,
+            "t": t.to(dtype), "y": y.to(dtype), "base": base, "d_out": d_out}
 
 
 def _poison_heap(*shape, dtype):
@@ -296,7 +296,7 @@ def test_triton_under_the_interpret_env_var():
     )
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, check=False)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -315,10 +315,10 @@ def test_triton_kernels_compile_for_sm80(name):
     from triton.compiler import ASTSource, compile
 
     kernel = getattr(triton_ops, f"{name}_kernel")
-    consts = {"sgmv_shrink": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=64, UPCAST=False),
-              "sgmv_expand": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_R=16, UPCAST=False),
-              "bgmv_shrink": dict(BLOCK_R=16, BLOCK_K=128, SPLIT_K=4),
-              "bgmv_expand": dict(BLOCK_N=256, BLOCK_R=16)}[name]
+    consts = {"sgmv_shrink": {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 64, "UPCAST": False},
+              "sgmv_expand": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 16, "UPCAST": False},
+              "bgmv_shrink": {"BLOCK_R": 16, "BLOCK_K": 128, "SPLIT_K": 4},
+              "bgmv_expand": {"BLOCK_N": 256, "BLOCK_R": 16}}[name]
     sig = {}
     for arg in kernel.jit.arg_names:
         if arg in consts:
