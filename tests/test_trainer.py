@@ -7,6 +7,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ DATA = Path(__file__).parent / "data"
 TRAIN, HELDOUT = DATA / "codeword_train.jsonl", DATA / "codeword_heldout.jsonl"
 
 # The reliable codeword recipe (README "Train, then serve" uses the same numbers).
-CODEWORD_LORA = dict(method="lora", rank=16, alpha=32, lr=2e-3, max_steps=30, batch_size=8, max_seq_len=64, seed=0)
+CODEWORD_LORA = {"method": "lora", "rank": 16, "alpha": 32, "lr": 2e-3, "max_steps": 30, "batch_size": 8,
+                 "max_seq_len": 64, "seed": 0}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -146,6 +148,36 @@ def test_qlora_trains_and_saves_a_loadable_adapter(tmp_path, base_model_dir):
         assert torch.isfinite(model(**enc).logits).all()
 
 
+def test_optional_paths_bf16_checkpointing_accumulation_cosine(tmp_path):
+    from trainer.model import bf16_supported
+
+    result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "opts", precision="auto",
+                               gradient_checkpointing=True, grad_accum=2, batch_size=2, schedule="cosine",
+                               eval_every=1, max_steps=2, max_seq_len=64, progress=False))
+    assert [s for s, _ in result.eval_losses] == [1, 2]
+    assert result.metrics["bf16"] == bf16_supported()
+    assert result.eval_losses[-1][1] < result.base_eval_loss
+
+
+def test_prefix_projection_saves_the_projected_prefix(tmp_path, base_model_dir):
+    """peft saves the MLP's output, so the server sees plain per-layer key/value prefixes."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pp"
+    result = train(TrainConfig(data=TRAIN, out=out, method="prefix", prefix_projection=True, prefix_hidden_size=64,
+                               num_virtual_tokens=4, lr=1e-3, max_steps=2, batch_size=4, max_seq_len=64,
+                               progress=False))
+    config = result.model.base_model.config
+    kv_width = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    (weights,) = load_file(out / "adapter_model.safetensors").values()
+    assert weights.shape == (4, config.num_hidden_layers * 2 * kv_width)  # (virtual tokens, layers*2*kv)
+    reloaded = PeftModel.from_pretrained(fresh_base(base_model_dir), out).eval()
+    enc = result.tokenizer([heldout()[0]["prompt"]], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**enc).logits, result.model(**enc).logits, atol=1e-4, rtol=0)
+
+
 # ---- failures leave nothing behind; the CLI trains and registers -------------------------------
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
@@ -162,9 +194,9 @@ def test_failed_run_leaves_no_output_folder(tmp_path, monkeypatch, error):
 class _AdminStub(BaseHTTPRequestHandler):
     """Accepts `POST /v1/adapters` like loramux does and remembers what it was sent."""
 
-    received: list = []
+    received: ClassVar[list] = []
 
-    def do_POST(self):  # noqa: N802 (http.server's naming)
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.received.append((self.path, self.headers.get("Authorization"), json.loads(body)))
         reply = json.dumps({"id": json.loads(body)["id"], "object": "adapter"}).encode()

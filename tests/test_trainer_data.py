@@ -52,7 +52,9 @@ def test_shipped_task_files_are_valid(tokenizer):
     train = load_examples(DATA / "codeword_train.jsonl", tokenizer, max_seq_len=64)
     held = load_examples(DATA / "codeword_heldout.jsonl", tokenizer, max_seq_len=64)
     assert len(train) >= 40 and len(held) >= 8
-    prompts = lambda f: {json.loads(x)["prompt"] for x in f.read_text().splitlines()}  # noqa: E731
+    def prompts(path: Path) -> set[str]:
+        return {json.loads(x)["prompt"] for x in path.read_text().splitlines()}
+
     assert not prompts(DATA / "codeword_train.jsonl") & prompts(DATA / "codeword_heldout.jsonl")
 
 
@@ -144,6 +146,7 @@ def test_cli_parses_every_option_into_the_config(tmp_path):
 @pytest.mark.parametrize("bad", [
     {"method": "full"}, {"rank": 0}, {"dropout": 1.0}, {"lr": -1}, {"schedule": "step"}, {"batch_size": 0},
     {"max_seq_len": 1}, {"val_split": 1.0}, {"precision": "fp16"}, {"target_modules": []},
+    {"method": "prefix", "gradient_checkpointing": True},
 ])
 def test_config_rejects_bad_options(tmp_path, bad):
     with pytest.raises(ValueError):
@@ -168,17 +171,15 @@ def test_split_and_collate(tokenizer, tmp_path):
 
 def test_staged_dir_is_removed_on_error_and_renamed_on_success(tmp_path):
     out = tmp_path / "adapter"
-    with pytest.raises(KeyboardInterrupt):
-        with staged_dir(out, overwrite=False) as tmp:
-            (tmp / "adapter_config.json").write_text("{}")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), staged_dir(out, overwrite=False) as tmp:
+        (tmp / "adapter_config.json").write_text("{}")
+        raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
     with staged_dir(out, overwrite=False) as tmp:
         (tmp / "adapter_config.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"] and (out / "adapter_config.json").is_file()
-    with pytest.raises(FileExistsError):
-        with staged_dir(out, overwrite=False):
-            pass
+    with pytest.raises(FileExistsError), staged_dir(out, overwrite=False):
+        pass
     with staged_dir(out, overwrite=True) as tmp:
         (tmp / "new").write_text("x")
     assert sorted(p.name for p in out.iterdir()) == ["new"]

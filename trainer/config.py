@@ -94,6 +94,8 @@ class TrainConfig:
         need(self.max_seq_len >= 2, f"max_seq_len must be >= 2, got {self.max_seq_len}")
         need(0.0 <= self.val_split < 1.0, f"val_split must be in [0, 1), got {self.val_split}")
         need(self.eval_every is None or self.eval_every >= 1, "eval_every must be >= 1")
+        need(not (self.method == "prefix" and self.gradient_checkpointing),
+             "prefix tuning does not work with gradient checkpointing (peft refuses it)")
         need(self.data != self.out, "out must not be the data file")
         need(self.out.name not in ("", "/"), f"out must name a folder, got {self.out}")
 
