@@ -19,10 +19,10 @@ from tests.hf_reference import greedy_no_cache
 NEW_TOKENS = 16
 ADAPTERS = {
     "qv-r8": dict(kind="lora", r=8, alpha=16, targets=("q_proj", "v_proj"), seed=1, b_std=0.05),
-    "all-r16": dict(kind="lora", r=16, alpha=32, targets="all-linear", seed=2, b_std=0.02),
+    "all-r16": dict(kind="lora", r=16, alpha=32, targets="all-linear", seed=2, b_std=0.1),
     "rslora-r4": dict(kind="lora", r=4, alpha=8, targets=("k_proj", "o_proj", "down_proj"), rslora=True, seed=3,
                       b_std=0.05),
-    "patterns": dict(kind="lora", r=8, alpha=16, targets=("q_proj", "up_proj", "gate_proj"), seed=4, b_std=0.05,
+    "patterns": dict(kind="lora", r=8, alpha=16, targets=("q_proj", "up_proj", "gate_proj"), seed=4, b_std=0.1,
                      rank_pattern={"up_proj": 4}, alpha_pattern={"gate_proj": 4}),
     "prefix-proj": dict(kind="prefix", num_virtual_tokens=6, prefix_projection=True, seed=5),
     "prefix-plain": dict(kind="prefix", num_virtual_tokens=10, prefix_projection=False, seed=6),
