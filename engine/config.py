@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from engine.quantize import MODES as QUANTIZE_MODES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -36,6 +38,7 @@ class EngineConfig:
     max_loras: int = 8                  # device adapter slots
     max_lora_rank: int = 64
     max_queue: int = 1024               # waiting requests before 503
+    quantize: str = "none"              # resident base projections: none | int8 | nf4 (bitsandbytes)
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
@@ -47,6 +50,8 @@ class EngineConfig:
                      "max_lora_rank", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
         if self.max_num_batched_tokens < self.max_model_len:
             # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
             self.max_num_batched_tokens = self.max_model_len

@@ -15,6 +15,7 @@ from engine.detokenizer import Detokenizer
 from engine.model_runner import ModelRunner
 from engine.models.llama import LlamaModel
 from engine.models.spec import ModelSpec
+from engine.quantize import quantize_model, resident_bytes
 from engine.sampler import logprobs_of, sample
 from engine.sampling import SamplingParams
 from engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
@@ -81,8 +82,10 @@ class LLMEngine:
             model.lm_head.weight = model.embed_tokens.weight      # to_empty unties shared parameters
         model.load_safetensors(self.config.model_dir)
         model = model.to(self.dtype)
+        quantize_model(model, self.config.quantize, self.dtype)   # after the cast: quantizes engine-dtype weights
         model.rope.build(self.device)                 # float32 tables, after the dtype cast
-        log.info("loaded %s (%s) in %.1fs", self.config.model_dir, self.config.dtype, time.perf_counter() - t0)
+        log.info("loaded %s (%s, quantize=%s) in %.1fs", self.config.model_dir, self.config.dtype,
+                 self.config.quantize, time.perf_counter() - t0)
         return model.eval()
 
     def _eos_ids(self) -> set[int]:
@@ -96,12 +99,8 @@ class LLMEngine:
 
     @property
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
-        return total
+        """Resident base-model bytes: tied weights once, quantized storage + its scales as held."""
+        return resident_bytes(self.model)
 
     # -- requests ---------------------------------------------------------------------------------
 

@@ -27,12 +27,17 @@ class ModelRunner:
         return table[idx // self.blocks.block_size] * self.blocks.block_size + idx % self.blocks.block_size
 
     def _write_prefix(self, seq: Sequence) -> None:
-        """Copy a prefix-tuning adapter's virtual-token KV into the sequence's first cache rows."""
+        """Put a prefix-tuning adapter's virtual-token KV (computed once, at registration) in the cache.
+
+        Rows in blocks shared with other running sequences of the adapter are skipped when those
+        sequences already wrote them; only the partial last block is the sequence's own copy.
+        """
         prefix = seq.lease.prefix_kv                                     # (L, 2, n_virt, nkv, hd)
-        rows = self._slots(seq, 0, seq.num_prefix_tokens).to(self.device)
+        start, end = seq.prefix_rows_written, seq.num_prefix_tokens
+        rows = self._slots(seq, start, end).to(self.device)
         for layer in range(prefix.shape[0]):
-            self.kv.k[layer].index_copy_(0, rows, prefix[layer, 0].to(self.kv.k[layer].dtype))
-            self.kv.v[layer].index_copy_(0, rows, prefix[layer, 1].to(self.kv.v[layer].dtype))
+            self.kv.k[layer].index_copy_(0, rows, prefix[layer, 0, start:end].to(self.kv.k[layer].dtype))
+            self.kv.v[layer].index_copy_(0, rows, prefix[layer, 1, start:end].to(self.kv.v[layer].dtype))
         seq.num_computed_tokens = seq.num_prefix_tokens
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:

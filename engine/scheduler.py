@@ -94,6 +94,8 @@ class Scheduler:
                     skipped.append(self.waiting.popleft())
                     continue
                 seq.num_prefix_tokens = _prefix_len(seq.lease)
+                if seq.num_prefix_tokens:
+                    seq.prefix_key = (seq.adapter_id, id(seq.lease.prefix_kv))
             if not self.blocks.can_allocate(seq):
                 break
             self.waiting.popleft()

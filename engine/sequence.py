@@ -46,6 +46,8 @@ class Sequence:
     num_computed_tokens: int = 0        # logical tokens whose KV is in the cache
     num_prefix_tokens: int = 0          # virtual tokens (set when the adapter lease is taken)
     lease: Any = None                   # adapter registry lease, held while the sequence runs
+    prefix_key: Any = None              # identifies the prefix adapter's shared KV blocks
+    prefix_rows_written: int = 0        # virtual-token rows already in the cache (shared blocks)
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     error: str | None = None            # why the sequence failed (finish_reason "error")

@@ -25,7 +25,7 @@ ADAPTERS = {
     "patterns": dict(kind="lora", r=8, alpha=16, targets=("q_proj", "up_proj", "gate_proj"), seed=4, b_std=0.1,
                      rank_pattern={"up_proj": 4}, alpha_pattern={"gate_proj": 4}),
     "prefix-proj": dict(kind="prefix", num_virtual_tokens=6, prefix_projection=True, seed=5),
-    "prefix-plain": dict(kind="prefix", num_virtual_tokens=10, prefix_projection=False, seed=6),
+    "prefix-plain": dict(kind="prefix", num_virtual_tokens=20, prefix_projection=False, seed=6),
 }
 PROMPTS = ["The capital of France is", "Write a haiku about rain.", "def square(x):", "My name is",
            "Three facts about owls:", "Once upon a time"]
@@ -99,6 +99,10 @@ def test_mixed_batch_matches_peft(engine, peft_reference, tokenizer):
     # 4 device slots for the 4 LoRA adapters: every request runs from the first step on, in one batch.
     assert engine.stats.last_batch_size == len(jobs)
     assert len({s.lora_slot for s in engine.scheduler.running if s.lora_slot >= 0}) == 4
+    # 20 virtual tokens = one full 16-token block, shared by both running sequences of that adapter.
+    plain = [s for s in engine.scheduler.running if s.adapter_id == "prefix-plain"]
+    assert len(plain) == 2 and plain[0].block_table[0] == plain[1].block_table[0]
+    assert plain[0].block_table[1] != plain[1].block_table[1]
     while engine.has_work:
         engine.step()
         assert engine.stats.last_batch_size == len(jobs)
