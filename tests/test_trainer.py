@@ -4,11 +4,9 @@ learn too; the CLI trains and registers. Each run happens once per module (fixtu
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import ClassVar
 
+import httpx
 import pytest
 import torch
 
@@ -191,40 +189,59 @@ def test_failed_run_leaves_no_output_folder(tmp_path, monkeypatch, error):
     assert list(tmp_path.iterdir()) == []
 
 
-class _AdminStub(BaseHTTPRequestHandler):
-    """Accepts `POST /v1/adapters` like loramux does and remembers what it was sent."""
-
-    received: ClassVar[list] = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.received.append((self.path, self.headers.get("Authorization"), json.loads(body)))
-        reply = json.dumps({"id": json.loads(body)["id"], "object": "adapter"}).encode()
-        self.send_response(201)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_cli_trains_and_registers(tmp_path, monkeypatch, capsys):
+def test_cli_trains_and_registers_with_a_running_server(tmp_path, monkeypatch, capsys, server, client):
     from trainer.cli import main
 
-    server = HTTPServer(("127.0.0.1", 0), _AdminStub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("LORAMUX_ADMIN_KEY", "k1")
     out = tmp_path / "cw"
-    try:
-        code = main(["--data", str(TRAIN), "--out", str(out), "--max-steps", "2", "--max-seq-len", "64",
-                     "--val-split", "0.1", "--no-progress", "--register", f"http://127.0.0.1:{server.server_port}",
-                     "--name", "codeword"])
-    finally:
-        server.shutdown()
-        server.server_close()
+    code = main(["--data", str(TRAIN), "--out", str(out), "--max-steps", "2", "--max-seq-len", "64",
+                 "--val-split", "0.1", "--no-progress", "--register", server.url, "--name", "cli-codeword"])
     assert code == 0, capsys.readouterr().err
     assert (out / "adapter_model.safetensors").is_file()
-    assert _AdminStub.received == [("/v1/adapters", "Bearer k1", {"id": "codeword", "path": str(out.resolve())})]
-    assert "registered 'codeword'" in capsys.readouterr().out
+    assert "registered 'cli-codeword'" in capsys.readouterr().out
+    assert "cli-codeword" in {m.id for m in client.models.list().data}
+    assert httpx.delete(f"{server.url}/v1/adapters/cli-codeword").status_code == 200
+
+
+# ---- train, then serve: the adapter answers through a running server without a restart ----------
+
+def serve_answers(client, model: str, prompts: list[str]) -> list[str]:
+    return [client.completions.create(model=model, prompt=p, max_tokens=16, temperature=0).choices[0].text
+            for p in prompts]
+
+
+def test_trained_lora_is_served_without_restart(lora_run, server, client):
+    from trainer import register_adapter
+
+    register_adapter(server.url, "codeword", lora_run.out_dir)
+    records = heldout()
+    prompts = [r["prompt"] for r in records]
+    tuned = serve_answers(client, "codeword", prompts)
+    base = serve_answers(client, "SmolLM2-135M-Instruct", prompts)
+    assert exact_match(tuned, records) >= 0.8, tuned
+    assert exact_match(base, records) <= 0.1, base
+
+
+def test_trained_prefix_adapter_is_served_as_peft_runs_it(tmp_path, base_model_dir, server, client):
+    """Weaker bar for prefix tuning: it must learn (eval loss) and the server must run it as peft does."""
+    from peft import PeftModel
+    from trainer import register_adapter
+
+    result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "prefix-cw", method="prefix",
+                               num_virtual_tokens=8, max_steps=12, batch_size=8, max_seq_len=64, progress=False))
+    assert result.final_eval_loss < 0.5 * result.base_eval_loss
+    register_adapter(server.url, "prefix-codeword", result.out_dir)
+    prompts = [r["prompt"] for r in heldout()[:3]]
+    reloaded = PeftModel.from_pretrained(fresh_base(base_model_dir), result.out_dir).eval()
+    expected = []
+    for p in prompts:
+        ids = result.tokenizer(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            for _ in range(8):
+                nxt = reloaded(input_ids=ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        expected.append(ids[0, -8:].tolist())
+    served = [client.completions.create(model="prefix-codeword", prompt=p, max_tokens=8, temperature=0,
+                                        extra_body={"ignore_eos": True}).choices[0]
+              for p in prompts]
+    for choice, exp in zip(served, expected):
+        assert choice.text == result.tokenizer.decode(exp, skip_special_tokens=True)
