@@ -25,6 +25,7 @@ class AdapterInfo:
     num_virtual_tokens: int      # prefix tuning only (0 for LoRA)
     use_rslora: bool
     source: str                  # folder served from
+    mixture: dict | None = None  # a per-request mixture's recipe (see mixtures.py); None otherwise
 
     def to_dict(self) -> dict:
         d = asdict(self)

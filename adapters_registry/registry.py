@@ -11,8 +11,11 @@ files, so the engine thread never waits behind a slow disk read of another reque
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,10 @@ from .errors import BAD_REQUEST, CONFLICT, INTERNAL, NOT_FOUND, AdapterError
 from .formats import Manifest, Weights, inspect_adapter, load_adapter
 from .host_cache import LruCache
 from .ids import validate_adapter_id
+from .merge import MergeError, merge_lora
+from .mixtures import MixtureRecipe, write_lora_folder
 from .paths import confine_path
+from .peft_lora import LoraWeights
 from .records import AdapterInfo, Lease
 from .slots import LoraStacks, SlotTable
 
@@ -46,6 +52,7 @@ class _Record:
     retired: bool = False
     last_used: float | None = None
     requests_served: int = 0
+    recipe: MixtureRecipe | None = None  # set for per-request mixtures (merged on demand, not persisted)
 
     @property
     def kind(self) -> str:
@@ -65,6 +72,14 @@ class AdapterRegistry:
         self._live: dict[str, _Record] = {}
         self._slots: SlotTable[_Record] = SlotTable(config.max_slots)
         self._host: LruCache[_Record, Weights] = LruCache(config.max_host_adapters)
+        # Per-request mixtures: merged once per recipe into a folder under mixtures/ (a cache, wiped
+        # at start), served like any adapter, the least recently used dropped beyond max_mixtures.
+        self.merges_computed = 0
+        self._merge_lock = threading.Lock()  # one merge at a time: a recipe asked twice is merged once
+        self._mixtures: OrderedDict[str, _Record] = OrderedDict()
+        self._mixture_dir = self.catalog.data_dir / "mixtures"
+        shutil.rmtree(self._mixture_dir, ignore_errors=True)
+        self._mixture_dir.mkdir(parents=True)
         self._restore()
 
     @property
@@ -169,8 +184,16 @@ class AdapterRegistry:
             record.retired = True
             if record.persisted:
                 self.catalog.remove(adapter_id)
-            if record.refcount == 0:
-                self._drop(record)
+            self._retire(record)
+            for mixture in [m for m in self._mixtures.values() if not m.retired and adapter_id in m.recipe.ids]:
+                self._live.pop(mixture.adapter_id, None)  # merged from what was just removed: stale
+                self._retire(mixture)
+
+    def _retire(self, record: _Record) -> None:
+        """Already out of `_live`: free it now, or when its last lease is released."""
+        record.retired = True
+        if record.refcount == 0:
+            self._drop(record)
 
     # -- lookup ---------------------------------------------------------------------------------
     def get(self, adapter_id: str) -> AdapterInfo:
@@ -207,6 +230,7 @@ class AdapterRegistry:
             size_bytes=r.size_bytes, tier=tier, last_used=r.last_used, requests_served=r.requests_served,
             active_leases=r.refcount, num_virtual_tokens=getattr(m, "num_virtual_tokens", 0),
             use_rslora=getattr(m, "use_rslora", False), source=str(r.folder),
+            mixture=r.recipe.to_dict() if r.recipe is not None else None,
         )
 
     # -- leases ---------------------------------------------------------------------------------
@@ -287,4 +311,119 @@ class AdapterRegistry:
             self.stacks.slot_rank[record.slot] = 0
             record.slot = -1
         self._host.pop(record)
+        if record.recipe is not None:
+            if self._mixtures.get(record.adapter_id) is record:
+                del self._mixtures[record.adapter_id]
+            shutil.rmtree(record.folder, ignore_errors=True)
+
+    # -- mixtures -------------------------------------------------------------------------------
+    def mixture(self, recipe: MixtureRecipe) -> str:
+        """The adapter id serving `recipe`: merged and registered on first use, reused after.
+
+        Blocks while merging (call it off the event loop). Sources must be registered LoRA
+        adapters: AdapterError 404 for an unknown one, 400 for prefix tuning or unmergeable ranks.
+        """
+        mix_id = recipe.adapter_id
+        with self._lock:
+            if self._cached_mixture(mix_id, recipe):
+                return mix_id
+        with self._merge_lock:
+            with self._lock:
+                if self._cached_mixture(mix_id, recipe):
+                    return mix_id
+            merged, sources = self._merge(recipe)
+            folder = write_lora_folder(merged, self._mixture_dir / f"{mix_id}-{uuid.uuid4().hex[:8]}",
+                                       self.spec.num_layers)
+            try:
+                label = f"mixture {mix_id}"
+                manifest = self._inspect(folder, label)  # serve what we wrote, checked like any adapter
+                weights = load_adapter(folder, manifest, self.spec, dtype=self.dtype, device=self.device, label=label)
+                with self._lock:
+                    if any(self._live.get(s.adapter_id) is not s for s in sources):
+                        raise AdapterError(CONFLICT, "a source adapter was removed or replaced during the merge; "
+                                                     "retry", param="adapters")
+                    self._check_free(mix_id)
+                    record = _Record(mix_id, folder, manifest, (folder / WEIGHTS_FILE).stat().st_size,
+                                     persisted=False, recipe=recipe)
+                    self._live[mix_id] = record
+                    self._host_put(record, weights)
+                    self._mixtures[mix_id] = record
+                    self._trim_mixtures()
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+        return mix_id
+
+    def save_mixture(self, adapter_id: str, recipe: MixtureRecipe) -> AdapterInfo:
+        """Merge `recipe` (or reuse its cached merge) and register it as a persisted adapter."""
+        validate_adapter_id(adapter_id, self.base_model_name)
+        with self._lock:
+            self._check_free(adapter_id)
+        mix_id = self.mixture(recipe)
+        with self._lock:
+            record = self._get_live(mix_id)
+            record.refcount += 1  # pinned (its folder stays) while we copy it
+        try:  # a copy: later changes to the sources do not reach the saved adapter
+            return self._register(adapter_id, record.folder, copy=True, persist=True, label=f"mixture {adapter_id!r}")
+        finally:
+            with self._lock:
+                record.refcount -= 1
+                if record.refcount == 0 and record.retired:
+                    self._drop(record)
+
+    def _cached_mixture(self, mix_id: str, recipe: MixtureRecipe) -> bool:
+        record = self._live.get(mix_id)
+        if record is None:
+            return False
+        if record.recipe != recipe:
+            raise AdapterError(CONFLICT, f"mixture id {mix_id!r} is taken by another adapter", param="adapters")
+        self._mixtures.move_to_end(mix_id)
+        return True
+
+    def _trim_mixtures(self) -> None:
+        """Drop the least recently used idle mixtures beyond `max_mixtures` (merged again if asked)."""
+        live = [r for r in self._mixtures.values() if not r.retired]  # oldest first
+        idle = [r for r in live if r.refcount == 0]
+        for record in idle[:max(0, len(live) - self.config.max_mixtures)]:
+            self._live.pop(record.adapter_id, None)
+            self._retire(record)
+
+    def _merge(self, recipe: MixtureRecipe) -> tuple[LoraWeights, list[_Record]]:
+        with self._lock:
+            sources = [self._source(aid) for aid in recipe.ids]
+        weights = []
+        for record in sources:
+            with self._lock:
+                w = self._host.get(record)
+            if w is None:
+                w = self._reload(record)
+                with self._lock:
+                    if not record.retired:
+                        self._host_put(record, w)
+            weights.append(w)
+        try:
+            merged = merge_lora(weights, recipe.weights, recipe.method, density=recipe.density,
+                                majority_sign_method=recipe.majority_sign_method or "total",
+                                generator=torch.Generator().manual_seed(recipe.seed or 0))
+        except MergeError as e:
+            raise AdapterError(BAD_REQUEST, f"cannot merge {', '.join(recipe.ids)}: {e}", param="adapters") from None
+        if merged.manifest.rank > self.config.max_rank:
+            raise AdapterError(BAD_REQUEST, f"the merged adapter's rank {merged.manifest.rank} exceeds the server's "
+                                            f"maximum rank {self.config.max_rank}", param="adapters")
+        with self._lock:
+            self.merges_computed += 1
+        return merged, sources
+
+    def _source(self, adapter_id: str) -> _Record:
+        record = self._live.get(adapter_id)
+        if record is None:
+            raise AdapterError(NOT_FOUND, f"mixture source adapter {adapter_id[:80]!r} does not exist",
+                               param="adapters", code="adapter_not_found")
+        if record.kind != "lora":
+            raise AdapterError(BAD_REQUEST, f"adapter {adapter_id!r} is {record.kind} tuning: only LoRA adapters "
+                                            f"can be merged", param="adapters")
+        if record.recipe is not None:
+            raise AdapterError(BAD_REQUEST, f"adapter {adapter_id!r} is itself a per-request mixture: save it under "
+                                            f"a name first (POST /v1/adapters with `mixture`)", param="adapters")
+        return record
 
