@@ -7,6 +7,7 @@ runs in the thread pool, never on the event loop.
 from __future__ import annotations
 
 import hmac
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,7 +22,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters_registry import AdapterError, AdapterRegistry
 from adapters_registry.adapter_files import ADAPTER_FILES
+from adapters_registry.mixtures import MixtureRecipe
 from server.errors import error_response
+from server.protocol import AdapterWeight, MixtureFields
 
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the two files
 _CHUNK = 1 << 20
@@ -31,6 +34,18 @@ class _RegisterByPath(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str
     path: str
+
+
+class _MixtureSpec(MixtureFields):
+    model_config = ConfigDict(extra="forbid")
+    adapters: list[AdapterWeight]
+
+
+class _RegisterMixture(BaseModel):
+    """Save a mixture of registered adapters as a new persisted adapter (see MixtureFields)."""
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    mixture: _MixtureSpec
 
 
 class _VllmLoad(BaseModel):
@@ -51,6 +66,15 @@ def _error(e: AdapterError) -> JSONResponse:
 
 def _info_json(info) -> dict[str, Any]:
     return {"object": "adapter", **info.to_dict()}
+
+
+def _names_mixture(raw: bytes) -> bool:
+    """A JSON body {"id", "mixture"} saves a mixture; anything else is a register-by-path body."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "mixture" in body
 
 
 async def _json_body(request: Request, model: type[BaseModel]) -> Any:
@@ -129,11 +153,16 @@ def make_admin_router(registry: AdapterRegistry, admin_key: str | None) -> APIRo
             ctype = request.headers.get("content-type", "")
             if ctype.startswith("multipart/form-data"):
                 info = await register_upload(request)
+            elif ctype.startswith("application/json") and _names_mixture(await request.body()):
+                body = await _json_body(request, _RegisterMixture)
+                recipe = MixtureRecipe.create(**body.mixture.recipe_args())
+                info = await run_in_threadpool(registry.save_mixture, body.id, recipe)
             elif ctype.startswith("application/json"):
                 body = await _json_body(request, _RegisterByPath)
                 info = await register_by_path(body.id, body.path)
             else:
-                raise AdapterError(415, "send JSON {\"id\", \"path\"} or a multipart upload with `id`, "
+                raise AdapterError(415, "send JSON {\"id\", \"path\"} or {\"id\", \"mixture\"}, or a multipart "
+                                        "upload with `id`, "
                                         "adapter_config.json and adapter_model.safetensors")
             return JSONResponse(_info_json(info), status_code=201)
         except AdapterError as e:

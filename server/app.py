@@ -30,6 +30,9 @@ def create_app(state: ServerState) -> FastAPI:
         memory={"base_weights": lambda: engine.engine.weight_bytes, "kv_cache": lambda: engine.engine.kv.nbytes,
                 "adapter_slots": lambda: getattr(state.registry, "slot_bytes", 0) if state.registry else 0},
         drain_batch_sizes=lambda: _drain(engine.engine.stats.batch_sizes))
+    if state.registry is not None:
+        state.metrics.count_from("loramux_adapter_merges", "Adapter mixtures merged (per-request and saved)",
+                                 lambda: state.registry.merges_computed)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):

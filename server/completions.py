@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from engine.async_engine import EngineDeadError, QueueFullError
 from engine.llm_engine import StepOutput
@@ -174,7 +175,10 @@ class Responder:
 
 
 async def run_request(state: ServerState, req: CompletionRequest | ChatCompletionRequest, endpoint: str):
-    model, adapter_id = state.resolve_model(req.adapter_id or req.model)
+    if req.adapters is not None:  # a per-request mixture, merged on first use (off the event loop)
+        model, adapter_id = await run_in_threadpool(state.resolve_mixture, req)
+    else:
+        model, adapter_id = state.resolve_model(req.adapter_id or req.model)
     jobs = build_jobs(state, req, adapter_id)
     try:
         state.engine.check_accepting()

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -38,7 +39,24 @@ class Metrics:
             self.memory.labels(kind).set_function(fn)
         self._drain = drain_batch_sizes
 
+    def count_from(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """Export a counter kept elsewhere (e.g. the registry's merges), read at scrape time."""
+        self.registry.register(_ReadCounter(name, documentation, read))
+
     def render(self) -> bytes:
         for size in self._drain():
             self.batch_size.observe(size)
         return generate_latest(self.registry)
+
+
+class _ReadCounter:
+    """A Prometheus collector for a monotonic count owned by another object (`<name>_total`)."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, value=self.read())]

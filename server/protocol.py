@@ -14,7 +14,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
+class AdapterWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    weight: float = 1.0
+
+
+class MixtureFields(BaseModel):
+    """A mixture of registered LoRA adapters, merged as peft's add_weighted_adapter would
+    (adapters_registry/merge.py): `merge` is linear | task_arithmetic | ties | dare_linear | dare_ties
+    (or another peft combination type); `density` is the fraction ties / dare keep; DARE's random
+    drop is seeded by `merge_seed` (in a completion request: else its `seed`, else 0)."""
+    adapters: list[AdapterWeight] | None = None
+    merge: str = "linear"
+    density: float | None = None
+    merge_seed: int | None = None
+    majority_sign_method: Literal["total", "frequency"] = "total"
+
+    def recipe_args(self, fallback_seed: int | None = None) -> dict:
+        """Keyword arguments of adapters_registry.mixtures.MixtureRecipe.create."""
+        return {"adapters": [(a.id, a.weight) for a in self.adapters or []], "method": self.merge,
+                "density": self.density, "majority_sign_method": self.majority_sign_method,
+                "seed": self.merge_seed if self.merge_seed is not None else fallback_seed}
+
+
+class _Common(MixtureFields):                   # `adapters` set: a per-request mixture on the base model
     model_config = ConfigDict(extra="allow")      # unknown OpenAI fields are tolerated, as OpenAI does
 
     model: str

@@ -33,6 +33,22 @@ class ServerState:
                 pass
         raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
+    def resolve_mixture(self, req) -> tuple[str, str]:
+        """A request's `adapters` -> (mixture id to report, its adapter id), merging on first use:
+        this can take seconds, so call it off the event loop. `model` must name the base model."""
+        if req.model != self.base_model_name or req.adapter_id is not None:
+            raise APIError(400, f"with `adapters`, `model` must be the base model `{self.base_model_name}` "
+                                f"(and no `adapter_id`)", param="model", code="invalid_value")
+        if self.registry is None:
+            raise APIError(400, "this server serves no adapters", param="adapters", code="invalid_value")
+        from adapters_registry import AdapterError
+        from adapters_registry.mixtures import MixtureRecipe
+        try:
+            mix_id = self.registry.mixture(MixtureRecipe.create(**req.recipe_args(fallback_seed=req.seed)))
+        except AdapterError as e:
+            raise APIError(e.status, e.message, param=e.param, code=e.code) from None
+        return mix_id, mix_id
+
     def num_prefix_tokens(self, adapter_id: str | None) -> int:
         if adapter_id is None or self.registry is None:
             return 0
