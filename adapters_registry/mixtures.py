@@ -74,9 +74,10 @@ class MixtureRecipe:
             density = None
         if method in RANDOM:
             seed = DEFAULT_SEED if seed is None else seed
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-                raise AdapterError(BAD_REQUEST, f"merge seed must be a non-negative integer, got {seed!r}",
+            if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+                raise AdapterError(BAD_REQUEST, f"merge seed must be a 64-bit integer, got {seed!r}",
                                    param="merge_seed")
+            seed %= 2**64  # as torch's manual_seed reads it: -1 and 2**64 - 1 are the same seed
         else:
             seed = None
         if method in ELECTS_SIGN:
