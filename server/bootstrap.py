@@ -34,6 +34,7 @@ class ServeConfig:
     max_queue: int = 1024
     host: str = "127.0.0.1"
     threads: int = 0                     # torch intra-op threads; 0 = all cores
+    quantize: str = "none"               # base projections: none | int8 | nf4
 
 
 def _is_loopback(host: str) -> bool:
@@ -50,12 +51,13 @@ def build_state(cfg: ServeConfig) -> ServerState:
     model_dir = resolve_model(cfg.model)
     econf = EngineConfig(model_dir=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                          max_num_seqs=cfg.max_num_seqs, kv_cache_bytes=cfg.kv_cache_bytes, max_loras=cfg.max_loras,
-                         max_lora_rank=cfg.max_lora_rank, max_queue=cfg.max_queue)
+                         max_lora_rank=cfg.max_lora_rank, max_queue=cfg.max_queue,
+                         quantize=cfg.quantize)
     registry = _build_registry(cfg, econf, model_name(model_dir))
     engine = LLMEngine(econf, adapters=registry, lora_stacks=getattr(registry, "stacks", None))
-    log.info("memory: base weights %.1f MiB, KV cache %.1f MiB (%d blocks of %d tokens), adapter slots %.1f MiB",
-             engine.weight_bytes / 2**20, engine.kv.nbytes / 2**20, engine.blocks.num_blocks, econf.block_size,
-             getattr(registry, "slot_bytes", 0) / 2**20)
+    log.info("memory: base weights %.1f MiB (quantize=%s), KV cache %.1f MiB (%d blocks of %d tokens), "
+             "adapter slots %.1f MiB", engine.weight_bytes / 2**20, econf.quantize, engine.kv.nbytes / 2**20,
+             engine.blocks.num_blocks, econf.block_size, getattr(registry, "slot_bytes", 0) / 2**20)
     if cfg.admin_key is None and not _is_loopback(cfg.host):
         log.warning("admin routes are NOT locked and the server listens on %s: set --admin-key or "
                     "LORAMUX_ADMIN_KEY", cfg.host)

@@ -26,6 +26,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--admin-key", default=os.environ.get("LORAMUX_ADMIN_KEY"),
                    help="require `Authorization: Bearer KEY` on admin routes (env LORAMUX_ADMIN_KEY)")
     p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
+                   help="hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay full precision)")
     p.set_defaults(func=serve)
 
 
@@ -39,7 +41,8 @@ def serve(args: argparse.Namespace) -> int:
                       max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters,
                       data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=args.admin_key,
-                      max_queue=args.max_queue, host=args.host)
+                      max_queue=args.max_queue, host=args.host,
+                      quantize=args.quantize)
     state = build_state(cfg)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=60)
     return 0
