@@ -76,15 +76,14 @@ def _seeded_merge(peft_model, seed: int):
         del lora_model.inject_adapter
 
 
-@contextlib.contextmanager
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Small SVDs and matmuls crawl with 2 OpenMP threads on a busy 2-core machine (50x for an SVD)."""
+    """This module runs single-threaded: on a busy 2-core machine two OpenMP threads make the model
+    runs here ~15x slower and small SVDs ~50x slower (spin-waiting on a core someone else holds)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -206,12 +205,11 @@ def peft_reference(base_model_dir, source_dirs, tokenizer) -> dict:
     for name in names[1:]:
         model.load_adapter(str(source_dirs[name]), adapter_name=name)
     model.eval()
-    with one_thread():
-        for method in DENSITY:
-            # svd_full_matrices=False: the same truncated SVD as the default, several times faster
-            peft_merge(model, recipe(method), method, svd_full_matrices=False)
-        names = ["__base__", *DENSITY]
-        tokens, logits = peft_greedy_batch(model, tokenizer(PROMPT)["input_ids"], names, NEW_TOKENS)
+    for method in DENSITY:
+        # svd_full_matrices=False: the same truncated SVD as the default, several times faster
+        peft_merge(model, recipe(method), method, svd_full_matrices=False)
+    names = ["__base__", *DENSITY]
+    tokens, logits = peft_greedy_batch(model, tokenizer(PROMPT)["input_ids"], names, NEW_TOKENS)
     return {None if name == "__base__" else name: (tokens[i], logits[i]) for i, name in enumerate(names)}
 
 
@@ -220,8 +218,7 @@ def engine_results(engine, tokenizer) -> dict:
     """method -> (greedy tokens, first-step logits) of our engine, all five mixtures in one batch."""
     registry = engine.scheduler.adapters
     prompt = tokenizer(PROMPT)["input_ids"]
-    with one_thread():
-        ids = {method: registry.mixture(recipe(method)) for method in DENSITY}
+    ids = {method: registry.mixture(recipe(method)) for method in DENSITY}
     assert registry.merges_computed == len(DENSITY)
     seqs = {m: engine.add_request(f"logits-{m}", prompt, SamplingParams(max_tokens=1, temperature=0), mix_id)[0]
             for m, mix_id in ids.items()}
