@@ -347,26 +347,32 @@ def _merges(server) -> float:
 
 
 def test_http_mixture_equals_engine(server, client, source_dirs, engine_results, tokenizer):
-    for name, path in source_dirs.items():
-        r = httpx.post(f"{server.url}/v1/adapters", json={"id": name, "path": str(path)}, timeout=60)
-        assert r.status_code == 201, r.text
-    base = client.models.list().data[0].id
-    kwargs = {"model": base, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0}
-    expected = tokenizer.decode(engine_results["linear"][0])
-    r = client.completions.create(**kwargs, extra_body={**_mixture_body("linear"), "ignore_eos": True})
-    assert r.choices[0].text == expected
-    assert r.model == engine_results["ids"]["linear"]              # the recipe's id, whatever server
-    merges = _merges(server)
-    assert merges >= 1
-    again = client.completions.create(**kwargs, extra_body={**_mixture_body("linear"), "ignore_eos": True})
-    assert again.choices[0].text == expected and _merges(server) == merges  # cached: no merge work
+    try:
+        for name, path in source_dirs.items():
+            r = httpx.post(f"{server.url}/v1/adapters", json={"id": name, "path": str(path)}, timeout=60)
+            assert r.status_code == 201, r.text
+        base = client.models.list().data[0].id
+        kwargs = {"model": base, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0}
+        expected = tokenizer.decode(engine_results["linear"][0])
+        r = client.completions.create(**kwargs, extra_body={**_mixture_body("linear"), "ignore_eos": True})
+        assert r.choices[0].text == expected
+        assert r.model == engine_results["ids"]["linear"]              # the recipe's id, whatever server
+        merges = _merges(server)
+        assert merges >= 1
+        stream = client.completions.create(**kwargs, stream=True,
+                                           extra_body={**_mixture_body("linear"), "ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream if c.choices) == expected
+        assert _merges(server) == merges                               # the same recipe: no merge work
 
-    saved = httpx.post(f"{server.url}/v1/adapters", json={"id": "merged-linear", "mixture": _mixture_body("linear")})
-    assert saved.status_code == 201, saved.text
-    r = client.completions.create(**{**kwargs, "model": "merged-linear"}, extra_body={"ignore_eos": True})
-    assert r.choices[0].text == expected
+        saved = httpx.post(f"{server.url}/v1/adapters", json={"id": "merged-linear", "mixture": _mixture_body("linear")})
+        assert saved.status_code == 201, saved.text
+        r = client.completions.create(**{**kwargs, "model": "merged-linear"}, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == expected
 
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(**kwargs, extra_body={"adapters": [{"id": "merge-a"}, {"id": "no-such"}]})
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(**kwargs, extra_body={**_mixture_body("ties"), "density": 1.5})
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(**kwargs, extra_body={"adapters": [{"id": "merge-a"}, {"id": "no-such"}]})
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(**kwargs, extra_body={**_mixture_body("ties"), "density": 1.5})
+    finally:  # the server is shared by the session: leave it as we found it
+        for adapter_id in [*source_dirs, "merged-linear"]:
+            httpx.delete(f"{server.url}/v1/adapters/{adapter_id}")
