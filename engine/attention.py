@@ -26,7 +26,7 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     decode_start: int                  # decode tokens are rows decode_start.. of the flat batch
     decode_slots: torch.Tensor | None  # [B, max_ctx] cache rows per decode sequence (padded with 0)
-    decode_mask: torch.Tensor | None   # [B, 1, 1, max_ctx] bool
+    decode_mask: torch.Tensor | None   # [B, 1, 1, max_ctx] additive: 0 = attend, -inf = padding
 
 
 class KVCache:

@@ -80,6 +80,9 @@ class ModelRunner:
                 decode_mask[i, ..., :n] = True
                 token_slots.append(seq.lora_slot)
                 logit_rows.append(len(ids) - 1)
+            # An additive mask in the model dtype, built once per step (SDPA would convert a bool one per layer).
+            decode_mask = torch.zeros(decode_mask.shape, dtype=self.kv.k[0].dtype).masked_fill_(
+                ~decode_mask, float("-inf"))
             decode_slots, decode_mask = decode_slots.to(self.device), decode_mask.to(self.device)
         dev = self.device
         attn = AttentionMetadata(

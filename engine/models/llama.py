@@ -30,6 +30,8 @@ class ForwardContext:
     lora: Any = None                        # kernels.LoraMapping, or None when no token uses an adapter
     lora_stacks: Any = None                 # registry stacks: .A/.B/.scale[layer][module]
     lora_rank: int = 0                      # largest rank among this step's adapters: stacks are trimmed to it
+    cos: torch.Tensor | None = None         # (T, 1, hd) rotary tables for this step's positions, set once
+    sin: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -83,12 +85,15 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)                                  # (P, hd)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, 1, hd) for a step's positions: looked up once, shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
         """x: [T, heads, hd] -> rotated, computed as HF does (rotate_half)."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)                      # (T, 1, hd)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+        return x * ctx.cos + torch.cat((-x2, x1), dim=-1) * ctx.sin
 
 
 class Attention(nn.Module):
@@ -103,10 +108,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.scale = 1.0 / math.sqrt(self.hd)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
-        q = rope(self.q_proj(x, ctx).view(T, self.nh, self.hd), ctx.positions)   # (T, nh, hd)
-        k = rope(self.k_proj(x, ctx).view(T, self.nkv, self.hd), ctx.positions)  # (T, nkv, hd)
+        q = RotaryEmbedding.rotate(self.q_proj(x, ctx).view(T, self.nh, self.hd), ctx)   # (T, nh, hd)
+        k = RotaryEmbedding.rotate(self.k_proj(x, ctx).view(T, self.nkv, self.hd), ctx)  # (T, nkv, hd)
         v = self.v_proj(x, ctx).view(T, self.nkv, self.hd)
         o = paged_attention(q, k, v, ctx.kv.k[self.layer], ctx.kv.v[self.layer], ctx.attn, self.scale)
         return self.o_proj(o.reshape(T, self.nh * self.hd), ctx)
@@ -132,8 +137,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, layer)
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext, rope: RotaryEmbedding) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), ctx, rope)
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), ctx)
         return h + self.mlp(self.post_attention_layernorm(h), ctx)
 
 
@@ -154,8 +159,9 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, logit_rows: torch.Tensor | None) -> torch.Tensor:
         """input_ids: [T] -> logits [len(logit_rows), vocab] in float32 (all rows if None)."""
         h = self.embed_tokens(input_ids)                                         # (T, d)
+        ctx.cos, ctx.sin = self.rope.tables(ctx.positions, h.dtype)
         for layer in self.layers:
-            h = layer(h, ctx, self.rope)
+            h = layer(h, ctx)
         if logit_rows is not None:
             h = h[logit_rows]
         return self.lm_head(self.norm(h)).float()
