@@ -28,6 +28,13 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=1024)
     p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
                    help="hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay full precision)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve on Ray Serve: --replicas engine replicas behind one endpoint, requests routed to the "
+                        "replica holding their adapter (needs the `ray` extra; see server/ray_app.py)")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: engine replicas")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs (and torch threads) per replica")
+    p.add_argument("--adapter-store", type=Path, default=None,
+                   help="with --ray: adapter directory every replica can read (default <cache>/adapter_store)")
     p.set_defaults(func=serve)
 
 
@@ -43,6 +50,10 @@ def serve(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=args.admin_key,
                       max_queue=args.max_queue, host=args.host,
                       quantize=args.quantize)
+    if args.ray:
+        from server.ray_app import RayConfig, run
+        return run(RayConfig(cfg, replicas=args.replicas, replica_cpus=args.replica_cpus,
+                             store_dir=args.adapter_store), args.host, args.port)
     state = build_state(cfg)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=60)
     return 0
