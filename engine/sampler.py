@@ -7,9 +7,14 @@ from engine.sampling import SamplingParams
 from engine.sequence import TokenLogprob
 
 
+# Dividing by a temperature near zero overflows float32 logits to inf and softmax to NaN, which
+# multinomial refuses (and that would stop the engine thread); at 1e-4 sampling is all but greedy.
+MIN_TEMPERATURE = 1e-4
+
+
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row [V] of float32 logits -> probabilities after temperature, top-k and top-p."""
-    logits = logits / params.temperature
+    logits = logits / max(params.temperature, MIN_TEMPERATURE)
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -18,6 +23,7 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest set whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
+        drop[0] = False      # a top_p below float32's range compares as 0, which would drop them all
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         probs /= probs.sum()

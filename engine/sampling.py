@@ -31,6 +31,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise ValueError("stop takes at most 4 non-empty strings")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            # torch generators take 64-bit seeds; a bigger one would fail inside the engine thread.
+            raise ValueError("seed must be a 64-bit signed integer")
 
     @property
     def greedy(self) -> bool:

@@ -49,7 +49,7 @@ class _Common(MixtureFields):                   # `adapters` set: a per-request 
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)   # torch generators take 64-bit seeds
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     presence_penalty: float = 0.0
