@@ -26,6 +26,13 @@ class QueueFullError(RuntimeError):
     pass
 
 
+class RequestFailedError(RuntimeError):
+    """The engine step running this request raised; the engine carries on with the others."""
+
+
+MAX_STEP_FAILURES = 3   # consecutive failed steps before the engine is declared dead (a systemic fault)
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -65,6 +72,11 @@ class AsyncEngine:
     @property
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests the engine thread still streams to (0 when idle: none leaked)."""
+        return len(self._streams)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        adapter_id: str | None = None, n: int = 1) -> AsyncIterator[StepOutput]:
@@ -112,13 +124,32 @@ class AsyncEngine:
             new, self._new = self._new, []
             aborts, self._aborts = self._aborts, []
         for req in new:
+            try:
+                self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.n)
+            except Exception as exc:  # one bad request must not stop the engine for everyone
+                log.exception("request %s refused by the engine", req.request_id)
+                self.engine.abort(req.request_id)      # any choices already queued
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, exc)
+                continue
             self._streams[req.request_id] = req
-            self.engine.add_request(req.request_id, req.prompt_token_ids, req.params, req.adapter_id, req.n)
         for request_id in aborts:
             self.engine.abort(request_id)
             self._streams.pop(request_id, None)
 
+    def _fail_running(self, exc: BaseException) -> None:
+        """After a failed step: abort the requests that were in it (freeing their KV blocks and adapter
+        leases) and hand each waiter the error. Queued requests were not in the step; they stay."""
+        failed = {seq.request_id for seq in self.engine.scheduler.running}
+        log.error("engine step failed: failing its %d requests", len(failed), exc_info=exc)
+        for request_id in failed:
+            self.engine.abort(request_id)
+            req = self._streams.pop(request_id, None)
+            if req is not None:
+                req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestFailedError(
+                    f"the engine failed while running this request: {exc!r}"))
+
     def _run(self) -> None:
+        failures = 0
         try:
             while not self._stopping or self.engine.has_work:
                 self._drain_inbox()
@@ -126,8 +157,18 @@ class AsyncEngine:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:
+                    # One poisoned request must not take the server down for everyone.
+                    failures += 1
+                    if failures >= MAX_STEP_FAILURES:
+                        raise
+                    self._fail_running(exc)
+                    continue
+                failures = 0
                 done: set[str] = set()
-                for out in self.engine.step():
+                for out in outputs:
                     req = self._streams.get(out.request_id)
                     if req is not None:
                         req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
