@@ -77,6 +77,34 @@ def _names_mixture(raw: bytes) -> bool:
     return isinstance(body, dict) and "mixture" in body
 
 
+def _inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its `$defs` inlined, to embed in the OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: resolve(v) for k, v in node.items()}
+        return [resolve(v) for v in node] if isinstance(node, list) else node
+    return resolve(schema)
+
+
+def _body_doc(json_models: list[type[BaseModel]], multipart: bool = False) -> dict[str, Any]:
+    """OpenAPI `requestBody` of a route that parses its own body (FastAPI cannot infer it): documents
+    the API, and lets a schema-driven fuzzer reach the validation behind it."""
+    schemas = [_inline_schema(m) for m in json_models]
+    content: dict[str, Any] = {"application/json": {"schema": schemas[0] if len(schemas) == 1
+                                                    else {"anyOf": schemas}}}
+    if multipart:
+        content["multipart/form-data"] = {"schema": {
+            "type": "object", "required": ["id", *ADAPTER_FILES],
+            "properties": {"id": {"type": "string"},
+                           **{name: {"type": "string", "format": "binary"} for name in ADAPTER_FILES}}}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
 async def _json_body(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(await request.body())
@@ -146,7 +174,7 @@ def make_admin_router(registry: AdapterRegistry, admin_key: str | None) -> APIRo
                     shutil.copyfileobj(upload.file, out, _CHUNK)
             return registry.register(adapter_id, Path(tmp), copy=True, label="upload")
 
-    @router.post("/v1/adapters")
+    @router.post("/v1/adapters", openapi_extra=_body_doc([_RegisterByPath, _RegisterMixture], multipart=True))
     async def create_adapter(request: Request) -> Response:
         try:
             check_auth(request)
@@ -194,7 +222,7 @@ def make_admin_router(registry: AdapterRegistry, admin_key: str | None) -> APIRo
             return _error(e)
 
     # vLLM's dynamic LoRA API (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`): same semantics, plain-text success.
-    @router.post("/v1/load_lora_adapter")
+    @router.post("/v1/load_lora_adapter", openapi_extra=_body_doc([_VllmLoad]))
     async def vllm_load(request: Request) -> Response:
         try:
             check_auth(request)
@@ -204,7 +232,7 @@ def make_admin_router(registry: AdapterRegistry, admin_key: str | None) -> APIRo
         except AdapterError as e:
             return _error(e)
 
-    @router.post("/v1/unload_lora_adapter")
+    @router.post("/v1/unload_lora_adapter", openapi_extra=_body_doc([_VllmUnload]))
     async def vllm_unload(request: Request) -> Response:
         try:
             check_auth(request)

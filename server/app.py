@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from server.completions import run_request
@@ -30,17 +30,24 @@ def create_app(state: ServerState) -> FastAPI:
         memory={"base_weights": lambda: engine.engine.weight_bytes, "kv_cache": lambda: engine.engine.kv.nbytes,
                 "adapter_slots": lambda: getattr(state.registry, "slot_bytes", 0) if state.registry else 0},
         drain_batch_sizes=lambda: _drain(engine.engine.stats.batch_sizes))
+    # Zero when idle: what finished, failed, timed out or was abandoned by its client was freed.
+    blocks = engine.engine.blocks
+    state.metrics.gauge_from("loramux_kv_blocks_used", "KV cache blocks held by sequences",
+                             lambda: blocks.num_used)
+    state.metrics.gauge_from("loramux_kv_blocks_total", "KV cache blocks", lambda: blocks.num_blocks)
+    state.metrics.gauge_from("loramux_engine_requests", "Requests the engine is serving (running or queued)",
+                             lambda: engine.num_requests)
     if state.registry is not None:
         state.metrics.count_from("loramux_adapter_merges", "Adapter mixtures merged (per-request and saved)",
                                  lambda: state.registry.merges_computed)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await run_request(state, req, "completions")
+    async def completions(req: CompletionRequest, request: Request):
+        return await run_request(state, req, "completions", request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await run_request(state, req, "chat")
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await run_request(state, req, "chat", request)
 
     @app.get("/v1/models")
     async def models():

@@ -35,6 +35,17 @@ class ServeConfig:
     host: str = "127.0.0.1"
     threads: int = 0                     # torch intra-op threads; 0 = all cores
     quantize: str = "none"               # base projections: none | int8 | nf4
+    request_timeout: float | None = None  # seconds per request, arrival to last token; None: no limit
+    max_upload_bytes: int = 1 << 30      # one adapter upload, both files together
+
+    def __post_init__(self) -> None:
+        if self.admin_key is not None and not self.admin_key.strip():
+            # An empty key would accept `Authorization: Bearer ` : refuse rather than run unlocked.
+            raise ValueError("the admin key is empty: give a real key or none")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError("request_timeout must be a positive number of seconds")
+        if self.max_upload_bytes < 1:
+            raise ValueError("max_upload_bytes must be positive")
 
 
 def _is_loopback(host: str) -> bool:
@@ -44,6 +55,13 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def exposure_warning(host: str, admin_key: str | None) -> str | None:
+    """The startup warning when anyone who can reach `host` could manage adapters, else None."""
+    if admin_key is not None or _is_loopback(host):
+        return None
+    return f"admin routes are NOT locked and the server listens on {host}: set --admin-key or LORAMUX_ADMIN_KEY"
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
@@ -58,11 +76,12 @@ def build_state(cfg: ServeConfig) -> ServerState:
     log.info("memory: base weights %.1f MiB (quantize=%s), KV cache %.1f MiB (%d blocks of %d tokens), "
              "adapter slots %.1f MiB", engine.weight_bytes / 2**20, econf.quantize, engine.kv.nbytes / 2**20,
              engine.blocks.num_blocks, econf.block_size, getattr(registry, "slot_bytes", 0) / 2**20)
-    if cfg.admin_key is None and not _is_loopback(cfg.host):
-        log.warning("admin routes are NOT locked and the server listens on %s: set --admin-key or "
-                    "LORAMUX_ADMIN_KEY", cfg.host)
+    warning = exposure_warning(cfg.host, cfg.admin_key)
+    if warning:
+        log.warning(warning)
     return ServerState(engine=AsyncEngine(engine, cfg.max_queue), tokenizer=engine.tokenizer,
-                       base_model_name=model_name(model_dir), registry=registry, admin_key=cfg.admin_key)
+                       base_model_name=model_name(model_dir), registry=registry, admin_key=cfg.admin_key,
+                       request_timeout=cfg.request_timeout)
 
 
 def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str):
@@ -77,7 +96,8 @@ def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str):
     stack_dtype = torch.float32 if econf.device == "cpu" else econf.torch_dtype
     registry = AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
                                RegistryConfig(data_dir=Path(data_dir), max_slots=econf.max_loras,
-                                              max_rank=econf.max_lora_rank, allowed_roots=tuple(cfg.allowed_roots)),
+                                              max_rank=econf.max_lora_rank, allowed_roots=tuple(cfg.allowed_roots),
+                                              max_upload_bytes=cfg.max_upload_bytes),
                                dtype=stack_dtype, device=torch.device(econf.device), base_model_name=base_name)
     if cfg.adapters_dir is not None:
         registry.preload_dir(cfg.adapters_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,7 +26,10 @@ def add_serve_parser(sub) -> None:
                    help="directory from which adapters may be registered by path (repeatable)")
     p.add_argument("--admin-key", default=os.environ.get("LORAMUX_ADMIN_KEY"),
                    help="require `Authorization: Bearer KEY` on admin routes (env LORAMUX_ADMIN_KEY)")
-    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503 + Retry-After")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="abort a request this long after it arrived and answer 408 (streams: an error event)")
+    p.add_argument("--max-upload-mb", type=float, default=1024, help="bound on one adapter upload (413 beyond)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
                    help="hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay full precision)")
     p.add_argument("--ray", action="store_true",
@@ -49,12 +53,18 @@ def serve(args: argparse.Namespace) -> int:
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters,
                       data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=args.admin_key,
                       max_queue=args.max_queue, host=args.host,
-                      quantize=args.quantize)
+                      quantize=args.quantize, request_timeout=args.request_timeout,
+                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     if args.ray:
         from server.ray_app import RayConfig, run
         return run(RayConfig(cfg, replicas=args.replicas, replica_cpus=args.replica_cpus,
                              store_dir=args.adapter_store), args.host, args.port)
     state = build_state(cfg)
+    # On SIGTERM uvicorn stops accepting, lets in-flight responses finish (up to the graceful
+    # timeout), runs the lifespan shutdown (the engine drains), then raises the signal again so the
+    # default action kills the process (exit -15). A drained server has stopped cleanly: with this
+    # handler in place the re-raised signal is a no-op and the process exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=60)
     return 0
 

@@ -10,17 +10,21 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from engine.async_engine import EngineDeadError, QueueFullError
+from engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 from engine.llm_engine import StepOutput
 from engine.sampling import SamplingParams
-from server.errors import APIError
+from server.errors import APIError, error_body
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import ServerState
+
+MAX_CHOICES = 128    # prompts x n in one request: bounds what one request adds to the queue
 
 
 @dataclass
@@ -57,19 +61,37 @@ def _sampling(state: ServerState, req, prompt_ids: list[int], max_tokens: int | 
 
 def _tokenize_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return state.tokenizer(prompt)["input_ids"]
+        return _encode(state, prompt, "prompt")
     return list(prompt)
 
 
+def _encode(state: ServerState, text: str, param: str, **kwargs) -> list[int]:
+    try:
+        return state.tokenizer(text, **kwargs)["input_ids"]
+    except (TypeError, ValueError):
+        # JSON may carry lone surrogates ("\ud800"), which are not text the tokenizer can encode.
+        raise APIError(400, f"`{param}` is not valid Unicode text (lone surrogate?)", param=param,
+                       code="invalid_value") from None
+
+
 def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    text = state.tokenizer.apply_chat_template(req.template_messages(), tokenize=False, add_generation_prompt=True)
-    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
+    try:
+        text = state.tokenizer.apply_chat_template(req.template_messages(), tokenize=False,
+                                                   add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - jinja templates raise on conversations they do not accept
+        raise APIError(400, f"the messages do not fit the model's chat template: {exc}", param="messages",
+                       code="invalid_value") from None
+    return _encode(state, text, "messages", add_special_tokens=False)
 
 
 def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None
                ) -> list[Job]:
     num_prefix = state.num_prefix_tokens(adapter_id)
     base = uuid.uuid4().hex
+    num_prompts = 1 if isinstance(req, ChatCompletionRequest) else len(req.prompts())
+    if num_prompts * req.n > MAX_CHOICES:
+        raise APIError(400, f"{num_prompts} prompts x n={req.n} exceeds {MAX_CHOICES} choices per request",
+                       param="n", code="invalid_value")
     if isinstance(req, ChatCompletionRequest):
         prompts = [chat_prompt_ids(state, req)]
         max_tokens = req.max_completion_tokens or req.max_tokens
@@ -81,9 +103,12 @@ def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletionReques
             for i, ids in enumerate(prompts)]
 
 
-async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None
+async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None, deadline: float | None = None
                   ) -> AsyncIterator[tuple[Job, StepOutput]]:
-    """Run every job concurrently and yield their outputs as they come."""
+    """Run every job concurrently and yield their outputs as they come.
+
+    Past `deadline` (time.monotonic()) raise a 408: leaving aborts the jobs in the engine.
+    """
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(job: Job) -> None:
@@ -100,7 +125,14 @@ async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None
     live = len(tasks)
     try:
         while live:
-            item = await queue.get()
+            if deadline is None:
+                item = await queue.get()
+            else:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
+                except asyncio.TimeoutError:
+                    raise APIError(408, f"the request exceeded the server's time limit of "
+                                        f"{state.request_timeout:g} s", code="request_timeout") from None
             if item is None:
                 live -= 1
             elif isinstance(item, BaseException):
@@ -120,6 +152,8 @@ def _engine_error(exc: BaseException) -> APIError:
         return APIError(503, "the server is overloaded; retry later", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, EngineDeadError):
         return APIError(503, str(exc), code="engine_error")
+    if isinstance(exc, RequestFailedError):
+        return APIError(500, str(exc), code="engine_error")
     return APIError(500, f"internal error: {exc!r}")
 
 
@@ -174,7 +208,10 @@ class Responder:
         return obj
 
 
-async def run_request(state: ServerState, req: CompletionRequest | ChatCompletionRequest, endpoint: str):
+async def run_request(state: ServerState, req: CompletionRequest | ChatCompletionRequest, endpoint: str,
+                      request: Request | None = None):
+    """Answer one completion request; `request` (the HTTP request) lets a client's hang-up abort it."""
+    deadline = time.monotonic() + state.request_timeout if state.request_timeout else None
     if req.adapters is not None:  # a per-request mixture, merged on first use (off the event loop)
         model, adapter_id = await run_in_threadpool(state.resolve_mixture, req)
     else:
@@ -187,36 +224,79 @@ async def run_request(state: ServerState, req: CompletionRequest | ChatCompletio
     responder = Responder(state, req, model, jobs)
     tracker = state.track(model, endpoint, sum(len(j.prompt_token_ids) for j in jobs))
     if req.stream:
-        return StreamingResponse(_stream(state, responder, jobs, adapter_id, tracker), media_type="text/event-stream")
-    choices: dict[int, Choice] = {}
-    try:
-        async for job, out in _merged(state, jobs, adapter_id):
-            tracker.on_token(out)
-            c = choices.setdefault(job.first_index + out.index, Choice())
-            c.text += out.text_delta
-            c.completion_tokens = out.completion_tokens
-            if out.logprob is not None:
-                c.logprobs.append(out.logprob)
-            if out.finished:
-                c.finish_reason = out.finish_reason
-    except (QueueFullError, EngineDeadError) as exc:
-        tracker.done("error")
-        raise _engine_error(exc) from None
-    except APIError:
-        tracker.done("error")
-        raise
-    tracker.done("ok")
+        return StreamingResponse(_stream(state, responder, jobs, adapter_id, tracker, deadline),
+                                 media_type="text/event-stream")
+    work = asyncio.ensure_future(_collect(state, jobs, adapter_id, tracker, deadline))
+    if not await _finished_before_hangup(request, work):
+        tracker.done("cancelled")
+        return Response(status_code=499)     # nginx's "client closed request"; nobody reads it
+    choices = work.result()
     body = responder.envelope([responder.choice_obj(i, c.text, c.finish_reason, c.logprobs, delta=False)
                                for i, c in sorted(choices.items())], responder.usage(choices))
     return JSONResponse(body)
+
+
+async def _collect(state: ServerState, jobs: list[Job], adapter_id: str | None, tracker,
+                   deadline: float | None) -> dict[int, Choice]:
+    """Run the jobs to the end and gather each choice (the non-streaming answer)."""
+    choices: dict[int, Choice] = {}
+    try:
+        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
+            async for job, out in outputs:
+                tracker.on_token(out)
+                c = choices.setdefault(job.first_index + out.index, Choice())
+                c.text += out.text_delta
+                c.completion_tokens = out.completion_tokens
+                if out.logprob is not None:
+                    c.logprobs.append(out.logprob)
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+    except (QueueFullError, EngineDeadError, RequestFailedError) as exc:
+        tracker.done("error")
+        raise _engine_error(exc) from None
+    except APIError as exc:
+        tracker.done("timeout" if exc.status == 408 else "error")
+        raise
+    tracker.done("ok")
+    return choices
+
+
+async def _finished_before_hangup(request: Request | None, work: asyncio.Future) -> bool:
+    """Wait for `work`; if the client disconnects first, cancel it (aborting its engine requests).
+
+    Starlette notices a hang-up only while it streams a response, so a non-streaming request
+    listens for uvicorn's `http.disconnect` itself. Its body is already read, so this consumes
+    nothing else; the listener stops as soon as the work is done.
+    """
+    if request is None:
+        await work
+        return True
+    hangup = asyncio.ensure_future(_hangup(request))
+    try:
+        await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        if not work.done():          # client gone, or this handler itself cancelled
+            work.cancel()
+    if work.done() and not work.cancelled():
+        return True
+    await asyncio.wait({work})       # let the cancellation run its cleanup before answering
+    if not work.cancelled():
+        work.exception()             # retrieved: it no longer matters, nobody is listening
+    return False
+
+
+async def _hangup(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(obj: dict | str) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
 
 
-async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id: str | None, tracker
-                  ) -> AsyncIterator[bytes]:
+async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id: str | None, tracker,
+                  deadline: float | None = None) -> AsyncIterator[bytes]:
     choices: dict[int, Choice] = {}
     status = "cancelled"
     try:
@@ -225,23 +305,26 @@ async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id:
                 for i in range(job.n):
                     yield _sse(r.envelope([r.choice_obj(job.first_index + i, "", None, [], delta=True, first=True)],
                                           chunk=True))
-        async for job, out in _merged(state, jobs, adapter_id):
-            tracker.on_token(out)
-            index = job.first_index + out.index
-            c = choices.setdefault(index, Choice())
-            c.completion_tokens = out.completion_tokens
-            if out.text_delta or out.finished or out.logprob is not None:
-                lps = [out.logprob] if out.logprob is not None else []
-                yield _sse(r.envelope([r.choice_obj(index, out.text_delta, out.finish_reason if out.finished else None,
-                                                    lps, delta=True)], chunk=True))
+        # aclosing: a client that hangs up closes this generator, and with it the engine requests.
+        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
+            async for job, out in outputs:
+                tracker.on_token(out)
+                index = job.first_index + out.index
+                c = choices.setdefault(index, Choice())
+                c.completion_tokens = out.completion_tokens
+                if out.text_delta or out.finished or out.logprob is not None:
+                    lps = [out.logprob] if out.logprob is not None else []
+                    yield _sse(r.envelope([r.choice_obj(index, out.text_delta,
+                                                        out.finish_reason if out.finished else None, lps, delta=True)],
+                                          chunk=True))
         req = r.req
         if req.stream_options is not None and req.stream_options.include_usage:
             yield _sse(r.envelope([], r.usage(choices), chunk=True))
         yield _sse("[DONE]")
         status = "ok"
-    except (QueueFullError, EngineDeadError, APIError) as exc:
-        status = "error"
+    except (QueueFullError, EngineDeadError, RequestFailedError, APIError) as exc:
         err = exc if isinstance(exc, APIError) else _engine_error(exc)
-        yield _sse({"error": {"message": err.message, "type": "server_error", "param": None, "code": err.code}})
+        status = "timeout" if err.status == 408 else "error"
+        yield _sse(error_body(err.status, err.message, err.param, err.code))   # the status line is long sent
     finally:
         tracker.done(status)

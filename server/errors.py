@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+          404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 413: "invalid_request_error",
           422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 
 
@@ -18,10 +18,16 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def _utf8(text: str | None) -> str | None:
+    """Messages and params may quote client input; a lone surrogate in it (valid JSON, invalid UTF-8)
+    would make the error itself fail to encode (a 500), so such characters become `?`."""
+    return text if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error" if status >= 500
-                                                                 else "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": _utf8(message), "type": _TYPES.get(status, "server_error" if status >= 500
+                                                                        else "invalid_request_error"),
+                      "param": _utf8(param), "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -39,6 +45,10 @@ def install_error_handlers(app: FastAPI) -> None:
         # OpenAI answers malformed parameters with 400, not FastAPI's 422.
         errs = exc.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":    # loc is ("body", character offset): not a param
+            detail = (first.get("ctx") or {}).get("error", "decode error")
+            return error_response(400, f"the request body is not valid JSON: {detail} at character "
+                                       f"{first.get('loc', ('', '?'))[-1]}", None, "invalid_json")
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")

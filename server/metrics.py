@@ -39,6 +39,10 @@ class Metrics:
             self.memory.labels(kind).set_function(fn)
         self._drain = drain_batch_sizes
 
+    def gauge_from(self, name: str, documentation: str, read: Callable[[], float]) -> None:
+        """Export a gauge read from live state at scrape time (e.g. KV blocks in use)."""
+        Gauge(name, documentation, registry=self.registry).set_function(read)
+
     def count_from(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """Export a counter kept elsewhere (e.g. the registry's merges), read at scrape time."""
         self.registry.register(_ReadCounter(name, documentation, read))

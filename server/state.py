@@ -19,6 +19,7 @@ class ServerState:
     registry: Any = None                 # adapters_registry.AdapterRegistry, or None (base model only)
     admin_key: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    request_timeout: float | None = None     # seconds from arrival to the last token; None: no limit
 
     def resolve_model(self, name: str) -> tuple[str, str | None]:
         """`model` (or `adapter_id`) -> (name to report, adapter id or None for the bare base model)."""
