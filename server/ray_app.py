@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import signal
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -236,9 +237,19 @@ def run(cfg: RayConfig, host: str, port: int) -> int:
     import ray
 
     ray.init()
+    signal.signal(signal.SIGTERM, _interrupt)   # stop as on Ctrl-C: replicas drain and clean up
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build(cfg), name="loramux", route_prefix="/", blocking=True)
+    try:
+        serve.run(build(cfg), name="loramux", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def build_app(args: dict) -> object:
