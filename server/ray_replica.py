@@ -158,8 +158,10 @@ class EngineReplica:
         finally:
             self._pins.subtract(ids)
             for adapter_id in ids:
-                if not self._pins[adapter_id] and adapter_id in self._evicted:
-                    await self._drop_if_idle(adapter_id)
+                if not self._pins[adapter_id]:
+                    self._pins.pop(adapter_id, None)
+                    if adapter_id in self._evicted:
+                        await self._drop_if_idle(adapter_id)
 
     def _head(self, status: int, media_type: str, headers: dict | None = None) -> dict:
         return {"status": status, "media_type": media_type, "headers": {**(headers or {}),
@@ -197,6 +199,8 @@ class EngineReplica:
         if self.state.engine.error is not None:
             raise RuntimeError(f"engine stopped: {self.state.engine.error!r}")
 
-    def __del__(self) -> None:
-        self.state.engine.shutdown()
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+    def __del__(self) -> None:  # Serve's graceful stop (and a failed __init__)
+        if hasattr(self, "state"):
+            self.state.engine.shutdown()
+        if hasattr(self, "work_dir"):
+            shutil.rmtree(self.work_dir, ignore_errors=True)
