@@ -34,7 +34,8 @@ def load_base(base_dir: Path, config: TrainConfig, bf16: bool):
     from transformers import AutoModelForCausalLM
 
     if config.method != "qlora":
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        # safetensors only: a checkpoint that ships only pickled .bin weights is refused, never unpickled.
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
         if config.gradient_checkpointing:
             # Non-reentrant checkpointing needs no grad-requiring inputs, so frozen embeddings are fine.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -49,7 +50,7 @@ def load_base(base_dir: Path, config: TrainConfig, bf16: bool):
         bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        base_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu"
+        base_dir, quantization_config=quant, dtype=torch.float32, device_map="cpu", use_safetensors=True
     )
     _keep_4bit_weights_trainable(model)
     # Casts norms to fp32, freezes the base and (optionally) turns on checkpointing the way
