@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from adapters_registry import AdapterRegistry, RegistryConfig
 from benchmarks.bench_engine import make_prompts
 from benchmarks.common import write_results
 from engine.config import EngineConfig
+from server.bootstrap import build_engine
 from engine.llm_engine import LLMEngine
 from engine.model_source import resolve_model
 from engine.models.spec import ModelSpec
@@ -68,13 +68,9 @@ def run(dtype: str = "bfloat16", n: int = 32, tokens: int = 32) -> dict:
     spec = ModelSpec.from_dir(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_adapters(Path(tmp) / "adapters", spec, n)
-        registry = AdapterRegistry(spec, RegistryConfig(data_dir=Path(tmp) / "data", max_slots=n, max_rank=RANK),
-                                   dtype=torch.float32, device=torch.device("cpu"), base_model_name="base")
         ids = [p.name for p in paths]
-        for p in paths:
-            registry.register(p.name, p, copy=False)
-        engine = LLMEngine(EngineConfig(model_dir, dtype=dtype, max_loras=n, max_lora_rank=RANK,
-                                        kv_cache_bytes=256 << 20), adapters=registry, lora_stacks=registry.stacks)
+        econf = EngineConfig(model_dir, dtype=dtype, max_loras=n, max_lora_rank=RANK, kv_cache_bytes=256 << 20)
+        engine, _ = build_engine(econf, Path(tmp) / "data", dict(zip(ids, paths)))
         prompts = make_prompts(engine.tokenizer, n)
         res = {"mixed": time_engine(engine, prompts, ids, tokens),
                "single": time_engine(engine, prompts, [ids[0]] * n, tokens),

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import torch
 
+from adapters_registry import AdapterRegistry, RegistryConfig
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_source import cache_root, model_name, resolve_model
+from engine.models.spec import ModelSpec
 from server.state import ServerState
 
 log = logging.getLogger("loramux.server")
@@ -72,10 +74,10 @@ def build_state(cfg: ServeConfig) -> ServerState:
                          max_lora_rank=cfg.max_lora_rank, max_queue=cfg.max_queue,
                          quantize=cfg.quantize)
     registry = _build_registry(cfg, econf, model_name(model_dir))
-    engine = LLMEngine(econf, adapters=registry, lora_stacks=getattr(registry, "stacks", None))
+    engine = LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks)
     log.info("memory: base weights %.1f MiB (quantize=%s), KV cache %.1f MiB (%d blocks of %d tokens), "
              "adapter slots %.1f MiB", engine.weight_bytes / 2**20, econf.quantize, engine.kv.nbytes / 2**20,
-             engine.blocks.num_blocks, econf.block_size, getattr(registry, "slot_bytes", 0) / 2**20)
+             engine.blocks.num_blocks, econf.block_size, registry.slot_bytes / 2**20)
     warning = exposure_warning(cfg.host, cfg.admin_key)
     if warning:
         log.warning(warning)
@@ -84,21 +86,29 @@ def build_state(cfg: ServeConfig) -> ServerState:
                        request_timeout=cfg.request_timeout)
 
 
-def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str):
-    try:
-        from adapters_registry import AdapterRegistry, RegistryConfig
-    except ImportError:
-        return None
-    from engine.models.spec import ModelSpec
-    data_dir = cfg.data_dir or cache_root() / "data"
-    # On CPU the kernels run skinny LoRA matmuls fastest in float32 whatever the activations' dtype
-    # (kernels/torch_ops.py); on GPU the stacks follow the model.
-    stack_dtype = torch.float32 if econf.device == "cpu" else econf.torch_dtype
-    registry = AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
-                               RegistryConfig(data_dir=Path(data_dir), max_slots=econf.max_loras,
-                                              max_rank=econf.max_lora_rank, allowed_roots=tuple(cfg.allowed_roots),
-                                              max_upload_bytes=cfg.max_upload_bytes),
-                               dtype=stack_dtype, device=torch.device(econf.device), base_model_name=base_name)
+def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str) -> AdapterRegistry:
+    registry = build_registry(econf, Path(cfg.data_dir or cache_root() / "data"), base_name,
+                              allowed_roots=tuple(cfg.allowed_roots), max_upload_bytes=cfg.max_upload_bytes)
     if cfg.adapters_dir is not None:
         registry.preload_dir(cfg.adapters_dir)
     return registry
+
+
+def build_registry(econf: EngineConfig, data_dir: Path, base_name: str = "base", **config) -> AdapterRegistry:
+    """The adapter registry whose slot stacks an engine with `econf` reads (also used by tests/benchmarks)."""
+    # On CPU the kernels run skinny LoRA matmuls fastest in float32 whatever the activations' dtype
+    # (kernels/torch_ops.py); on GPU the stacks follow the model.
+    stack_dtype = torch.float32 if econf.device == "cpu" else econf.torch_dtype
+    return AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
+                           RegistryConfig(data_dir=data_dir, max_slots=econf.max_loras, max_rank=econf.max_lora_rank,
+                                          **config),
+                           dtype=stack_dtype, device=torch.device(econf.device), base_model_name=base_name)
+
+
+def build_engine(econf: EngineConfig, data_dir: Path, adapters: dict[str, Path] | None = None
+                 ) -> tuple[LLMEngine, AdapterRegistry]:
+    """An engine serving adapters from a fresh registry, with `adapters` (id -> peft folder) registered."""
+    registry = build_registry(econf, data_dir)
+    for adapter_id, path in (adapters or {}).items():
+        registry.register(adapter_id, path)
+    return LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks), registry

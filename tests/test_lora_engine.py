@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters_registry import AdapterRegistry, RegistryConfig
 from engine.config import EngineConfig
+from server.bootstrap import build_engine
 from engine.llm_engine import LLMEngine
-from engine.models.spec import ModelSpec
 from engine.sampling import SamplingParams
 from tests.adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
 from tests.hf_reference import greedy_no_cache
@@ -45,14 +44,8 @@ def adapter_dirs(base_model_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(base_model_dir, adapter_dirs, tmp_path_factory) -> LLMEngine:
-    registry = AdapterRegistry(ModelSpec.from_dir(base_model_dir),
-                               RegistryConfig(data_dir=tmp_path_factory.mktemp("oracle-data"), max_slots=4,
-                                              max_rank=16),
-                               dtype=torch.float32, device=torch.device("cpu"), base_model_name="base")
-    for name, path in adapter_dirs.items():
-        registry.register(name, path)
-    return LLMEngine(EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4),
-                     adapters=registry, lora_stacks=registry.stacks)
+    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4, max_lora_rank=16)
+    return build_engine(econf, tmp_path_factory.mktemp("oracle-data"), adapter_dirs)[0]
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +106,9 @@ def test_mixed_batch_matches_peft(engine, peft_reference, tokenizer):
 def test_requests_wait_for_a_slot_instead_of_thrashing(base_model_dir, adapter_dirs, peft_reference, tokenizer,
                                                        tmp_path):
     """One device slot, four LoRA adapters: requests queue for the slot and still come out exact."""
-    registry = AdapterRegistry(ModelSpec.from_dir(base_model_dir),
-                               RegistryConfig(data_dir=tmp_path, max_slots=1, max_rank=16),
-                               dtype=torch.float32, device=torch.device("cpu"), base_model_name="base")
     loras = [n for n, c in ADAPTERS.items() if c["kind"] == "lora"]
-    for name in loras:
-        registry.register(name, adapter_dirs[name])
-    eng = LLMEngine(EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=32 << 20, max_loras=1),
-                    adapters=registry, lora_stacks=registry.stacks)
+    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=32 << 20, max_loras=1, max_lora_rank=16)
+    eng, registry = build_engine(econf, tmp_path, {n: adapter_dirs[n] for n in loras})
     prompt = tokenizer(PROMPTS[0])["input_ids"]
     seqs = [eng.add_request(n, prompt, _params(), n)[0] for n in loras]
     slots_in_use = []

@@ -29,8 +29,8 @@ from adapters_registry.formats import inspect_adapter, load_adapter
 from adapters_registry.merge import LINEAR_FAMILY, METHODS, merge_lora
 from adapters_registry.mixtures import MixtureRecipe
 from engine.config import EngineConfig
+from server.bootstrap import build_engine
 from engine.llm_engine import LLMEngine
-from engine.models.spec import ModelSpec
 from engine.sampling import SamplingParams
 from tests.adapter_factory import (
     TINY_SPEC,
@@ -185,13 +185,8 @@ def source_dirs(base_model_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(base_model_dir, source_dirs, tmp_path_factory) -> LLMEngine:
-    registry = AdapterRegistry(ModelSpec.from_dir(base_model_dir),
-                               RegistryConfig(data_dir=tmp_path_factory.mktemp("merge-data"), max_slots=6, max_rank=16),
-                               dtype=torch.float32, device=torch.device("cpu"), base_model_name="base")
-    for name, path in source_dirs.items():
-        registry.register(name, path)
-    return LLMEngine(EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=6),
-                     adapters=registry, lora_stacks=registry.stacks)
+    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=6, max_lora_rank=16)
+    return build_engine(econf, tmp_path_factory.mktemp("merge-data"), source_dirs)[0]
 
 
 @pytest.fixture(scope="module")
