@@ -3,19 +3,20 @@
 The oracle loads the same checkpoint with `BitsAndBytesConfig` (load_in_8bit, or load_in_4bit with
 nf4 and compute dtype float32; everything else at transformers' defaults, lm_head and embeddings
 not quantized) and wraps it with peft for the LoRA and prefix adapters. Both sides then hold
-bit-identical quantized weights and run the same bitsandbytes CPU kernels, so what is left to
+bit-identical quantized weights and run the same bitsandbytes CPU kernels (on AVX512-BF16 CPUs the
+nf4 kernel multiplies in bf16 whatever the compute dtype, on both sides), so what is left to
 differ is our attention/RoPE/norm arithmetic versus HF's, as in the float32 oracle test.
 
 Tolerance: first-step logits within 1e-3 (max abs; logits here are O(20)). Measured on this
-machine: <= 1e-5 for base, LoRA and prefix, int8 and nf4 alike (the float32 engine matches HF to
-~7e-6 unquantized; quantization does not widen the gap because the inputs to the quantized
-matmuls agree to that precision). Greedy tokens: identical, 12 new tokens on 3 prompts, each
-request alone, EOS ignored on both sides.
+machine: <= 1e-5 for base, LoRA and prefix, int8 and nf4 alike (the unquantized float32 engine
+matches HF to ~7e-6; quantization does not widen the gap because the inputs of the quantized
+matmuls agree to that precision). Greedy tokens: identical, 12 new tokens on 3 prompts for the
+base model, a LoRA on every projection and a prefix adapter, each request alone, EOS ignored.
 
-Requests are compared alone, decoding with a KV cache as HF's `generate` does: LLM.int8() picks its
-fp16 outlier columns over all rows of one matmul, so a token's int8 numerics depend on which other
-tokens share its batch (in transformers too). A mixed batch is checked on nf4, whose kernel is
-per-row, and on int8 only to the extent that holds: top-1 agreement with the lone run.
+References decode one token per forward with HF's KV cache, as our engine does: LLM.int8() picks
+its 16-bit outlier columns over all rows of a matmul, so re-forwarding the whole sequence would
+not be the same computation. For the same reason int8 numerics depend on batch mates; see
+`test_mixed_batch` for what is checked there.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ import logging
 import pytest
 import torch
 
-from adapters_registry import AdapterRegistry, RegistryConfig
 from engine.config import EngineConfig
+from server.bootstrap import build_engine
 from engine.llm_engine import LLMEngine
 from engine.models.spec import ModelSpec
 from engine.quantize import INT8_THRESHOLD
 from engine.sampling import SamplingParams
-from tests.adapter_factory import make_lora_adapter, make_prefix_adapter
+from tests.adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
 
 NEW_TOKENS = 12
 LOGIT_TOL = 1e-3
@@ -68,14 +69,9 @@ def adapter_dirs(base_model_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(mode, base_model_dir, adapter_dirs, tmp_path_factory) -> LLMEngine:
-    registry = AdapterRegistry(ModelSpec.from_dir(base_model_dir),
-                               RegistryConfig(data_dir=tmp_path_factory.mktemp(f"quant-data-{mode}"), max_slots=2,
-                                              max_rank=16),
-                               dtype=torch.float32, device=torch.device("cpu"), base_model_name="base")
-    for name, path in adapter_dirs.items():
-        registry.register(name, path)
-    return LLMEngine(EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=32 << 20, max_loras=2,
-                                  quantize=mode), adapters=registry, lora_stacks=registry.stacks)
+    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=32 << 20, max_loras=2, max_lora_rank=16,
+                         quantize=mode)
+    return build_engine(econf, tmp_path_factory.mktemp(f"quant-data-{mode}"), adapter_dirs)[0]
 
 
 @torch.no_grad()
@@ -98,7 +94,7 @@ def _hf_greedy(model, ids: list[int], cache=None, num_virtual: int = 0) -> tuple
 def reference(mode, base_model_dir, adapter_dirs, tokenizer) -> dict:
     """(variant, prompt index) -> (greedy tokens, first-step logits) from transformers + peft.
 
-    peft wraps a freshly quantized model before its first forward: peft's loading calls
+    peft wraps the freshly quantized model before its first forward: peft's loading calls
     `state_dict()`, and in bitsandbytes 0.50 that un-packs a CPU-repacked nf4 weight without
     restoring its absmax layout, so a model that already ran forward computes garbage afterwards.
     """
@@ -107,25 +103,21 @@ def reference(mode, base_model_dir, adapter_dirs, tokenizer) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-    def quantized():
-        return AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32,
-                                                    quantization_config=_bnb_config(mode))
-
-    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
-    ref = {}
-    lora = PeftModel.from_pretrained(quantized(), str(adapter_dirs["lora"])).eval()
-    for i, ids in enumerate(prompts):
-        ref["lora", i] = _hf_greedy(lora, ids)
-        with lora.disable_adapter():
-            ref[None, i] = _hf_greedy(lora, ids)
-    del lora
-    # peft's own prefix-tuning generate loses the prefix under transformers 5 (it passes the prompt
-    # KV as `past_key_values` next to generate's `cache`), so run the base model on peft's prompt KV.
-    prefix = PeftModel.from_pretrained(quantized(), str(adapter_dirs["prefix"])).eval()
+    quantized = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32,
+                                                     quantization_config=_bnb_config(mode))
+    model = PeftModel.from_pretrained(quantized, str(adapter_dirs["lora"])).eval()
+    # The prefix adapter's KV is peft's `get_prompt` (it depends on the adapter only, so any copy of
+    # the base will do), fed to the quantized base as its cache. peft's own prefix `generate` loses
+    # the prefix under transformers 5 (it passes it as `past_key_values` next to generate's `cache`).
+    prefix = load_peft_model(base_model_dir, adapter_dirs["prefix"])
     n_virt = prefix.peft_config["default"].num_virtual_tokens
-    for i, ids in enumerate(prompts):
-        ref["prefix", i] = _hf_greedy(prefix.base_model, ids, prefix.get_prompt(batch_size=1), n_virt)
+    ref = {}
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer(prompt)["input_ids"]
+        ref["lora", i] = _hf_greedy(model, ids)
+        with model.disable_adapter():
+            ref[None, i] = _hf_greedy(model, ids)
+            ref["prefix", i] = _hf_greedy(model, ids, prefix.get_prompt(batch_size=1), n_virt)
     return ref
 
 
@@ -209,21 +201,36 @@ def test_mixed_batch(engine, reference, tokenizer, mode):
         assert [s.output_token_ids for s in seqs] == [reference[job][0] for job in jobs]
 
 
+def _expected_weight_bytes(spec: ModelSpec, mode: str) -> tuple[int, int]:
+    """float32 embeddings, lm_head (once if tied) and norms + the projections as `mode` stores them.
+    -> (bytes, number of projections)."""
+    d, ff, q, kv = spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim, \
+        spec.num_kv_heads * spec.head_dim
+    shapes = [(q, d), (kv, d), (kv, d), (d, q), (ff, d), (ff, d), (d, ff)]             # (out, in)
+    dense = 4 * (spec.vocab_size * d * (1 if spec.tie_word_embeddings else 2) + d * (2 * spec.num_layers + 1))
+    per_weight = {"none": lambda n, k: 4 * n * k,
+                  "int8": lambda n, k: n * k + 4 * n,                               # int8 + fp32 row scales
+                  "nf4": lambda n, k: n * k // 2 + 2 * n * k // 64}[mode]           # 2 per byte + bf16 absmax/64
+    return dense + spec.num_layers * sum(per_weight(n, k) for n, k in shapes), spec.num_layers * len(shapes)
+
+
 def test_weight_bytes_count_quantized_storage(engine, mode):
-    """Resident bytes = full-precision embeddings/norms + packed weights + their scales."""
-    spec = engine.spec
-    d, ff = spec.hidden_size, spec.intermediate_size
-    shapes = [(spec.num_heads * spec.head_dim, d), (spec.num_kv_heads * spec.head_dim, d),
-              (spec.num_kv_heads * spec.head_dim, d), (d, spec.num_heads * spec.head_dim), (ff, d), (ff, d), (d, ff)]
-    n_linears = len(shapes) * spec.num_layers
-    dense = 4 * (spec.vocab_size * d + d * (2 * spec.num_layers + 1))       # embeddings (tied lm_head) + norms
-    if mode == "int8":
-        per_layer = sum(n * k + 4 * n for n, k in shapes)                   # int8 weight + fp32 row scales
-    else:
-        per_layer = sum(n * k // 2 + 2 * n * k // 64 for n, k in shapes)    # 2 per byte + bf16 absmax / 64
-    expected = dense + per_layer * spec.num_layers
+    """The served model: packed weights + their scales + full-precision embeddings and norms."""
+    expected, n_linears = _expected_weight_bytes(engine.spec, mode)
     # The only extra: a 16- or 256-entry codebook per linear.
     assert expected <= engine.weight_bytes <= expected + 1024 * n_linears
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "nf4"])
+def test_resident_bytes_on_a_tiny_untied_model(quantize):
+    from engine.models.llama import LlamaModel
+    from engine.quantize import quantize_model, resident_bytes
+    from tests.adapter_factory import TINY_SPEC
+
+    model = LlamaModel(TINY_SPEC, max_positions=64).eval()
+    assert quantize_model(model, quantize, torch.float32) == (0 if quantize == "none" else 7 * TINY_SPEC.num_layers)
+    expected, n_linears = _expected_weight_bytes(TINY_SPEC, quantize)
+    assert expected <= resident_bytes(model) <= expected + 1024 * n_linears * (quantize != "none")
 
 
 def test_metrics_report_quantized_bytes(engine):
