@@ -18,6 +18,14 @@ CPU notes (bitsandbytes >= 0.49 ships a CPU backend): int8 quantizes activations
 `torch._int_mm`; nf4 on AVX512-BF16 CPUs repacks the weight on first use and multiplies in bf16
 whatever the compute dtype. We trigger that repacking here, so the resident bytes reported at
 start-up are the bytes held while serving.
+
+Two properties to know (both come from bitsandbytes, and transformers has them too):
+  - int8 depends on batch mates: LLM.int8() computes in 16 bit every activation column with an
+    outlier (|x| > threshold) in ANY row of the matmul, so a request's logits move (by ~1-3 here)
+    with the other tokens in its step. nf4 is per-row: batching does not change a request.
+  - never call `state_dict()` on a CPU nf4 model after its first forward: in bitsandbytes 0.50
+    `Linear4bit._save_to_state_dict` un-packs the CPU layout without restoring absmax's layout
+    (non-nested case) and the next forward computes garbage. Nothing in loramux does.
 """
 from __future__ import annotations
 
