@@ -162,3 +162,13 @@ def write_prefix_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, num_virtua
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
     save_file({"prompt_embeddings": emb}, str(out_dir / "adapter_model.safetensors"))
     return out_dir
+
+
+def make_adapters(base_model_dir: Path, root: Path, specs: dict[str, dict]) -> dict[str, Path]:
+    """Several real peft adapters at once: name -> {"kind": "lora" | "prefix", **maker kwargs}."""
+    dirs = {}
+    for name, spec in specs.items():
+        spec = dict(spec)
+        make = make_lora_adapter if spec.pop("kind") == "lora" else make_prefix_adapter
+        dirs[name] = make(base_model_dir, root / name, **spec)
+    return dirs

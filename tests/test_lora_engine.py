@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from server.bootstrap import build_engine
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
-from tests.adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
+from tests.adapter_factory import load_peft_model, make_adapters
 from tests.hf_reference import greedy_no_cache
 
 NEW_TOKENS = 16
@@ -32,14 +32,7 @@ PROMPTS = ["The capital of France is", "Write a haiku about rain.", "def square(
 
 @pytest.fixture(scope="module")
 def adapter_dirs(base_model_dir, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("oracle-adapters")
-    dirs = {}
-    for name, cfg in ADAPTERS.items():
-        cfg = dict(cfg)
-        kind = cfg.pop("kind")
-        make = make_lora_adapter if kind == "lora" else make_prefix_adapter
-        dirs[name] = make(base_model_dir, root / name, **cfg)
-    return dirs
+    return make_adapters(base_model_dir, tmp_path_factory.mktemp("oracle-adapters"), ADAPTERS)
 
 
 @pytest.fixture(scope="module")

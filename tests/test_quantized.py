@@ -31,7 +31,7 @@ from engine.llm_engine import LLMEngine
 from engine.models.spec import ModelSpec
 from engine.quantize import INT8_THRESHOLD
 from engine.sampling import SamplingParams
-from tests.adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
+from tests.adapter_factory import load_peft_model, make_adapters
 
 NEW_TOKENS = 12
 LOGIT_TOL = 1e-3
@@ -58,13 +58,7 @@ def mode(request) -> str:
 
 @pytest.fixture(scope="module")
 def adapter_dirs(base_model_dir, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("quant-adapters")
-    dirs = {}
-    for name, cfg in ADAPTERS.items():
-        cfg = dict(cfg)
-        make = make_lora_adapter if cfg.pop("kind") == "lora" else make_prefix_adapter
-        dirs[name] = make(base_model_dir, root / name, **cfg)
-    return dirs
+    return make_adapters(base_model_dir, tmp_path_factory.mktemp("quant-adapters"), ADAPTERS)
 
 
 @pytest.fixture(scope="module")
