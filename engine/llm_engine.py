@@ -71,7 +71,6 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_ids()
         self.stats = EngineStats()
-        self._choice_index: dict[int, int] = {}
 
     def _load_model(self) -> LlamaModel:
         t0 = time.perf_counter()
@@ -122,7 +121,7 @@ class LLMEngine:
                     adapter_id: str | None = None, n: int = 1) -> list[Sequence]:
         seqs = []
         for i in range(n):
-            seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id=adapter_id,
+            seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id=adapter_id, index=i,
                            arrival_time=time.monotonic())
             if not params.greedy:
                 seq.generator = torch.Generator(device="cpu")
@@ -130,7 +129,6 @@ class LLMEngine:
                     seq.generator.manual_seed(params.seed + i)
                 else:
                     seq.generator.seed()
-            self._choice_index[seq.seq_id] = i
             self.scheduler.add(seq)
             seqs.append(seq)
         return seqs
@@ -140,7 +138,6 @@ class LLMEngine:
         seqs = self.scheduler.find(request_id)
         for seq in seqs:
             self.scheduler.finish(seq, "abort")
-            self._choice_index.pop(seq.seq_id, None)
         return len(seqs)
 
     @property
@@ -163,8 +160,7 @@ class LLMEngine:
         return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
 
     def _failure(self, seq: Sequence) -> StepOutput:
-        index = self._choice_index.pop(seq.seq_id, 0)
-        return StepOutput(seq.request_id, index, -1, "", None, True, "error", len(seq.prompt_token_ids), 0,
+        return StepOutput(seq.request_id, seq.index, -1, "", None, True, "error", len(seq.prompt_token_ids), 0,
                           error=seq.error, error_status=seq.error_status)
 
     def _record(self, batch: ScheduledBatch) -> None:
@@ -187,8 +183,7 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
         delta = self.detokenizer.pop_delta(seq)
-        index = self._choice_index.pop(seq.seq_id) if seq.is_finished else self._choice_index[seq.seq_id]
-        return StepOutput(seq.request_id, index, token, delta, logprob, seq.is_finished, seq.finish_reason,
+        return StepOutput(seq.request_id, seq.index, token, delta, logprob, seq.is_finished, seq.finish_reason,
                           len(seq.prompt_token_ids), len(seq.output_token_ids), ttft)
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

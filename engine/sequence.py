@@ -38,6 +38,7 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_id: str | None = None
+    index: int = 0                      # which of the request's n choices this sequence is
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
