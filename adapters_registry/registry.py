@@ -308,7 +308,7 @@ class AdapterRegistry:
         """Free everything a retired, unleased adapter still occupies."""
         if record.slot >= 0:
             self._slots.free(record.slot)
-            self.stacks.slot_rank[record.slot] = 0
+            self.stacks.clear(record.slot)
             record.slot = -1
         self._host.pop(record)
         if record.recipe is not None:

@@ -7,6 +7,10 @@ For every layer l and target module m the kernels take
 so `y += scale[s] * (x @ A[s].T) @ B[s].T` is exact for every slot s whatever its rank: the zero
 padding contributes nothing. Allocated once for all 7 targets, so loading an adapter is a copy,
 never an allocation, and tensor identities stay fixed for the engine (and CUDA graphs).
+
+A and B are transposed views of row-major storage, (S, d_in, r_max) and (S, r_max, d_out): every
+(slot, input feature) row of A and (slot, rank) row of B is contiguous, which is what the CPU
+path's embedding-bag kernels read in place (``kernels.torch_ops``); Triton takes any strides.
 """
 from __future__ import annotations
 
@@ -34,13 +38,15 @@ class LoraStacks:
             a, b, s = {}, {}, {}
             for m in LORA_TARGETS:
                 d_in, d_out = spec.lora_dims(m)
-                a[m] = torch.zeros(num_slots, max_rank, d_in, dtype=dtype, device=device)   # (S, r_max, d_in)
-                b[m] = torch.zeros(num_slots, d_out, max_rank, dtype=dtype, device=device)  # (S, d_out, r_max)
+                a[m] = torch.zeros(num_slots, d_in, max_rank, dtype=dtype, device=device).transpose(1, 2)
+                b[m] = torch.zeros(num_slots, max_rank, d_out, dtype=dtype, device=device).transpose(1, 2)
                 s[m] = torch.zeros(num_slots, dtype=torch.float32, device=device)           # (S,)
             self.A.append(a)
             self.B.append(b)
             self.scale.append(s)
         self.slot_rank = [0] * num_slots  # largest rank loaded in each slot (0: empty); lets kernels trim r_max
+        # Target modules of the adapter in each slot: a step skips the modules none of its adapters has.
+        self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
 
     @property
     def nbytes(self) -> int:
@@ -66,6 +72,12 @@ class LoraStacks:
                 b[:, r:].zero_()
                 self.scale[layer][m][slot] = scale
         self.slot_rank[slot] = weights.manifest.rank
+        self.slot_modules[slot] = frozenset(module for _, module in scales)
+
+    def clear(self, slot: int) -> None:
+        """Mark `slot` empty (its tensors are overwritten by the next write)."""
+        self.slot_rank[slot] = 0
+        self.slot_modules[slot] = frozenset()
 
 
 class SlotTable(Generic[T]):

@@ -21,7 +21,7 @@ from benchmarks.common import write_results
 from engine.model_source import resolve_model
 from engine.models.spec import ModelSpec
 from tests.server_process import start_server
-from tests.test_registry_scale import write_small_lora
+from tests.adapter_factory import write_small_lora
 
 
 def first_token_seconds(url: str, adapter_id: str, path: Path) -> tuple[float, float]:

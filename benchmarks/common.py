@@ -16,7 +16,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine()}
+            "processor": platform.processor() or platform.machine(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "load_avg": os.getloadavg()}
 
 
 def write_results(name: str, payload: dict, command: str | None = None) -> Path:

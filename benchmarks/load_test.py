@@ -154,7 +154,7 @@ def register_adapters(url: str, n: int, admin_key: str | None, root: Path) -> li
     """Write n small LoRA adapters for the embedded model and upload them (works without allowed roots)."""
     from engine.model_source import resolve_model
     from engine.models.spec import ModelSpec
-    from tests.test_registry_scale import write_small_lora  # one writer of peft-format test adapters
+    from tests.adapter_factory import write_small_lora
 
     spec = ModelSpec.from_dir(resolve_model(None))
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}

@@ -88,14 +88,16 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping).to(dev), prefills=spans, decode_start=decode_start,
             decode_slots=decode_slots, decode_mask=decode_mask)
-        lora, rank = None, 0
+        lora, rank, modules = None, 0, frozenset()
         used = {s for s in token_slots if s >= 0}
         if used:
-            rank = max(self.lora_stacks.slot_rank[s] for s in used)
+            stacks = self.lora_stacks
+            rank = max(stacks.slot_rank[s] for s in used)
+            modules = frozenset().union(*(stacks.slot_modules[s] for s in used))
             lora = kernels.LoraMapping.from_slots(torch.tensor(token_slots, dtype=torch.long, device=dev),
                                                   decode=not batch.prefills)
         ctx = ForwardContext(positions=torch.cat(positions).to(dev), attn=attn, kv=self.kv, lora=lora,
-                             lora_stacks=self.lora_stacks, lora_rank=rank)
+                             lora_stacks=self.lora_stacks, lora_rank=rank, lora_modules=modules)
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, torch.tensor(logit_rows, device=dev)
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:

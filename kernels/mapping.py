@@ -47,7 +47,7 @@ class LoraMapping:
     num_lora_tokens: int
     max_seg_len: int
     decode: bool
-    # Per-stack-size tables derived lazily (see group_offsets); per step, never global.
+    # Tables derived lazily by the ops (see bags); per step, never global.
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -121,16 +121,39 @@ class LoraMapping:
     def device(self) -> torch.device:
         return self.token_slots.device
 
-    def group_offsets(self, num_slots: int) -> torch.Tensor:
-        """(num_slots,) int32 cumulative token counts per slot over ``order``: the ``offs`` of a
-        grouped matmul that walks the whole stack, unused slots being empty groups."""
-        offs = self._cache.get(("offs", num_slots))
-        if offs is None:
-            counts = torch.zeros(num_slots, dtype=torch.long, device=self.device)
-            counts[self.seg_slots] = self.seg_lens
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            self._cache[("offs", num_slots)] = offs
-        return offs
+    @property
+    def lora_tokens(self) -> torch.Tensor:
+        """(L,) positions of the LoRA tokens in token order (``order`` holds them sorted by slot)."""
+        idx = self._cache.get("lora_tokens")
+        if idx is None:
+            idx = self._cache["lora_tokens"] = torch.nonzero(self.token_slots >= 0).squeeze(1)
+        return idx
+
+    @property
+    def table_slots(self) -> torch.Tensor:
+        """(T,) token slots with a base-model token's -1 replaced by a slot the batch uses: an index
+        into per-slot tables (the scale) that reads only slots in use, whose entries are finite, so
+        multiplying a base token's zero row by it keeps it zero."""
+        s = self._cache.get("table_slots")
+        if s is None:
+            fill = self.seg_slots_host[0] if self.seg_slots_host else 0
+            s = self._cache["table_slots"] = torch.where(self.token_slots < 0, fill, self.token_slots)
+        return s
+
+    def bags(self, rows_per_slot: int, rows_per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices and offsets of an ``embedding_bag`` over a stack viewed as rows, ``rows_per_slot``
+        rows per slot: each LoRA token's bag is the first ``rows_per_token`` rows of its slot, a
+        base-model token's bag is empty (so its output row is zero)."""
+        key = ("bags", rows_per_slot, rows_per_token)
+        hit = self._cache.get(key)
+        if hit is None:
+            slots = self.token_slots
+            is_lora = slots >= 0
+            first_row = slots[is_lora] * rows_per_slot                                  # (L,)
+            indices = (first_row.unsqueeze(1) + torch.arange(rows_per_token, device=slots.device)).reshape(-1)
+            sizes = is_lora.long() * rows_per_token
+            hit = self._cache[key] = (indices, torch.cumsum(sizes, 0) - sizes)
+        return hit
 
     def check(self, num_tokens: int, num_slots: int) -> None:
         """Raise if this mapping cannot describe a batch of ``num_tokens`` against ``num_slots`` slots."""

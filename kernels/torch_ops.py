@@ -4,26 +4,26 @@ Twins of ``kernels.triton_ops`` with identical signatures. Strategies, picked pe
 :func:`_pick` from host-side facts only (never a device sync):
 
 * ``single``   every token uses one adapter: two plain matmuls on that slot's A and B.
-* ``grouped``  tokens sorted by slot, one ``torch.nn.functional.grouped_mm`` over the *whole*
-  stack, unused slots being empty groups: segmented (SGMV-like) without copying any weights.
-* ``gathered`` each token's weights gathered (``index_select``) and one batched matmul (BGMV-like).
-* ``segments`` the grouping of ``grouped``, one matmul per distinct adapter: the fallback for
-  layouts ``grouped_mm`` refuses (it wants 16-byte aligned strides: e.g. bf16 rank 1, d_in 100).
+* ``bagged``   one ``embedding_bag`` per op, reading the stacks in place: a token's shrink is the
+  sum of its slot's rows of A^T weighted by its input features, its expand the sum of its slot's
+  rows of B^T weighted by ``t``. Needs row-major stacks, the layout of the registry's slots
+  (``A`` a transposed view of (S, d_in, r_max), ``B`` of (S, r_max, d_out)).
+* ``segments`` one matmul per distinct adapter: the fallback for any other layout.
 
-What measured fastest on this 2-core AVX-512 CPU without AMX (``python -m benchmarks.bench_kernels``,
-numbers in ``benchmarks/results/kernels.json``, "strategies"): ``single`` whenever it applies;
-``grouped`` for float32 stacks, decode and prefill alike (memory-bound: it streams each used
-adapter's weights once and copies nothing); for 16-bit stacks ``gathered`` when adapters have few
-tokens each (oneDNN's 16-bit GEMMs with 1-row operands cost ~50 us a call here, so 2 x 32 of them
-lose to one gather plus a streaming multiply-sum) and ``grouped`` for prefill-shaped batches.
-16-bit math is no faster than float32 on this CPU (the bf16 base matmul is not either), so the
-stacks may be float32 while activations are bf16/fp16: the LoRA math then runs in float32 and only
-``t`` and ``y`` are in the activation dtype. That is the layout we recommend for CPU serving.
+Why bagged: decode batches give each adapter one or a few tokens, so the work is reading each
+used adapter's weights once, with little math. Per-adapter matmuls (``torch.mm``, grouped
+matmuls) pay a dispatch and an OpenMP fork per adapter and a slow skinny-GEMM path in 16-bit;
+gathering weights per token (``index_select`` + ``bmm``) copies them first. FBGEMM's embedding
+bag streams them once, in bf16/fp16 as well as fp32, and for prefill-sized groups is within ~10%
+of the grouped matmul (``python -m benchmarks.bench_kernels``, ``benchmarks/results/kernels.json``).
 
-Rank: adapters are zero-padded to the stack's r_max. Per-slot ranks would save the padded FLOPs,
-but every strategy above wants one rank per call; pass a rank-trimmed view instead
-(``A_stack[:, :r_used]``, ``B_stack[:, :, :r_used]`` with r_used the largest rank in the batch):
-views are fine, nothing here needs contiguous stacks.
+Stacks may be float32 while activations are bf16/fp16: the LoRA math then runs in float32 and
+only ``t`` and ``y`` are in the activation dtype.
+
+Rank: adapters are zero-padded to the stack's r_max; callers pass rank-trimmed views
+(``A_stack[:, :r_used]``, ``B_stack[:, :, :r_used]``). ``bagged`` reads a trimmed A's whole rows
+(its zero padding included: rows must be contiguous for the embedding bag) and drops the extra
+columns, so size ``max_lora_rank`` to the adapters served.
 """
 from __future__ import annotations
 
@@ -31,9 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels.mapping import LoraMapping, as_mapping
-
-# With bf16/fp16 stacks, "gathered" beats "grouped" below this many tokens per adapter.
-_GATHER_16BIT_BELOW = 4
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -48,7 +45,7 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
     """
     m = as_mapping(mapping)
     _check(x, A_stack, m)
-    return _shrink(x, A_stack, m, scale, _pick(m, x, A_stack))
+    return _shrink(x, A_stack, m, scale, _pick(m, A_stack))
 
 
 def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -65,87 +62,83 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     m = as_mapping(mapping)
     _check(t, B_stack, m)
     _check_out(y, t, y_offset, B_stack.shape[1])
-    _expand(t, B_stack, m, y, y_offset, _pick(m, t, B_stack))
+    _expand(t, B_stack, m, y, y_offset, _pick(m, B_stack))
 
 
 def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch.Tensor,
             how: str) -> torch.Tensor:
-    T, S, r = x.shape[0], A_stack.shape[0], A_stack.shape[1]
+    T, r = x.shape[0], A_stack.shape[1]
     if not m.any_lora:
         return x.new_zeros(T, r)
     cx = x.to(A_stack.dtype)  # compute dtype = stack dtype (no-op unless stacks are float32)
     if how == "single":
         s = m.single_slot
-        t = cx @ A_stack[s].T  # (T, r)
-        return t.mul_(scale[s]).to(x.dtype)
-    xs = cx.index_select(0, m.order)  # (L, d_in) LoRA tokens, grouped by slot
-    if how == "grouped":
-        ts = F.grouped_mm(xs, A_stack.transpose(1, 2), offs=m.group_offsets(S))  # (L, r)
-    elif how == "gathered":
-        a = A_stack.index_select(0, m.sorted_slots)  # (L, r, d_in)
-        if a.dtype == torch.float32:
-            ts = torch.bmm(a, xs.unsqueeze(2)).squeeze(2)  # (L, r)
-        else:  # 16-bit bmm is oneDNN's slow skinny path here; multiply-and-sum streams (fp32 sums)
-            ts = (a * xs.unsqueeze(1)).sum(-1)  # (L, r)
-    else:
-        ts = torch.empty(m.num_lora_tokens, r, dtype=xs.dtype, device=xs.device)
-        for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):
-            torch.mm(xs[a:a + n], A_stack[s].T, out=ts[a:a + n])
-    ts.mul_(scale.index_select(0, m.sorted_slots).unsqueeze(1))
-    # Unsort back to token order in the compute dtype, then round to the activation dtype once.
-    t = ts.new_empty(T, r) if m.all_lora else ts.new_zeros(T, r)
-    return t.index_copy_(0, m.order, ts).to(x.dtype)
+        return (cx @ A_stack[s].T).mul_(scale[s]).to(x.dtype)  # (T, r)
+    if how == "bagged":
+        # t[i] = sum_k x[i, k] * A[s_i, :, k]: a weighted sum of slot s_i's rows (k, :) of A^T.
+        rows, per_slot = _rows(A_stack.transpose(1, 2))
+        indices, offsets = m.bags(per_slot, A_stack.shape[2])
+        t = F.embedding_bag(indices, rows, offsets, mode="sum", per_sample_weights=_lora_rows(cx, m).reshape(-1))
+        return t[:, :r].mul(scale.index_select(0, m.table_slots).unsqueeze(1).to(t.dtype)).to(x.dtype)
+    t = cx.new_zeros(T, r)
+    for s, rows in _segments(m):
+        t.index_copy_(0, rows, (cx.index_select(0, rows) @ A_stack[s].T).mul_(scale[s]))
+    return t.to(x.dtype)
 
 
 def _expand(t: torch.Tensor, B_stack: torch.Tensor, m: LoraMapping, y: torch.Tensor, y_offset: int,
             how: str) -> None:
-    S, d_out = B_stack.shape[0], B_stack.shape[1]
+    d_out = B_stack.shape[1]
     if not m.any_lora:
         return
     y_view = y[:, y_offset:y_offset + d_out]  # (T, d_out) view: writes land in y
     ct = t.to(B_stack.dtype)
     if how == "single":
-        if ct.dtype == y.dtype:
-            y_view.addmm_(ct, B_stack[m.single_slot].T)
-        else:
-            y_view.add_(ct @ B_stack[m.single_slot].T)
-        return
-    ts = ct.index_select(0, m.order)  # (L, r)
-    if how == "grouped":
-        out = F.grouped_mm(ts, B_stack.transpose(1, 2), offs=m.group_offsets(S))  # (L, d_out)
-    elif how == "gathered":
-        b = B_stack.index_select(0, m.sorted_slots)  # (L, d_out, r)
-        out = torch.bmm(ts.unsqueeze(1), b.transpose(1, 2)).squeeze(1)  # (L, d_out); this layout is the fast one
+        y_view.add_(ct @ B_stack[m.single_slot].T)
+    elif how == "bagged":
+        # y[i] += sum_j t[i, j] * B[s_i, :, j]: a weighted sum of slot s_i's rows (j, :) of B^T.
+        rows, per_slot = _rows(B_stack.transpose(1, 2))
+        indices, offsets = m.bags(per_slot, B_stack.shape[2])
+        out = F.embedding_bag(indices, rows, offsets, mode="sum", per_sample_weights=_lora_rows(ct, m).reshape(-1))
+        y_view.add_(out[:, :d_out])
     else:
-        out = torch.empty(m.num_lora_tokens, d_out, dtype=ts.dtype, device=ts.device)
-        for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):
-            torch.mm(ts[a:a + n], B_stack[s].T, out=out[a:a + n])
-    y_view.index_add_(0, m.order, out.to(y.dtype))
+        for s, rows in _segments(m):
+            y_view.index_add_(0, rows, (ct.index_select(0, rows) @ B_stack[s].T).to(y.dtype))
 
 
-def _pick(m: LoraMapping, a: torch.Tensor, stack: torch.Tensor) -> str:
+def _rows(stack_t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A stack seen as (S, n, w) with unit inner stride, as the 2-D table of its whole storage rows
+    (row stride wide: a rank-trimmed view reads its zero padding, dropped afterwards) and how many
+    rows each slot has."""
+    (S, n, _), (s0, s1, _) = stack_t.shape, stack_t.stride()
+    per_slot = s0 // s1
+    return stack_t.as_strided(((S - 1) * per_slot + n, s1), (s1, 1)), per_slot
+
+
+def _has_rows(stack_t: torch.Tensor) -> bool:
+    """Can ``_rows`` view this (S, n, w) stack: contiguous rows of at least w, whole rows per slot?"""
+    (S, n, w), (s0, s1, s2) = stack_t.shape, stack_t.stride()
+    if not (s2 == 1 and s1 >= w and s0 % s1 == 0 and s0 >= s1 * n):
+        return False
+    table_end = stack_t.storage_offset() + ((S - 1) * (s0 // s1) + n) * s1  # the whole rows lie in storage
+    return table_end * stack_t.element_size() <= stack_t.untyped_storage().nbytes()
+
+
+def _lora_rows(a: torch.Tensor, m: LoraMapping) -> torch.Tensor:
+    """The rows of the LoRA tokens, in token order (the per-sample weights of the bags)."""
+    return a if m.all_lora else a.index_select(0, m.lora_tokens)
+
+
+def _segments(m: LoraMapping):
+    """(slot, token indices) per distinct adapter of the batch."""
+    for s, a, n in zip(m.seg_slots_host, m.seg_starts_host, m.seg_lens_host):
+        yield s, m.order[a:a + n]
+
+
+def _pick(m: LoraMapping, stack: torch.Tensor) -> str:
     if m.single_slot is not None:
         return "single"
-    if stack.dtype != torch.float32 and m.num_lora_tokens < _GATHER_16BIT_BELOW * m.num_segments:
-        return "gathered"
-    # The grouped matmul's left operand is a fresh index_select copy: contiguous and aligned.
-    if (a.shape[1] * stack.element_size()) % 16 == 0 and _grouped_mm_ok(stack.transpose(1, 2)):
-        return "grouped"
-    return "segments"
-
-
-def _grouped_mm_ok(mat: torch.Tensor) -> bool:
-    """grouped_mm's layout precondition: 16-byte aligned base, one of the two inner dims contiguous
-    and the other's stride a multiple of 16 bytes."""
-    if mat.data_ptr() % 16:
-        return False
-    align = 16 // mat.element_size()
-    (rows, cols), (s_rows, s_cols) = mat.shape[-2:], mat.stride()[-2:]
-    if s_cols == 1 and s_rows >= max(1, cols):
-        return s_rows % align == 0
-    if s_rows == 1 and s_cols >= max(1, rows):
-        return s_cols % align == 0
-    return False
+    return "bagged" if _has_rows(stack.transpose(1, 2)) else "segments"
 
 
 def _check(a: torch.Tensor, stack: torch.Tensor, m: LoraMapping) -> None:

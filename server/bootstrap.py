@@ -96,13 +96,12 @@ def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str) -> Ad
 
 def build_registry(econf: EngineConfig, data_dir: Path, base_name: str = "base", **config) -> AdapterRegistry:
     """The adapter registry whose slot stacks an engine with `econf` reads (also used by tests/benchmarks)."""
-    # On CPU the kernels run skinny LoRA matmuls fastest in float32 whatever the activations' dtype
-    # (kernels/torch_ops.py); on GPU the stacks follow the model.
-    stack_dtype = torch.float32 if econf.device == "cpu" else econf.torch_dtype
+    # The stacks follow the model's dtype, as peft's adapter weights do: in bf16 the CPU path reads
+    # half the bytes of float32 stacks, and reading them is most of its work (kernels/torch_ops.py).
     return AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
                            RegistryConfig(data_dir=data_dir, max_slots=econf.max_loras, max_rank=econf.max_lora_rank,
                                           **config),
-                           dtype=stack_dtype, device=torch.device(econf.device), base_model_name=base_name)
+                           dtype=econf.torch_dtype, device=torch.device(econf.device), base_model_name=base_name)
 
 
 def build_engine(econf: EngineConfig, data_dir: Path, adapters: dict[str, Path] | None = None

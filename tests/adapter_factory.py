@@ -122,9 +122,12 @@ def _lora_key(layer: int, module: str, which: str) -> str:
 def write_lora_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, r: int = 4, alpha: float = 8,
                      targets: Iterable[str] = ("q_proj", "v_proj"), rslora: bool = False, seed: int = 0,
                      dtype: torch.dtype = torch.float32, config: dict | None = None,
-                     tensors: dict[str, torch.Tensor] | None = None, drop: Iterable[str] = ()) -> Path:
+                     tensors: dict[str, torch.Tensor] | None = None, drop: Iterable[str] = (),
+                     init: str = "unit") -> Path:
     """A peft-format LoRA folder for `spec`, every layer adapted. `config` entries override
-    adapter_config.json, `tensors` add/replace tensors, `drop` removes tensors by key."""
+    adapter_config.json, `tensors` add/replace tensors, `drop` removes tensors by key. `init`:
+    "unit" draws N(0, 1) weights; "served" scales them (A by 1/sqrt(d_in), B by 0.3) so that a
+    real model's answers change without turning to noise."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = list(targets)
@@ -133,8 +136,9 @@ def write_lora_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, r: int = 4, 
     for layer in range(spec.num_layers):
         for m in (t for t in targets if t in LORA_TARGETS):  # other names: config only
             d_in, d_out = spec.lora_dims(m)
-            weights[_lora_key(layer, m, "A")] = torch.randn(r, d_in, generator=gen).to(dtype)
-            weights[_lora_key(layer, m, "B")] = torch.randn(d_out, r, generator=gen).to(dtype)
+            a_std, b_std = (d_in ** -0.5, 0.3) if init == "served" else (1.0, 1.0)
+            weights[_lora_key(layer, m, "A")] = (torch.randn(r, d_in, generator=gen) * a_std).to(dtype)
+            weights[_lora_key(layer, m, "B")] = (torch.randn(d_out, r, generator=gen) * b_std).to(dtype)
     weights.update(tensors or {})
     for key in drop:
         weights.pop(key)
@@ -145,6 +149,12 @@ def write_lora_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, r: int = 4, 
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
     save_file(weights, str(out_dir / "adapter_model.safetensors"))
     return out_dir
+
+
+def write_small_lora(out_dir: Path, spec: ModelSpec, seed: int, r: int = 2,
+                     targets: Iterable[str] = ("q_proj", "v_proj")) -> Path:
+    """A LoRA for serving tests and benchmarks on the real model: alpha = 2r, "served" weights."""
+    return write_lora_files(out_dir, spec, r=r, alpha=2 * r, targets=targets, seed=seed, init="served")
 
 
 def write_prefix_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, num_virtual_tokens: int = 4,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from engine.models.spec import ModelSpec
 from server.bootstrap import ServeConfig, exposure_warning
 from tests.server_process import start_server
-from tests.test_registry_scale import write_small_lora
+from tests.adapter_factory import write_small_lora
 
 BASE = "SmolLM2-135M-Instruct"
 KEY = "bad-input-admin-key"

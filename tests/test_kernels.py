@@ -62,8 +62,10 @@ def make_slots(mix: str, T: int, S: int, gen: torch.Generator) -> torch.Tensor:
     raise ValueError(mix)
 
 
-def make_case(dtype, r, d, T, mix, seed=0, stack_dtype=None, d_out=None):
-    """Random inputs for one shrink + expand, poisoned where the ops must not read or write."""
+def make_case(dtype, r, d, T, mix, seed=0, stack_dtype=None, d_out=None, rows=True):
+    """Random inputs for one shrink + expand, poisoned where the ops must not read or write.
+    ``rows``: stacks in the registry's row-major layout (A over (S, d, r), B over (S, r, d_out)
+    storage), else plain contiguous (S, r, d) and (S, d_out, r) tensors."""
     gen = torch.Generator().manual_seed(seed)
     d_out = d_out or d
     S = T + 2 if mix == "distinct" else 12
@@ -77,6 +79,8 @@ def make_case(dtype, r, d, T, mix, seed=0, stack_dtype=None, d_out=None):
     B = torch.randn(S, d_out, r, generator=gen) / r**0.5  # (S, d_out, r)
     scale = torch.rand(S, generator=gen) + 0.5  # (S,) float32
     A[unused], B[unused], scale[unused] = float("nan"), float("nan"), float("nan")
+    if rows:
+        A, B = A.transpose(1, 2).contiguous().transpose(1, 2), B.transpose(1, 2).contiguous().transpose(1, 2)
     t = torch.randn(T, r, generator=gen)  # expand's input, independent of shrink
     t[base] = float("nan")
     y = torch.randn(T, Y_OFFSET + d_out + Y_PAD, generator=gen)
@@ -133,12 +137,13 @@ def test_torch_path_matches_reference(dtype, r, d, T, mix):
     run_ops(kernels.lora_shrink, kernels.lora_expand, c, LoraMapping.from_slots(c["slots"]))
 
 
-@pytest.mark.parametrize("how", ["grouped", "gathered", "segments", "single"])
+@pytest.mark.parametrize("how", ["bagged", "segments", "single"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_torch_strategy_matches_reference(dtype, how):
-    """_pick chooses by shape; each strategy must be right wherever it could be chosen."""
-    c = make_case(dtype, 16, 576, 32, "one" if how == "single" else "zipf", seed=3)
+    """_pick chooses by batch and layout; each strategy must be right wherever it is chosen."""
+    c = make_case(dtype, 16, 576, 32, "one" if how == "single" else "zipf", seed=3, rows=how != "segments")
     m = LoraMapping.from_slots(c["slots"])
+    assert torch_ops._pick(m, c["A"]) == how and torch_ops._pick(m, c["B"]) == how
     run_ops(lambda x, A, m_, s: torch_ops._shrink(x, A, m_, s, how),
             lambda t, B, m_, y, o: torch_ops._expand(t, B, m_, y, o, how), c, m)
 
@@ -151,14 +156,32 @@ def test_float32_stacks_with_16bit_activations(dtype, mix):
     run_ops(kernels.lora_shrink, kernels.lora_expand, c, LoraMapping.from_slots(c["slots"]))
 
 
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "dense"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_rank_trimmed_stack_views(dtype):
-    """A[:, :r_used] and B[:, :, :r_used] are strided views of r_max stacks; zero padding beyond
-    r_used must not matter either."""
-    c = make_case(dtype, 64, 576, 32, "uniform", seed=6)
+def test_rank_trimmed_stack_views(dtype, rows):
+    """A[:, :r_used] and B[:, :, :r_used] are strided views of r_max stacks; whatever lies beyond
+    r_used (here random values, not zeros) must not matter."""
+    c = make_case(dtype, 64, 576, 32, "uniform", seed=6, rows=rows)
     c["A"], c["B"], c["t"] = c["A"][:, :16], c["B"][:, :, :16], c["t"][:, :16].contiguous()
     assert not c["A"].is_contiguous() and not c["B"].is_contiguous()
     run_ops(kernels.lora_shrink, kernels.lora_expand, c, LoraMapping.from_slots(c["slots"]))
+
+
+def test_bagged_reads_only_the_rows_of_its_stack():
+    """Row-major stacks that are views into a larger buffer, at an offset: the bagged path must read
+    them in place when the whole rows fit in storage, and fall back when they do not."""
+    gen = torch.Generator().manual_seed(11)
+    S, d, r, T = 6, 40, 8, 9
+    slots = torch.tensor([0, 5, -1, 3, 5, 1, -1, 2, 4])
+    m = LoraMapping.from_slots(slots)
+    x, scale = torch.randn(T, d, generator=gen), torch.rand(S, generator=gen) + 0.5
+    buf = torch.randn(S, d, r + 4, generator=gen)
+    inner = buf[:, :, 2:2 + r].transpose(1, 2)  # rows of r + 4, starting 2 in: the last row overruns
+    tail = buf[:, :, :r].transpose(1, 2)        # rows start at 0: fit
+    assert torch_ops._pick(m, tail) == "bagged" and torch_ops._pick(m, inner) == "segments"
+    for A in (inner, tail):
+        t = kernels.lora_shrink(x, A, m, scale)
+        torch.testing.assert_close(t.double(), shrink_ref(x, A, slots, scale), atol=1e-5, rtol=1e-5)
 
 
 def test_fused_projection_slices():
@@ -193,8 +216,11 @@ def test_mapping_groups_tokens_by_slot():
     assert m.seg_slots.tolist() == [0, 2, 5] and m.seg_lens.tolist() == [2, 3, 1]
     assert (m.num_tokens, m.num_lora_tokens, m.max_seg_len, m.max_slot) == (8, 6, 3, 5)
     assert m.any_lora and not m.all_lora and m.single_slot is None
-    assert m.group_offsets(7).tolist() == [2, 2, 5, 5, 5, 6, 6]
-    assert m.group_offsets(7).dtype == torch.int32
+    assert m.lora_tokens.tolist() == [0, 2, 3, 4, 6, 7]  # token order
+    assert m.table_slots.tolist() == [2, 0, 0, 2, 5, 0, 0, 2]  # base tokens read slot 0, which is in use
+    indices, offsets = m.bags(10, 2)  # rows 10 * slot + (0, 1); base tokens get empty bags
+    assert indices.tolist() == [20, 21, 0, 1, 20, 21, 50, 51, 0, 1, 20, 21]
+    assert offsets.tolist() == [0, 2, 2, 4, 6, 8, 8, 10]
 
 
 def test_mapping_flags():

@@ -15,7 +15,7 @@ import pytest
 
 from engine.models.spec import ModelSpec
 from tests.server_process import free_port, start_server
-from tests.test_registry_scale import write_small_lora
+from tests.adapter_factory import write_small_lora
 
 pytest.importorskip("ray.serve")  # the optional extra `ray`
 

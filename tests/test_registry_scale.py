@@ -5,32 +5,13 @@ Each adapter's answer in a mixed, concurrent load must equal its answer when it 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 
 import httpx
-import torch
-from safetensors.torch import save_file
 
 from engine.models.spec import ModelSpec
+from tests.adapter_factory import write_small_lora
 
 NUM_ADAPTERS = 200
-
-
-def write_small_lora(out, spec: ModelSpec, seed: int, r: int = 2, targets=("q_proj", "v_proj")) -> None:
-    """A peft-format LoRA on attention projections with weights large enough to change answers."""
-    out.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(spec.num_layers):
-        for m in targets:
-            d_in, d_out = spec.lora_dims(m)
-            key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, d_in, generator=gen) / d_in ** 0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, r, generator=gen) * 0.3
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
-        "target_modules": list(targets), "bias": "none", "lora_dropout": 0.0}))
 
 
 def test_200_adapters_through_http_with_8_slots(server, client, base_model_dir):

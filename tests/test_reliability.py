@@ -28,7 +28,7 @@ from engine.llm_engine import StepOutput
 from engine.models.spec import ModelSpec
 from engine.sampling import SamplingParams
 from tests.server_process import start_server
-from tests.test_registry_scale import write_small_lora
+from tests.adapter_factory import write_small_lora
 
 BASE = "SmolLM2-135M-Instruct"
 PROMPT = "Once upon a time, in a small village by the sea,"

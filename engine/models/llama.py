@@ -30,6 +30,7 @@ class ForwardContext:
     lora: Any = None                        # kernels.LoraMapping, or None when no token uses an adapter
     lora_stacks: Any = None                 # registry stacks: .A/.B/.scale[layer][module]
     lora_rank: int = 0                      # largest rank among this step's adapters: stacks are trimmed to it
+    lora_modules: frozenset[str] = frozenset()  # target modules of this step's adapters: the others skip LoRA
     cos: torch.Tensor | None = None         # (T, 1, hd) rotary tables for this step's positions, set once
     sin: torch.Tensor | None = None
 
@@ -58,7 +59,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = self.base(x)
-        if ctx.lora is not None:
+        if ctx.lora is not None and self.name in ctx.lora_modules:
             stacks, r = ctx.lora_stacks, ctx.lora_rank
             a = stacks.A[self.layer][self.name][:, :r]                          # (S, r, d_in) view
             b = stacks.B[self.layer][self.name][:, :, :r]                       # (S, d_out, r) view
