@@ -1,16 +1,22 @@
 """Device slots: the stacked LoRA tensors the kernels read, and which adapter sits in each slot.
 
-For every layer l and target module m the kernels take
-    A[l][m]      (S, r_max, d_in)   lora_A of the adapter in each slot, rows >= its rank are zero
-    B[l][m]      (S, d_out, r_max)  lora_B, columns >= its rank are zero
-    scale[l][m]  (S,) float32       alpha / r (or alpha / sqrt(r)) for THIS module; 0 if not adapted
-so `y += scale[s] * (x @ A[s].T) @ B[s].T` is exact for every slot s whatever its rank: the zero
-padding contributes nothing. Allocated once for all 7 targets, so loading an adapter is a copy,
-never an allocation, and tensor identities stay fixed for the engine (and CUDA graphs).
+Projections that read the same input share one shrink (``SHRINK_GROUPS``: q/k/v, gate/up, then o
+and down alone), so their A matrices live side by side in one storage per group and layer::
 
-A and B are transposed views of row-major storage, (S, d_in, r_max) and (S, r_max, d_out): every
-(slot, input feature) row of A and (slot, rank) row of B is contiguous, which is what the CPU
-path's embedding-bag kernels read in place (``kernels.torch_ops``); Triton takes any strides.
+    A_rows  (S, d_in, r_max, G)   A_rows[s, k, j, i] = lora_A[j, k] of the group's i-th module
+
+Every (slot, input feature) row is contiguous and its first ``r * G`` entries are ranks < r of all
+G modules: a rank-trimmed group view ``shrink_A(layer, group, r)`` (S, r * G, d_in) is a strided
+view (rank j of module i is column ``j * G + i`` of the shrink output), and its rows are what the
+CPU path's embedding bag reads in place (``kernels.torch_ops``); Triton takes any strides.
+
+    B[l][m]  (S, d_out, r_max)  scale * lora_B, a transposed view of row-major (S, r_max, d_out)
+
+The LoRA scale (alpha / r, or alpha / sqrt(r)) is folded into B when a slot is written, so one
+shrink serves modules of different scales; the kernels get ``ones`` as their scale. Padding beyond
+an adapter's rank is zero, so ``y += (x @ A[s].T) @ B[s].T`` is exact whatever its rank.
+Allocated once for all 7 targets, so loading an adapter is a copy, never an allocation, and tensor
+identities stay fixed for the engine (and CUDA graphs).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from engine.models.spec import LORA_TARGETS, ModelSpec
+from engine.models.spec import LORA_TARGETS, SHRINK_GROUPS, ModelSpec
 
 from .peft_lora import LoraWeights
 
@@ -31,30 +37,53 @@ class LoraStacks:
     def __init__(self, spec: ModelSpec, num_slots: int, max_rank: int, *,
                  dtype: torch.dtype, device: torch.device):
         self.num_slots, self.max_rank = num_slots, max_rank
-        self.A: list[dict[str, torch.Tensor]] = []
+        self.A_rows: list[dict[tuple[str, ...], torch.Tensor]] = []   # per layer and group: (S, d_in, r_max, G)
+        self.A: list[dict[str, torch.Tensor]] = []                    # per module: (S, r_max, d_in) views
         self.B: list[dict[str, torch.Tensor]] = []
-        self.scale: list[dict[str, torch.Tensor]] = []
         for _ in range(spec.num_layers):
-            a, b, s = {}, {}, {}
-            for m in LORA_TARGETS:
-                d_in, d_out = spec.lora_dims(m)
-                a[m] = torch.zeros(num_slots, d_in, max_rank, dtype=dtype, device=device).transpose(1, 2)
-                b[m] = torch.zeros(num_slots, max_rank, d_out, dtype=dtype, device=device).transpose(1, 2)
-                s[m] = torch.zeros(num_slots, dtype=torch.float32, device=device)           # (S,)
+            rows, a, b = {}, {}, {}
+            for group in SHRINK_GROUPS:
+                d_in = spec.lora_dims(group[0])[0]
+                rows[group] = torch.zeros(num_slots, d_in, max_rank, len(group), dtype=dtype, device=device)
+                for i, m in enumerate(group):
+                    a[m] = rows[group][..., i].transpose(1, 2)
+                    b[m] = torch.zeros(num_slots, max_rank, spec.lora_dims(m)[1], dtype=dtype,
+                                       device=device).transpose(1, 2)
+            self.A_rows.append(rows)
             self.A.append(a)
             self.B.append(b)
-            self.scale.append(s)
+        self.ones = torch.ones(num_slots, dtype=torch.float32, device=device)  # the kernels' scale: folded into B
         self.slot_rank = [0] * num_slots  # largest rank loaded in each slot (0: empty); lets kernels trim r_max
         # Target modules of the adapter in each slot: a step skips the modules none of its adapters has.
         self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        self._views: dict[tuple, torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in (*self.A, *self.B, *self.scale) for t in layer.values())
+        return sum(t.numel() * t.element_size() for layer in (*self.A_rows, *self.B) for t in layer.values())
+
+    def shrink_A(self, layer: int, group: tuple[str, ...], rank: int) -> torch.Tensor:
+        """(S, rank * G, d_in): the group's A matrices trimmed to `rank`, column j * G + i of the
+        shrink output being rank j of module i. Views are cached: one per (layer, group, rank)."""
+        key = ("A", layer, group, rank)
+        view = self._views.get(key)
+        if view is None:
+            rows = self.A_rows[layer][group]
+            S, d_in, _, G = rows.shape
+            view = self._views[key] = rows[:, :, :rank].reshape(S, d_in, rank * G).transpose(1, 2)
+        return view
+
+    def expand_B(self, layer: int, module: str, rank: int) -> torch.Tensor:
+        """(S, d_out, rank): the module's B trimmed to `rank` (cached view)."""
+        key = ("B", layer, module, rank)
+        view = self._views.get(key)
+        if view is None:
+            view = self._views[key] = self.B[layer][module][:, :, :rank]
+        return view
 
     @torch.no_grad()
     def write(self, slot: int, weights: LoraWeights) -> None:
-        """Overwrite `slot` with an adapter: its modules copied in, everything else zero."""
+        """Overwrite `slot` with an adapter: its modules copied in (B scaled), everything else zero."""
         scales = {(m.layer, m.module): (m.rank, m.scale) for m in weights.manifest.modules}
         for layer in range(len(self.A)):
             for m in LORA_TARGETS:
@@ -63,14 +92,12 @@ class LoraStacks:
                 if entry is None:
                     a.zero_()
                     b.zero_()
-                    self.scale[layer][m][slot] = 0.0
                     continue
                 r, scale = entry
                 a[:r].copy_(weights.A[(layer, m)])
                 a[r:].zero_()
-                b[:, :r].copy_(weights.B[(layer, m)])
+                b[:, :r].copy_(weights.B[(layer, m)].float() * scale)
                 b[:, r:].zero_()
-                self.scale[layer][m][slot] = scale
         self.slot_rank[slot] = weights.manifest.rank
         self.slot_modules[slot] = frozenset(module for _, module in scales)
 

@@ -11,7 +11,7 @@ The settings below are transformers' defaults for the same reason:
         of the activations computed in 16 bit).
   nf4:  `Linear4bit(quant_type="nf4", blocksize=64, compress_statistics=False, uint8 storage)`,
         compute dtype = the engine dtype.
-LoRA still runs on top in the engine dtype: LoRALinear adds `scale * (x A^T) B^T` to whatever
+LoRA still runs on top in the engine dtype: `add_lora` adds `scale * (x A^T) B^T` to whatever
 `self.base(x)` returns, so adapters need no change at all.
 
 CPU notes (bitsandbytes >= 0.49 ships a CPU backend): int8 quantizes activations per row and runs

@@ -79,7 +79,9 @@ def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch
         rows, per_slot = _rows(A_stack.transpose(1, 2))
         indices, offsets = m.bags(per_slot, A_stack.shape[2])
         t = F.embedding_bag(indices, rows, offsets, mode="sum", per_sample_weights=_lora_rows(cx, m).reshape(-1))
-        return t[:, :r].mul(scale.index_select(0, m.table_slots).unsqueeze(1).to(t.dtype)).to(x.dtype)
+        if t.shape[1] != r:  # a rank-trimmed view: drop the padding columns read with the rows
+            t = t[:, :r].contiguous()
+        return t.mul_(scale.index_select(0, m.table_slots).unsqueeze_(1)).to(x.dtype)
     t = cx.new_zeros(T, r)
     for s, rows in _segments(m):
         t.index_copy_(0, rows, (cx.index_select(0, rows) @ A_stack[s].T).mul_(scale[s]))

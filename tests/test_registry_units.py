@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
+from safetensors.torch import load_file
+from adapter_factory import TINY_SPEC, _lora_key, write_lora_files, write_prefix_files
 
 from adapters_registry import AdapterError, AdapterRegistry, RegistryConfig, validate_adapter_id
 from adapters_registry.catalog import INDEX_FILE, Catalog, CatalogError
@@ -225,14 +226,20 @@ def test_file_level_refusals(tmp_path):
 
 def test_scales_rslora_and_dtypes(tmp_path):
     reg = make_registry(tmp_path)
-    reg.register("plain", write_lora_files(tmp_path / "p", r=4, alpha=8))
-    reg.register("rs", write_lora_files(tmp_path / "r", r=4, alpha=8, rslora=True, dtype=torch.bfloat16))
+    plain = write_lora_files(tmp_path / "p", r=4, alpha=8)
+    rs = write_lora_files(tmp_path / "r", r=4, alpha=8, rslora=True, dtype=torch.bfloat16)
+    reg.register("plain", plain)
+    reg.register("rs", rs)
     lp, lr = reg.try_acquire("plain"), reg.try_acquire("rs")
     s = reg.stacks
-    assert s.scale[0]["q_proj"][lp.slot].item() == 2.0 and s.scale[0]["q_proj"][lr.slot].item() == 4.0
-    assert s.scale[1]["k_proj"][lp.slot].item() == 0.0  # not targeted
-    assert s.A[0]["k_proj"][lp.slot].abs().sum() == 0 and s.A[0]["q_proj"][lp.slot, 4:].abs().sum() == 0
-    assert s.slot_rank[lp.slot] == 4
+    key = _lora_key(0, "q_proj", "B")
+    # The scale is folded into the stacked B: alpha / r = 2, and alpha / sqrt(r) = 4 with rslora.
+    for lease, folder, scale in ((lp, plain, 2.0), (lr, rs, 4.0)):
+        B = load_file(str(folder / "adapter_model.safetensors"))[key].float()
+        assert torch.equal(s.B[0]["q_proj"][lease.slot, :, :4], B * scale)
+        assert s.B[0]["q_proj"][lease.slot, :, 4:].abs().sum() == 0 and s.A[0]["q_proj"][lease.slot, 4:].abs().sum() == 0
+    assert s.A[0]["k_proj"][lp.slot].abs().sum() == 0 and s.B[1]["k_proj"][lp.slot].abs().sum() == 0  # not targeted
+    assert s.slot_rank[lp.slot] == 4 and s.slot_modules[lp.slot] == {"q_proj", "v_proj"}
 
 
 # -- leases, LRU, refcounts -------------------------------------------------------------------------

@@ -18,7 +18,9 @@ from torch import nn
 
 import kernels
 from engine.attention import AttentionMetadata, KVCache, paged_attention
-from engine.models.spec import ModelSpec
+from engine.models.spec import SHRINK_GROUPS, ModelSpec
+
+QKV, O, GATE_UP, DOWN = SHRINK_GROUPS
 
 
 @dataclass
@@ -28,7 +30,7 @@ class ForwardContext:
     attn: AttentionMetadata
     kv: KVCache
     lora: Any = None                        # kernels.LoraMapping, or None when no token uses an adapter
-    lora_stacks: Any = None                 # registry stacks: .A/.B/.scale[layer][module]
+    lora_stacks: Any = None                 # the registry's LoraStacks: shrink_A / expand_B views
     lora_rank: int = 0                      # largest rank among this step's adapters: stacks are trimmed to it
     lora_modules: frozenset[str] = frozenset()  # target modules of this step's adapters: the others skip LoRA
     cos: torch.Tensor | None = None         # (T, 1, hd) rotary tables for this step's positions, set once
@@ -49,23 +51,32 @@ class RMSNorm(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scale[slot] * (x A[slot]^T) B[slot]^T, with the slot chosen per token."""
+    """A base projection adapters may target. `.base` is an nn.Linear, or its quantized form
+    (engine.quantize); the adapters' deltas are added by `add_lora`, once per shrink group."""
 
-    def __init__(self, base: nn.Module, layer: int, name: str) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
-        self.layer = layer
-        self.name = name
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        y = self.base(x)
-        if ctx.lora is not None and self.name in ctx.lora_modules:
-            stacks, r = ctx.lora_stacks, ctx.lora_rank
-            a = stacks.A[self.layer][self.name][:, :r]                          # (S, r, d_in) view
-            b = stacks.B[self.layer][self.name][:, :, :r]                       # (S, d_out, r) view
-            t = kernels.lora_shrink(x, a, ctx.lora, stacks.scale[self.layer][self.name])
-            kernels.lora_expand(t, b, ctx.lora, y)
-        return y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+
+def add_lora(x: torch.Tensor, outputs: tuple[torch.Tensor, ...], group: tuple[str, ...], layer: int,
+             ctx: ForwardContext) -> None:
+    """outputs[i] += scale * (x A[slot]^T) B[slot]^T for module group[i], the slot chosen per token.
+
+    The group's modules read the same `x`, so one shrink computes every module's t (their A
+    matrices sit side by side in the slot stacks); then one expand per module the step's adapters
+    target. Tokens of the bare base model are left alone.
+    """
+    if ctx.lora is None or ctx.lora_modules.isdisjoint(group):
+        return
+    stacks, r, G = ctx.lora_stacks, ctx.lora_rank, len(group)
+    t = kernels.lora_shrink(x, stacks.shrink_A(layer, group, r), ctx.lora, stacks.ones)   # (T, r * G)
+    for i, (module, y) in enumerate(zip(group, outputs)):
+        if module in ctx.lora_modules:
+            kernels.lora_expand(t[:, i::G], stacks.expand_B(layer, module, r), ctx.lora, y)
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
@@ -102,32 +113,42 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         d = spec.hidden_size
-        self.q_proj = LoRALinear(_linear(d, self.nh * self.hd), layer, "q_proj")
-        self.k_proj = LoRALinear(_linear(d, self.nkv * self.hd), layer, "k_proj")
-        self.v_proj = LoRALinear(_linear(d, self.nkv * self.hd), layer, "v_proj")
-        self.o_proj = LoRALinear(_linear(self.nh * self.hd, d), layer, "o_proj")
+        self.q_proj = LoRALinear(_linear(d, self.nh * self.hd))
+        self.k_proj = LoRALinear(_linear(d, self.nkv * self.hd))
+        self.v_proj = LoRALinear(_linear(d, self.nkv * self.hd))
+        self.o_proj = LoRALinear(_linear(self.nh * self.hd, d))
         self.layer = layer
         self.scale = 1.0 / math.sqrt(self.hd)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = x.shape[0]
-        q = RotaryEmbedding.rotate(self.q_proj(x, ctx).view(T, self.nh, self.hd), ctx)   # (T, nh, hd)
-        k = RotaryEmbedding.rotate(self.k_proj(x, ctx).view(T, self.nkv, self.hd), ctx)  # (T, nkv, hd)
-        v = self.v_proj(x, ctx).view(T, self.nkv, self.hd)
-        o = paged_attention(q, k, v, ctx.kv.k[self.layer], ctx.kv.v[self.layer], ctx.attn, self.scale)
-        return self.o_proj(o.reshape(T, self.nh * self.hd), ctx)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        add_lora(x, (q, k, v), QKV, self.layer, ctx)
+        q = RotaryEmbedding.rotate(q.view(T, self.nh, self.hd), ctx)    # (T, nh, hd)
+        k = RotaryEmbedding.rotate(k.view(T, self.nkv, self.hd), ctx)   # (T, nkv, hd)
+        o = paged_attention(q, k, v.view(T, self.nkv, self.hd), ctx.kv.k[self.layer], ctx.kv.v[self.layer],
+                            ctx.attn, self.scale).reshape(T, self.nh * self.hd)
+        out = self.o_proj(o)
+        add_lora(o, (out,), O, self.layer, ctx)
+        return out
 
 
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
         d, ff = spec.hidden_size, spec.intermediate_size
-        self.gate_proj = LoRALinear(_linear(d, ff), layer, "gate_proj")
-        self.up_proj = LoRALinear(_linear(d, ff), layer, "up_proj")
-        self.down_proj = LoRALinear(_linear(ff, d), layer, "down_proj")
+        self.gate_proj = LoRALinear(_linear(d, ff))
+        self.up_proj = LoRALinear(_linear(d, ff))
+        self.down_proj = LoRALinear(_linear(ff, d))
+        self.layer = layer
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        add_lora(x, (gate, up), GATE_UP, self.layer, ctx)
+        h = F.silu(gate) * up
+        out = self.down_proj(h)
+        add_lora(h, (out,), DOWN, self.layer, ctx)
+        return out
 
 
 class DecoderLayer(nn.Module):

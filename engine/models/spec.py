@@ -7,6 +7,9 @@ from pathlib import Path
 
 # peft target-module names of the projections our model can apply LoRA to, in layer order.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Targets that read the same input, in LORA_TARGETS order: each group's LoRA runs one shrink.
+SHRINK_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("o_proj",),
+                                              ("gate_proj", "up_proj"), ("down_proj",))
 
 
 @dataclass(frozen=True)
