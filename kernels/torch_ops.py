@@ -8,7 +8,13 @@ Twins of ``kernels.triton_ops`` with identical signatures. Strategies, picked pe
   sum of its slot's rows of A^T weighted by its input features, its expand the sum of its slot's
   rows of B^T weighted by ``t``. Needs row-major stacks, the layout of the registry's slots
   (``A`` a transposed view of (S, d_in, r_max), ``B`` of (S, r_max, d_out)).
-* ``segments`` one matmul per distinct adapter: the fallback for any other layout.
+* ``segments`` one matmul per distinct adapter: the fallback for other layouts.
+* ``runs``     float32 stacks, the exactness dtype: one matmul per sequence, on contiguous copies
+  of its adapter's A and B. These are the BLAS calls peft's ``nn.Linear`` makes for that request
+  alone, and BLAS results depend on how many rows a call has, so this keeps a request's numerics
+  independent of its batch mates and equal to peft's bit for bit. A quantized base needs that:
+  bitsandbytes' CPU nf4 kernel rounds its input to bf16 and turns a 1-ulp difference into a
+  different token. It costs a matmul pair per sequence: serve in bf16 for speed.
 
 Why bagged: decode batches give each adapter one or a few tokens, so the work is reading each
 used adapter's weights once, with little math. Per-adapter matmuls (``torch.mm``, grouped
@@ -83,8 +89,13 @@ def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch
             t = t[:, :r].contiguous()
         return t.mul_(scale.index_select(0, m.table_slots).unsqueeze_(1)).to(x.dtype)
     t = cx.new_zeros(T, r)
-    for s, rows in _segments(m):
-        t.index_copy_(0, rows, (cx.index_select(0, rows) @ A_stack[s].T).mul_(scale[s]))
+    if how == "runs":
+        weights = _contiguous_per_slot(A_stack, m)
+        for a, n, s in m.runs_host:
+            t[a:a + n] = (cx[a:a + n] @ weights[s].T).mul_(scale[s])
+    else:
+        for s, rows in _segments(m):
+            t.index_copy_(0, rows, (cx.index_select(0, rows) @ A_stack[s].T).mul_(scale[s]))
     return t.to(x.dtype)
 
 
@@ -97,6 +108,10 @@ def _expand(t: torch.Tensor, B_stack: torch.Tensor, m: LoraMapping, y: torch.Ten
     ct = t.to(B_stack.dtype)
     if how == "single":
         y_view.add_(ct @ B_stack[m.single_slot].T)
+    elif how == "runs":
+        weights = _contiguous_per_slot(B_stack, m)
+        for a, n, s in m.runs_host:
+            y_view[a:a + n] += ct[a:a + n].contiguous() @ weights[s].T
     elif how == "bagged":
         # y[i] += sum_j t[i, j] * B[s_i, :, j]: a weighted sum of slot s_i's rows (j, :) of B^T.
         rows, per_slot = _rows(B_stack.transpose(1, 2))
@@ -137,7 +152,13 @@ def _segments(m: LoraMapping):
         yield s, m.order[a:a + n]
 
 
+def _contiguous_per_slot(stack: torch.Tensor, m: LoraMapping) -> dict[int, torch.Tensor]:
+    return {s: stack[s].contiguous() for s in m.seg_slots_host}
+
+
 def _pick(m: LoraMapping, stack: torch.Tensor) -> str:
+    if stack.dtype == torch.float32:
+        return "runs"
     if m.single_slot is not None:
         return "single"
     return "bagged" if _has_rows(stack.transpose(1, 2)) else "segments"

@@ -137,13 +137,14 @@ def test_torch_path_matches_reference(dtype, r, d, T, mix):
     run_ops(kernels.lora_shrink, kernels.lora_expand, c, LoraMapping.from_slots(c["slots"]))
 
 
-@pytest.mark.parametrize("how", ["bagged", "segments", "single"])
+@pytest.mark.parametrize("how", ["bagged", "segments", "single", "runs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_torch_strategy_matches_reference(dtype, how):
     """_pick chooses by batch and layout; each strategy must be right wherever it is chosen."""
     c = make_case(dtype, 16, 576, 32, "one" if how == "single" else "zipf", seed=3, rows=how != "segments")
     m = LoraMapping.from_slots(c["slots"])
-    assert torch_ops._pick(m, c["A"]) == how and torch_ops._pick(m, c["B"]) == how
+    if (dtype == torch.float32) == (how == "runs"):  # float32 stacks always take "runs"
+        assert torch_ops._pick(m, c["A"]) == how and torch_ops._pick(m, c["B"]) == how
     run_ops(lambda x, A, m_, s: torch_ops._shrink(x, A, m_, s, how),
             lambda t, B, m_, y, o: torch_ops._expand(t, B, m_, y, o, how), c, m)
 
@@ -174,14 +175,14 @@ def test_bagged_reads_only_the_rows_of_its_stack():
     S, d, r, T = 6, 40, 8, 9
     slots = torch.tensor([0, 5, -1, 3, 5, 1, -1, 2, 4])
     m = LoraMapping.from_slots(slots)
-    x, scale = torch.randn(T, d, generator=gen), torch.rand(S, generator=gen) + 0.5
-    buf = torch.randn(S, d, r + 4, generator=gen)
+    x, scale = torch.randn(T, d, generator=gen).bfloat16(), torch.rand(S, generator=gen) + 0.5
+    buf = torch.randn(S, d, r + 4, generator=gen).bfloat16()
     inner = buf[:, :, 2:2 + r].transpose(1, 2)  # rows of r + 4, starting 2 in: the last row overruns
     tail = buf[:, :, :r].transpose(1, 2)        # rows start at 0: fit
     assert torch_ops._pick(m, tail) == "bagged" and torch_ops._pick(m, inner) == "segments"
     for A in (inner, tail):
         t = kernels.lora_shrink(x, A, m, scale)
-        torch.testing.assert_close(t.double(), shrink_ref(x, A, slots, scale), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t.double(), shrink_ref(x, A, slots, scale), **TOL[torch.bfloat16])
 
 
 def test_fused_projection_slices():
@@ -221,6 +222,26 @@ def test_mapping_groups_tokens_by_slot():
     indices, offsets = m.bags(10, 2)  # rows 10 * slot + (0, 1); base tokens get empty bags
     assert indices.tolist() == [20, 21, 0, 1, 20, 21, 50, 51, 0, 1, 20, 21]
     assert offsets.tolist() == [0, 2, 2, 4, 6, 8, 8, 10]
+
+
+def test_mapping_runs_per_sequence():
+    slots = torch.tensor([2, 2, 2, -1, 2, 2, 0, 0])
+    assert LoraMapping.from_slots(slots).runs_host == ((0, 3, 2), (4, 2, 2), (6, 2, 0))  # equal-slot runs
+    m = LoraMapping.from_slots(slots, seq_lens=[2, 1, 1, 1, 1, 2])  # two sequences of one adapter stay apart
+    assert m.runs_host == ((0, 2, 2), (2, 1, 2), (4, 1, 2), (5, 1, 2), (6, 2, 0))
+    with pytest.raises(ValueError):
+        LoraMapping.from_slots(slots, seq_lens=[3, 3])
+
+
+def test_runs_are_batch_invariant():
+    """float32: a sequence's LoRA output is bit-identical whatever else shares its batch."""
+    c = make_case(torch.float32, 16, 576, 32, "runs", seed=12)
+    x, A, scale = c["x"][:8].nan_to_num(), c["A"], c["scale"]
+    alone = kernels.lora_shrink(x, A, LoraMapping.from_slots(torch.full((8,), 3), seq_lens=[8]), scale)
+    batch = torch.cat([torch.randn(5, 576), x, torch.randn(3, 576)])
+    slots = torch.tensor([3] * 5 + [3] * 8 + [0] * 3)
+    mixed = kernels.lora_shrink(batch, A, LoraMapping.from_slots(slots, seq_lens=[5, 8, 3]), scale)
+    assert torch.equal(mixed[5:13], alone)
 
 
 def test_mapping_flags():

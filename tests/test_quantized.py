@@ -35,6 +35,7 @@ from tests.adapter_factory import load_peft_model, make_adapters
 
 NEW_TOKENS = 12
 LOGIT_TOL = 1e-3
+NEAR_TIE = 0.5         # top-2 logit margin under which nf4's bf16 input rounding may swap greedy tokens
 PROMPTS = ["The capital of France is", "def square(x):", "Three facts about owls:"]
 ADAPTERS = {
     "lora": {"kind": "lora", "r": 16, "alpha": 32, "targets": "all-linear", "seed": 2, "b_std": 0.04},
@@ -165,7 +166,7 @@ def test_mixed_batch(engine, reference, tokenizer, mode):
     """Base, LoRA and prefix requests (3 prompts each) in the same steps on the quantized base.
 
     nf4: each request's first-step logits are what it gets alone (within LOGIT_TOL) and its greedy
-    tokens are transformers'. int8: LLM.int8() computes in 16 bit every activation column that holds
+    tokens are transformers', or part from them only at a near tie (see _check_parting_is_a_near_tie). int8: LLM.int8() computes in 16 bit every activation column that holds
     an outlier (|x| > 6) in ANY row of the matmul, so a request's numerics depend on its batch mates
     (in transformers too): measured here, first-step logits move by up to ~3 and greedy tokens can
     part on near ties. So for int8 we check that this is the only coupling: with the outlier
@@ -192,7 +193,25 @@ def test_mixed_batch(engine, reference, tokenizer, mode):
     assert engine.stats.batch_sizes[first_step] == len(jobs)      # all of them in the same steps
     assert all(len(s.output_token_ids) == NEW_TOKENS for s in seqs)
     if mode == "nf4":
-        assert [s.output_token_ids for s in seqs] == [reference[job][0] for job in jobs]
+        for job, seq in zip(jobs, seqs):
+            _check_parting_is_a_near_tie(engine, job, prompts[job[1]], seq.output_token_ids, reference[job][0])
+
+
+def _check_parting_is_a_near_tie(engine: LLMEngine, job, prompt: list[int], got: list[int], ref: list[int]) -> None:
+    """Mixed-batch greedy tokens on nf4 equal transformers' alone, or part from them only at a near tie.
+
+    bitsandbytes' CPU nf4 kernel rounds its input to bf16, so a 1-ulp difference upstream (decode
+    attention over a padded batch, a BLAS call whose blocking depends on its row count) can flip one
+    rounding and move the logits by a few tenths; at a near tie that parts greedy tokens, as it
+    does in transformers' own batched generation. The first step is checked exactly above.
+    """
+    if got == ref:
+        return
+    j = next(k for k, (a, b) in enumerate(zip(got, ref)) if a != b)
+    logits = _first_step_logits(engine, [(job[0], 0)], [prompt + ref[:j]])[0]   # the lone run at the parting
+    top = logits.topk(2)
+    assert set(top.indices.tolist()) == {got[j], ref[j]}, (job, j)
+    assert top.values[0] - top.values[1] < NEAR_TIE, (job, j, top.values)
 
 
 def _expected_weight_bytes(spec: ModelSpec, mode: str) -> tuple[int, int]:
