@@ -1,6 +1,7 @@
 """End-to-end generation throughput with many adapters in one batch, vs peft, on this CPU.
 
-    python -m benchmarks.bench_mixed [--dtype bfloat16] [--requests 32] [--tokens 32]
+    python -m benchmarks.bench_mixed [--dtype bfloat16] [--requests 32] [--tokens 32] [--rounds 3]
+                                     [--rank 16] [--targets q_proj,k_proj,v_proj,o_proj]
 
 Same machine, same dtype, one run. loramux: (mixed) N requests over N distinct adapters,
 (single) N requests on one adapter, (base) N requests on the bare base model. peft: (peft_mixed)
@@ -35,11 +36,11 @@ RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def write_adapters(root: Path, spec: ModelSpec, n: int) -> list[Path]:
+def write_adapters(root: Path, spec: ModelSpec, n: int, rank: int = RANK, targets=TARGETS) -> list[Path]:
     from tests.adapter_factory import write_small_lora
     paths = []
     for i in range(n):
-        write_small_lora(root / f"a{i}", spec, seed=i, r=RANK, targets=TARGETS)
+        write_small_lora(root / f"a{i}", spec, seed=i, r=rank, targets=targets)
         paths.append(root / f"a{i}")
     return paths
 
@@ -72,16 +73,17 @@ def time_peft(model, tokenizer, prompts, names, tokens: int, swap: bool) -> floa
     return len(prompts) * tokens / (time.perf_counter() - t0)
 
 
-def run(dtype: str = "bfloat16", n: int = 32, tokens: int = 32, rounds: int = 3) -> dict:
+def run(dtype: str = "bfloat16", n: int = 32, tokens: int = 32, rounds: int = 3, rank: int = RANK,
+        targets: tuple[str, ...] = TARGETS) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model_dir = resolve_model(None)
     spec = ModelSpec.from_dir(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_adapters(Path(tmp) / "adapters", spec, n)
+        paths = write_adapters(Path(tmp) / "adapters", spec, n, rank, targets)
         ids = [p.name for p in paths]
-        econf = EngineConfig(model_dir, dtype=dtype, max_loras=n, max_lora_rank=RANK, kv_cache_bytes=256 << 20)
+        econf = EngineConfig(model_dir, dtype=dtype, max_loras=n, max_lora_rank=rank, kv_cache_bytes=256 << 20)
         engine, _ = build_engine(econf, Path(tmp) / "data", dict(zip(ids, paths)))
         prompts = make_prompts(engine.tokenizer, n)
         res = time_engine(engine, prompts, {"mixed": ids, "single": [ids[0]] * n, "base": [None] * n},
@@ -98,7 +100,7 @@ def run(dtype: str = "bfloat16", n: int = 32, tokens: int = 32, rounds: int = 3)
               "mixed_over_single": round(res["mixed"] / res["single"], 2),
               "mixed_over_peft_mixed": round(res["mixed"] / res["peft_mixed"], 2),
               "mixed_over_peft_swap": round(res["mixed"] / res["peft_swap"], 2)}
-    return {"dtype": dtype, "requests": n, "new_tokens": tokens, "rounds": rounds, "rank": RANK, "targets": TARGETS,
+    return {"dtype": dtype, "requests": n, "new_tokens": tokens, "rounds": rounds, "rank": rank, "targets": targets,
             "tokens_per_s": res, "ratios": ratios,
             "goals": {"mixed_over_base >= 0.85": ratios["mixed_over_base"] >= 0.85,
                       "mixed_over_peft_mixed >= 2": ratios["mixed_over_peft_mixed"] >= 2}}
@@ -110,12 +112,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rank", type=int, default=RANK)
+    ap.add_argument("--targets", default=",".join(TARGETS))
     args = ap.parse_args()
+    targets = tuple(args.targets.split(","))
     torch.set_num_threads(2)
-    result = run(args.dtype, args.requests, args.tokens, args.rounds)
+    result = run(args.dtype, args.requests, args.tokens, args.rounds, args.rank, targets)
     print(result)
-    print(write_results(f"mixed_{args.dtype}", result, "python -m benchmarks.bench_mixed " +
-                        f"--dtype {args.dtype} --requests {args.requests} --tokens {args.tokens} --rounds {args.rounds}"))
+    name = f"mixed_{args.dtype}" if (args.rank, targets) == (RANK, TARGETS) else \
+        f"mixed_{args.dtype}_r{args.rank}_{'_'.join(t.removesuffix('_proj') for t in targets)}"
+    print(write_results(name, result, "python -m benchmarks.bench_mixed " +
+                        f"--dtype {args.dtype} --requests {args.requests} --tokens {args.tokens} "
+                        f"--rounds {args.rounds} --rank {args.rank} --targets {args.targets}"))
 
 
 if __name__ == "__main__":
