@@ -13,7 +13,7 @@ CPU path's embedding bag reads in place (``kernels.torch_ops``); Triton takes an
     B[l][m]  (S, d_out, r_max)  scale * lora_B, a transposed view of row-major (S, r_max, d_out)
 
 The LoRA scale (alpha / r, or alpha / sqrt(r)) is folded into B when a slot is written, so one
-shrink serves modules of different scales; the kernels get ``ones`` as their scale. Padding beyond
+shrink serves modules of different scales; the kernels are called with ``scale=None``. Padding beyond
 an adapter's rank is zero, so ``y += (x @ A[s].T) @ B[s].T`` is exact whatever its rank.
 Allocated once for all 7 targets, so loading an adapter is a copy, never an allocation, and tensor
 identities stay fixed for the engine (and CUDA graphs).
@@ -52,7 +52,6 @@ class LoraStacks:
             self.A_rows.append(rows)
             self.A.append(a)
             self.B.append(b)
-        self.ones = torch.ones(num_slots, dtype=torch.float32, device=device)  # the kernels' scale: folded into B
         self.slot_rank = [0] * num_slots  # largest rank loaded in each slot (0: empty); lets kernels trim r_max
         # Target modules of the adapter in each slot: a step skips the modules none of its adapters has.
         self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots

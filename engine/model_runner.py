@@ -45,7 +45,6 @@ class ModelRunner:
         positions: list[torch.Tensor] = []
         slot_mapping: list[torch.Tensor] = []
         token_slots: list[int] = []
-        seq_lens: list[int] = []            # tokens per sequence, in order: LoRA runs per sequence
         spans: list[PrefillSpan] = []
         logit_rows: list[int] = []
         for seq in batch.prefills:
@@ -57,7 +56,6 @@ class ModelRunner:
             positions.append(torch.arange(start, end))
             slot_mapping.append(self._slots(seq, start, end))
             token_slots.extend([seq.lora_slot] * (end - start))
-            seq_lens.append(end - start)
             if start == 0:
                 spans.append(PrefillSpan(row, len(ids), None, None))
             else:
@@ -81,7 +79,6 @@ class ModelRunner:
                 decode_slots[i, :n] = ctx_slots
                 decode_mask[i, ..., :n] = True
                 token_slots.append(seq.lora_slot)
-                seq_lens.append(1)
                 logit_rows.append(len(ids) - 1)
             # An additive mask in the model dtype, built once per step (SDPA would convert a bool one per layer).
             decode_mask = torch.zeros(decode_mask.shape, dtype=self.kv.k[0].dtype).masked_fill_(
@@ -98,7 +95,7 @@ class ModelRunner:
             rank = max(stacks.slot_rank[s] for s in used)
             modules = frozenset().union(*(stacks.slot_modules[s] for s in used))
             lora = kernels.LoraMapping.from_slots(torch.tensor(token_slots, dtype=torch.long, device=dev),
-                                                  decode=not batch.prefills, seq_lens=seq_lens)
+                                                  decode=not batch.prefills)
         ctx = ForwardContext(positions=torch.cat(positions).to(dev), attn=attn, kv=self.kv, lora=lora,
                              lora_stacks=self.lora_stacks, lora_rank=rank, lora_modules=modules)
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, torch.tensor(logit_rows, device=dev)

@@ -30,8 +30,9 @@ __all__ = ["LoraMapping", "lora_expand", "lora_shrink"]
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
-                scale: torch.Tensor) -> torch.Tensor:
-    """Per-token adapter down-projection, scaled.
+                scale: torch.Tensor | None) -> torch.Tensor:
+    """Per-token adapter down-projection, scaled (``scale=None``: 1 for every slot, for stacks that
+    fold each adapter's scale into B, as the registry's do).
 
     x (T, d_in), A_stack (S, r_max, d_in), scale (S,) float32  ->  t (T, r_max) in x.dtype::
 

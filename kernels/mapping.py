@@ -40,9 +40,6 @@ class LoraMapping:
     seg_slots: torch.Tensor
     seg_starts: torch.Tensor
     seg_lens: torch.Tensor
-    # (start, length, slot) of each sequence that uses an adapter, in token order: per-sequence
-    # matmuls make a request's LoRA numerics independent of its batch mates ("runs" strategy).
-    runs_host: tuple[tuple[int, int, int], ...]
     seg_slots_host: tuple[int, ...]
     seg_starts_host: tuple[int, ...]
     seg_lens_host: tuple[int, ...]
@@ -54,14 +51,10 @@ class LoraMapping:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_slots(cls, token_slots: torch.Tensor, *, decode: bool | None = None,
-                   seq_lens: list[int] | None = None) -> LoraMapping:
+    def from_slots(cls, token_slots: torch.Tensor, *, decode: bool | None = None) -> LoraMapping:
         """Group ``token_slots`` (T,) by slot. ``decode`` picks the Triton variant, gathered BGMV (True)
         or segmented SGMV (False); ``None`` infers it from the mean number of tokens per adapter. The
         CPU path picks its own strategy from the grouping and ignores it.
-
-        ``seq_lens``: the batch's sequences, as token counts in order (each sequence one adapter);
-        without it every run of equal slots counts as one sequence. See ``runs_host``.
 
         One device -> host copy of the per-adapter table happens here (once per step).
         """
@@ -83,21 +76,8 @@ class LoraMapping:
         num_lora = len(slots) - num_base
         if decode is None:
             decode = num_lora < _GATHER_BELOW_TOKENS_PER_ADAPTER * max(1, len(lens_host))
-        host = slots.tolist()
-        lens = seq_lens if seq_lens is not None else [1] * len(host)
-        if sum(lens) != len(host):
-            raise ValueError(f"seq_lens sum to {sum(lens)}, but there are {len(host)} tokens")
-        runs, start = [], 0
-        for n in lens:
-            if n and host[start] >= 0:
-                if seq_lens is None and runs and runs[-1][2] == host[start] and sum(runs[-1][:2]) == start:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + n, host[start])  # extend a run of equal slots
-                else:
-                    runs.append((start, n, host[start]))
-            start += n
         return cls(
             token_slots=slots,
-            runs_host=tuple(runs),
             order=order,
             sorted_slots=sorted_slots,
             seg_slots=seg_slots,

@@ -22,12 +22,13 @@ def _f64(a: torch.Tensor) -> np.ndarray:
     return (a if a.dtype == torch.float64 else a.float()).numpy().astype(np.float64)
 
 
-def shrink_ref(x: torch.Tensor, A_stack: torch.Tensor, mapping, scale: torch.Tensor) -> torch.Tensor:
+def shrink_ref(x: torch.Tensor, A_stack: torch.Tensor, mapping, scale: torch.Tensor | None) -> torch.Tensor:
     """t[i] = scale[slot[i]] * x[i] @ A_stack[slot[i]].T, rows with slot -1 are 0.
 
     x (T, d_in), A_stack (S, r, d_in), scale (S,)  ->  t (T, r) float64
     """
-    x64, a64, s64 = _f64(x), _f64(A_stack), _f64(scale)
+    x64, a64 = _f64(x), _f64(A_stack)
+    s64 = np.ones(A_stack.shape[0]) if scale is None else _f64(scale)
     t = np.zeros((x.shape[0], A_stack.shape[1]))
     for i, s in enumerate(_slots(mapping)):
         if s >= 0:

@@ -9,12 +9,12 @@ Twins of ``kernels.triton_ops`` with identical signatures. Strategies, picked pe
   rows of B^T weighted by ``t``. Needs row-major stacks, the layout of the registry's slots
   (``A`` a transposed view of (S, d_in, r_max), ``B`` of (S, r_max, d_out)).
 * ``segments`` one matmul per distinct adapter: the fallback for other layouts.
-* ``runs``     float32 stacks, the exactness dtype: one matmul per sequence, on contiguous copies
-  of its adapter's A and B. These are the BLAS calls peft's ``nn.Linear`` makes for that request
-  alone, and BLAS results depend on how many rows a call has, so this keeps a request's numerics
-  independent of its batch mates and equal to peft's bit for bit. A quantized base needs that:
-  bitsandbytes' CPU nf4 kernel rounds its input to bf16 and turns a 1-ulp difference into a
-  different token. It costs a matmul pair per sequence: serve in bf16 for speed.
+
+``single`` multiplies contiguous copies of the adapter's A and B: the very BLAS calls peft's
+``nn.Linear`` makes, so a lone request's LoRA matches peft's bit for bit. A quantized base needs
+that: bitsandbytes' CPU nf4 kernel rounds its input to bf16 and turns a 1-ulp difference into a
+different token. A mixed batch's embedding bags sum in another order, as peft's own mixed batches
+(one matmul per adapter, its row count changing the BLAS blocking) differ from lone runs.
 
 Why bagged: decode batches give each adapter one or a few tokens, so the work is reading each
 used adapter's weights once, with little math. Per-adapter matmuls (``torch.mm``, grouped
@@ -34,13 +34,12 @@ columns, so size ``max_lora_rank`` to the adapters served.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kernels.mapping import LoraMapping, as_mapping
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
-                scale: torch.Tensor) -> torch.Tensor:
+                scale: torch.Tensor | None) -> torch.Tensor:
     """t = shrink(x): each token's input through its adapter's A, times that adapter's scale.
 
     x (T, d_in), A_stack (S, r, d_in), scale (S,) float32  ->  t (T, r) in x.dtype::
@@ -71,31 +70,40 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     _expand(t, B_stack, m, y, y_offset, _pick(m, B_stack))
 
 
-def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch.Tensor,
+class _Ones:
+    """scale=None: every slot's scale is 1 (multiplying by it is skipped)."""
+
+    def __getitem__(self, slot: int) -> float:
+        return 1.0
+
+
+_ONES = _Ones()
+
+
+def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch.Tensor | None,
             how: str) -> torch.Tensor:
     T, r = x.shape[0], A_stack.shape[1]
     if not m.any_lora:
         return x.new_zeros(T, r)
     cx = x.to(A_stack.dtype)  # compute dtype = stack dtype (no-op unless stacks are float32)
+    if scale is None:
+        scale = _ONES
     if how == "single":
         s = m.single_slot
-        return (cx @ A_stack[s].T).mul_(scale[s]).to(x.dtype)  # (T, r)
+        return (cx @ A_stack[s].contiguous().T).mul_(scale[s]).to(x.dtype)  # (T, r)
     if how == "bagged":
         # t[i] = sum_k x[i, k] * A[s_i, :, k]: a weighted sum of slot s_i's rows (k, :) of A^T.
         rows, per_slot = _rows(A_stack.transpose(1, 2))
         indices, offsets = m.bags(per_slot, A_stack.shape[2])
-        t = F.embedding_bag(indices, rows, offsets, mode="sum", per_sample_weights=_lora_rows(cx, m).reshape(-1))
+        t = _bag_sum(rows, indices, offsets, _lora_rows(cx, m))
         if t.shape[1] != r:  # a rank-trimmed view: drop the padding columns read with the rows
             t = t[:, :r].contiguous()
-        return t.mul_(scale.index_select(0, m.table_slots).unsqueeze_(1)).to(x.dtype)
+        if scale is not _ONES:
+            t.mul_(scale.index_select(0, m.table_slots).unsqueeze_(1))
+        return t.to(x.dtype)
     t = cx.new_zeros(T, r)
-    if how == "runs":
-        weights = _contiguous_per_slot(A_stack, m)
-        for a, n, s in m.runs_host:
-            t[a:a + n] = (cx[a:a + n] @ weights[s].T).mul_(scale[s])
-    else:
-        for s, rows in _segments(m):
-            t.index_copy_(0, rows, (cx.index_select(0, rows) @ A_stack[s].T).mul_(scale[s]))
+    for s, rows in _segments(m):
+        t.index_copy_(0, rows, (cx.index_select(0, rows) @ A_stack[s].T).mul_(scale[s]))
     return t.to(x.dtype)
 
 
@@ -107,16 +115,12 @@ def _expand(t: torch.Tensor, B_stack: torch.Tensor, m: LoraMapping, y: torch.Ten
     y_view = y[:, y_offset:y_offset + d_out]  # (T, d_out) view: writes land in y
     ct = t.to(B_stack.dtype)
     if how == "single":
-        y_view.add_(ct @ B_stack[m.single_slot].T)
-    elif how == "runs":
-        weights = _contiguous_per_slot(B_stack, m)
-        for a, n, s in m.runs_host:
-            y_view[a:a + n] += ct[a:a + n].contiguous() @ weights[s].T
+        y_view.add_(ct.contiguous() @ B_stack[m.single_slot].contiguous().T)
     elif how == "bagged":
         # y[i] += sum_j t[i, j] * B[s_i, :, j]: a weighted sum of slot s_i's rows (j, :) of B^T.
         rows, per_slot = _rows(B_stack.transpose(1, 2))
         indices, offsets = m.bags(per_slot, B_stack.shape[2])
-        out = F.embedding_bag(indices, rows, offsets, mode="sum", per_sample_weights=_lora_rows(ct, m).reshape(-1))
+        out = _bag_sum(rows, indices, offsets, _lora_rows(ct, m))
         y_view.add_(out[:, :d_out])
     else:
         for s, rows in _segments(m):
@@ -141,6 +145,12 @@ def _has_rows(stack_t: torch.Tensor) -> bool:
     return table_end * stack_t.element_size() <= stack_t.untyped_storage().nbytes()
 
 
+def _bag_sum(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per bag, the sum of its rows weighted by ``weights`` (one per index): the ATen op itself,
+    without ``F.embedding_bag``'s argument checks (the mapping built these arguments)."""
+    return torch.embedding_bag(rows, indices, offsets, False, 0, False, weights.reshape(-1))[0]
+
+
 def _lora_rows(a: torch.Tensor, m: LoraMapping) -> torch.Tensor:
     """The rows of the LoRA tokens, in token order (the per-sample weights of the bags)."""
     return a if m.all_lora else a.index_select(0, m.lora_tokens)
@@ -152,13 +162,7 @@ def _segments(m: LoraMapping):
         yield s, m.order[a:a + n]
 
 
-def _contiguous_per_slot(stack: torch.Tensor, m: LoraMapping) -> dict[int, torch.Tensor]:
-    return {s: stack[s].contiguous() for s in m.seg_slots_host}
-
-
 def _pick(m: LoraMapping, stack: torch.Tensor) -> str:
-    if stack.dtype == torch.float32:
-        return "runs"
     if m.single_slot is not None:
         return "single"
     return "bagged" if _has_rows(stack.transpose(1, 2)) else "segments"

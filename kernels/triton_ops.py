@@ -284,7 +284,7 @@ def bgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
-                scale: torch.Tensor) -> torch.Tensor:
+                scale: torch.Tensor | None) -> torch.Tensor:
     """x (T, d_in), A_stack (S, r, d_in), scale (S,) float32  ->  t (T, r) in x.dtype::
 
         t[i] = scale[slot[i]] * x[i] @ A_stack[slot[i]].T   (0 where slot[i] == -1)
@@ -292,6 +292,8 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
     BGMV when ``mapping.decode``, else SGMV.
     """
     m = as_mapping(mapping)
+    if scale is None:  # adapters whose scale is folded into B
+        scale = torch.ones(A_stack.shape[0], dtype=torch.float32, device=x.device)
     return (bgmv_shrink if m.decode else sgmv_shrink)(x, A_stack, m, scale)
 
 

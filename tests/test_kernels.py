@@ -137,14 +137,13 @@ def test_torch_path_matches_reference(dtype, r, d, T, mix):
     run_ops(kernels.lora_shrink, kernels.lora_expand, c, LoraMapping.from_slots(c["slots"]))
 
 
-@pytest.mark.parametrize("how", ["bagged", "segments", "single", "runs"])
+@pytest.mark.parametrize("how", ["bagged", "segments", "single"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_torch_strategy_matches_reference(dtype, how):
     """_pick chooses by batch and layout; each strategy must be right wherever it is chosen."""
     c = make_case(dtype, 16, 576, 32, "one" if how == "single" else "zipf", seed=3, rows=how != "segments")
     m = LoraMapping.from_slots(c["slots"])
-    if (dtype == torch.float32) == (how == "runs"):  # float32 stacks always take "runs"
-        assert torch_ops._pick(m, c["A"]) == how and torch_ops._pick(m, c["B"]) == how
+    assert torch_ops._pick(m, c["A"]) == how and torch_ops._pick(m, c["B"]) == how
     run_ops(lambda x, A, m_, s: torch_ops._shrink(x, A, m_, s, how),
             lambda t, B, m_, y, o: torch_ops._expand(t, B, m_, y, o, how), c, m)
 
@@ -185,6 +184,17 @@ def test_bagged_reads_only_the_rows_of_its_stack():
         torch.testing.assert_close(t.double(), shrink_ref(x, A, slots, scale), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scale_none_means_one(dtype):
+    """scale=None (the registry folds each adapter's scale into B) is a scale of 1 for every slot."""
+    c = make_case(dtype, 8, 100, 7, "interleaved", seed=13)
+    m = LoraMapping.from_slots(c["slots"])
+    t = kernels.lora_shrink(c["x"], c["A"], m, None)
+    ref = shrink_ref(c["x"], c["A"], c["slots"], None)
+    torch.testing.assert_close(t.double()[~c["base"]], ref[~c["base"]], **TOL[dtype])
+    assert not t[c["base"]].any()
+
+
 def test_fused_projection_slices():
     """q/k/v expanded into one y at their offsets: each slice gets its own adapter delta only."""
     gen = torch.Generator().manual_seed(8)
@@ -222,26 +232,6 @@ def test_mapping_groups_tokens_by_slot():
     indices, offsets = m.bags(10, 2)  # rows 10 * slot + (0, 1); base tokens get empty bags
     assert indices.tolist() == [20, 21, 0, 1, 20, 21, 50, 51, 0, 1, 20, 21]
     assert offsets.tolist() == [0, 2, 2, 4, 6, 8, 8, 10]
-
-
-def test_mapping_runs_per_sequence():
-    slots = torch.tensor([2, 2, 2, -1, 2, 2, 0, 0])
-    assert LoraMapping.from_slots(slots).runs_host == ((0, 3, 2), (4, 2, 2), (6, 2, 0))  # equal-slot runs
-    m = LoraMapping.from_slots(slots, seq_lens=[2, 1, 1, 1, 1, 2])  # two sequences of one adapter stay apart
-    assert m.runs_host == ((0, 2, 2), (2, 1, 2), (4, 1, 2), (5, 1, 2), (6, 2, 0))
-    with pytest.raises(ValueError):
-        LoraMapping.from_slots(slots, seq_lens=[3, 3])
-
-
-def test_runs_are_batch_invariant():
-    """float32: a sequence's LoRA output is bit-identical whatever else shares its batch."""
-    c = make_case(torch.float32, 16, 576, 32, "runs", seed=12)
-    x, A, scale = c["x"][:8].nan_to_num(), c["A"], c["scale"]
-    alone = kernels.lora_shrink(x, A, LoraMapping.from_slots(torch.full((8,), 3), seq_lens=[8]), scale)
-    batch = torch.cat([torch.randn(5, 576), x, torch.randn(3, 576)])
-    slots = torch.tensor([3] * 5 + [3] * 8 + [0] * 3)
-    mixed = kernels.lora_shrink(batch, A, LoraMapping.from_slots(slots, seq_lens=[5, 8, 3]), scale)
-    assert torch.equal(mixed[5:13], alone)
 
 
 def test_mapping_flags():

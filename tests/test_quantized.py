@@ -165,8 +165,12 @@ def _first_step_logits(engine: LLMEngine, jobs: list, prompts: list[list[int]]) 
 def test_mixed_batch(engine, reference, tokenizer, mode):
     """Base, LoRA and prefix requests (3 prompts each) in the same steps on the quantized base.
 
-    nf4: each request's first-step logits are what it gets alone (within LOGIT_TOL) and its greedy
-    tokens are transformers', or part from them only at a near tie (see _check_parting_is_a_near_tie). int8: LLM.int8() computes in 16 bit every activation column that holds
+    nf4: base and prefix requests' first-step logits are what they get alone (within LOGIT_TOL). A LoRA
+    request's differ by less than NEAR_TIE with the same next token (or a near tie): bitsandbytes'
+    CPU nf4 kernel rounds its input to bf16, and in a mixed batch the LoRA products are summed in
+    another order than for a lone request (an embedding bag over all adapters vs one matmul), so an
+    ulp can flip a rounding, as in peft's own mixed batches. Greedy tokens are transformers', or part
+    from them only at a near tie (see _check_parting_is_a_near_tie). int8: LLM.int8() computes in 16 bit every activation column that holds
     an outlier (|x| > 6) in ANY row of the matmul, so a request's numerics depend on its batch mates
     (in transformers too): measured here, first-step logits move by up to ~3 and greedy tokens can
     part on near ties. So for int8 we check that this is the only coupling: with the outlier
@@ -186,7 +190,15 @@ def test_mixed_batch(engine, reference, tokenizer, mode):
         for m in int8:
             m.state.threshold = INT8_THRESHOLD
     diffs = [(a - b).abs().max().item() for a, b in zip(alone, mixed)]
-    assert max(diffs) < LOGIT_TOL, list(zip(jobs, diffs))
+    if mode == "nf4":  # LoRA rows: a mixed batch sums the adapters' products in another order (see below)
+        exact = [(job, d) for job, d in zip(jobs, diffs) if job[0] != "lora"]
+        assert max(d for _, d in exact) < LOGIT_TOL, exact
+        for job, a, b, d in zip(jobs, alone, mixed, diffs):
+            if job[0] == "lora":
+                top = a.topk(2).values
+                assert d < NEAR_TIE and (a.argmax() == b.argmax() or top[0] - top[1] < NEAR_TIE), (job, d)
+    else:
+        assert max(diffs) < LOGIT_TOL, list(zip(jobs, diffs))
 
     first_step = len(engine.stats.batch_sizes)
     seqs = engine.generate([prompts[i] for _, i in jobs], _params(), [v for v, _ in jobs])

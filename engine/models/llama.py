@@ -73,7 +73,7 @@ def add_lora(x: torch.Tensor, outputs: tuple[torch.Tensor, ...], group: tuple[st
     if ctx.lora is None or ctx.lora_modules.isdisjoint(group):
         return
     stacks, r, G = ctx.lora_stacks, ctx.lora_rank, len(group)
-    t = kernels.lora_shrink(x, stacks.shrink_A(layer, group, r), ctx.lora, stacks.ones)   # (T, r * G)
+    t = kernels.lora_shrink(x, stacks.shrink_A(layer, group, r), ctx.lora, None)   # (T, r * G); scale is in B
     for i, (module, y) in enumerate(zip(group, outputs)):
         if module in ctx.lora_modules:
             kernels.lora_expand(t[:, i::G], stacks.expand_B(layer, module, r), ctx.lora, y)
