@@ -22,7 +22,9 @@ start-up are the bytes held while serving.
 Two properties to know (both come from bitsandbytes, and transformers has them too):
   - int8 depends on batch mates: LLM.int8() computes in 16 bit every activation column with an
     outlier (|x| > threshold) in ANY row of the matmul, so a request's logits move (by ~1-3 here)
-    with the other tokens in its step. nf4 is per-row: batching does not change a request.
+    with the other tokens in its step. nf4 is per-row, but on the CPU it rounds its input to bf16:
+    a LoRA request in a mixed batch (its LoRA summed in another order than alone) may see one
+    rounding flip, a few tenths of a logit (tests/test_quantized.py bounds it).
   - never call `state_dict()` on a CPU nf4 model after its first forward: in bitsandbytes 0.50
     `Linear4bit._save_to_state_dict` un-packs the CPU layout without restoring absmax's layout
     (non-nested case) and the next forward computes garbage. Nothing in loramux does.

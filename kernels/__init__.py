@@ -12,7 +12,8 @@ A LoRA projection of a batch of T tokens, token i using adapter slot ``slot[i]``
 
 Conventions (the engine integrator's checklist):
   * ``x``, ``A_stack``, ``B_stack``, ``t`` and ``y`` share one dtype (fp32, bf16 or fp16) and one
-    device; ``scale`` is float32 (S,). Adapters of smaller rank are zero-padded to r_max.
+    device; ``scale`` is float32 (S,), or None for 1 (stacks that fold it into B, as the
+    registry's do). Adapters of smaller rank are zero-padded to r_max.
   * ``mapping`` is a :class:`LoraMapping`, built once per engine step with
     ``LoraMapping.from_slots(token_slots)`` on the batch's device and reused by every layer and
     projection. A raw (T,) slot tensor is accepted too, but is then re-grouped on every call.

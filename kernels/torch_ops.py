@@ -42,7 +42,7 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
                 scale: torch.Tensor | None) -> torch.Tensor:
     """t = shrink(x): each token's input through its adapter's A, times that adapter's scale.
 
-    x (T, d_in), A_stack (S, r, d_in), scale (S,) float32  ->  t (T, r) in x.dtype::
+    x (T, d_in), A_stack (S, r, d_in), scale (S,) float32 or None (1)  ->  t (T, r) in x.dtype::
 
         for i in range(T):
             s = slot[i]
@@ -70,27 +70,15 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     _expand(t, B_stack, m, y, y_offset, _pick(m, B_stack))
 
 
-class _Ones:
-    """scale=None: every slot's scale is 1 (multiplying by it is skipped)."""
-
-    def __getitem__(self, slot: int) -> float:
-        return 1.0
-
-
-_ONES = _Ones()
-
-
 def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch.Tensor | None,
             how: str) -> torch.Tensor:
     T, r = x.shape[0], A_stack.shape[1]
     if not m.any_lora:
         return x.new_zeros(T, r)
     cx = x.to(A_stack.dtype)  # compute dtype = stack dtype (no-op unless stacks are float32)
-    if scale is None:
-        scale = _ONES
     if how == "single":
         s = m.single_slot
-        return (cx @ A_stack[s].contiguous().T).mul_(scale[s]).to(x.dtype)  # (T, r)
+        return _scaled(cx @ A_stack[s].contiguous().T, scale, s).to(x.dtype)  # (T, r)
     if how == "bagged":
         # t[i] = sum_k x[i, k] * A[s_i, :, k]: a weighted sum of slot s_i's rows (k, :) of A^T.
         rows, per_slot = _rows(A_stack.transpose(1, 2))
@@ -98,12 +86,12 @@ def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch
         t = _bag_sum(rows, indices, offsets, _lora_rows(cx, m))
         if t.shape[1] != r:  # a rank-trimmed view: drop the padding columns read with the rows
             t = t[:, :r].contiguous()
-        if scale is not _ONES:
+        if scale is not None:
             t.mul_(scale.index_select(0, m.table_slots).unsqueeze_(1))
         return t.to(x.dtype)
     t = cx.new_zeros(T, r)
     for s, rows in _segments(m):
-        t.index_copy_(0, rows, (cx.index_select(0, rows) @ A_stack[s].T).mul_(scale[s]))
+        t.index_copy_(0, rows, _scaled(cx.index_select(0, rows) @ A_stack[s].T, scale, s))
     return t.to(x.dtype)
 
 
@@ -125,6 +113,11 @@ def _expand(t: torch.Tensor, B_stack: torch.Tensor, m: LoraMapping, y: torch.Ten
     else:
         for s, rows in _segments(m):
             y_view.index_add_(0, rows, (ct.index_select(0, rows) @ B_stack[s].T).to(y.dtype))
+
+
+def _scaled(t: torch.Tensor, scale: torch.Tensor | None, slot: int) -> torch.Tensor:
+    """t times slot's scale, in place; scale=None means 1 (the scale is folded into B)."""
+    return t if scale is None else t.mul_(scale[slot])
 
 
 def _rows(stack_t: torch.Tensor) -> tuple[torch.Tensor, int]:

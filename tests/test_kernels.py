@@ -151,7 +151,7 @@ def test_every_torch_strategy_matches_reference(dtype, how):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("mix", ["distinct", "runs", "one"])
 def test_float32_stacks_with_16bit_activations(dtype, mix):
-    """The recommended CPU layout: float32 stacks, bf16/fp16 activations; t and y stay 16-bit."""
+    """float32 stacks with bf16/fp16 activations (accepted, not the server's layout); t and y stay 16-bit."""
     c = make_case(dtype, 16, 576, 32, mix, seed=5, stack_dtype=torch.float32)
     run_ops(kernels.lora_shrink, kernels.lora_expand, c, LoraMapping.from_slots(c["slots"]))
 
