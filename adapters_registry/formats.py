@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.spec import ModelSpec
+from loramux.engine.models.spec import ModelSpec
 
 from .adapter_files import check_folder, read_config, read_header
 from .errors import BAD_REQUEST, AdapterError

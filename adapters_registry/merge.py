@@ -50,7 +50,7 @@ from typing import Literal
 
 import torch
 
-from engine.models.spec import LORA_TARGETS
+from loramux.engine.models.spec import LORA_TARGETS
 
 from .peft_lora import LoraManifest, LoraModule, LoraWeights
 

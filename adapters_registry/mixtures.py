@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from engine.models.spec import LORA_TARGETS
+from loramux.engine.models.spec import LORA_TARGETS
 
 from .adapter_files import CONFIG_FILE, WEIGHTS_FILE
 from .errors import BAD_REQUEST, AdapterError

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.spec import LORA_TARGETS, ModelSpec
+from loramux.engine.models.spec import LORA_TARGETS, ModelSpec
 
 from .adapter_files import TensorInfo, read_tensors
 from .errors import BAD_REQUEST, AdapterError

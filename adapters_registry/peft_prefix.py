@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.spec import ModelSpec
+from loramux.engine.models.spec import ModelSpec
 
 from .adapter_files import TensorInfo, read_tensors
 from .errors import BAD_REQUEST, AdapterError

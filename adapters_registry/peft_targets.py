@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from engine.models.spec import LORA_TARGETS
+from loramux.engine.models.spec import LORA_TARGETS
 
 from .errors import BAD_REQUEST, AdapterError
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from engine.models.spec import ModelSpec
+from loramux.engine.models.spec import ModelSpec
 
 from .adapter_files import WEIGHTS_FILE
 from .catalog import Catalog

@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from engine.models.spec import LORA_TARGETS, SHRINK_GROUPS, ModelSpec
+from loramux.engine.models.spec import LORA_TARGETS, SHRINK_GROUPS, ModelSpec
 
 from .peft_lora import LoraWeights
 

@@ -14,10 +14,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from benchmarks.common import write_results
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model_source import resolve_model
-from engine.sampling import SamplingParams
+from loramux.engine.config import EngineConfig
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.model_source import resolve_model
+from loramux.engine.sampling import SamplingParams
 
 TOPICS = ["the sea", "a city at night", "mountains", "an old library", "the first snow", "a robot", "autumn",
           "a lighthouse"]

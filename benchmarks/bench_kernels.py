@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from kernels import torch_ops
-from kernels.mapping import LoraMapping
+from loramux import kernels
+from loramux.kernels import torch_ops
+from loramux.kernels.mapping import LoraMapping
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "kernels.json"
 GOAL_OVERHEAD = 0.15

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 
 from benchmarks.bench_engine import bench_loramux, make_prompts
 from benchmarks.common import write_results
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model_source import resolve_model
-from engine.sampling import SamplingParams
+from loramux.engine.config import EngineConfig
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.model_source import resolve_model
+from loramux.engine.sampling import SamplingParams
 
 MODES = ("none", "int8", "nf4")
 TEXT = Path(__file__).resolve().parent / "data" / "ppl.txt"

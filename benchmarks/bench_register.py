@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import write_results
-from engine.model_source import resolve_model
-from engine.models.spec import ModelSpec
+from loramux.engine.model_source import resolve_model
+from loramux.engine.models.spec import ModelSpec
 from tests.server_process import start_server
 from tests.adapter_factory import write_small_lora
 

@@ -152,8 +152,8 @@ async def run_alone(url: str, specs: list[Spec]) -> list[Result]:
 
 def register_adapters(url: str, n: int, admin_key: str | None, root: Path) -> list[str]:
     """Write n small LoRA adapters for the embedded model and upload them (works without allowed roots)."""
-    from engine.model_source import resolve_model
-    from engine.models.spec import ModelSpec
+    from loramux.engine.model_source import resolve_model
+    from loramux.engine.models.spec import ModelSpec
     from tests.adapter_factory import write_small_lora
 
     spec = ModelSpec.from_dir(resolve_model(None))

@@ -12,8 +12,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.llm_engine import LLMEngine, StepOutput
-from engine.sampling import SamplingParams
+from loramux.engine.llm_engine import LLMEngine, StepOutput
+from loramux.engine.sampling import SamplingParams
 
 log = logging.getLogger("loramux.engine")
 

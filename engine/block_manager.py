@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 
-from engine.sequence import Sequence
+from loramux.engine.sequence import Sequence
 
 
 class BlockManager:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from engine.quantize import MODES as QUANTIZE_MODES
+from loramux.engine.quantize import MODES as QUANTIZE_MODES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

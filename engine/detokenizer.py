@@ -6,7 +6,7 @@ is any tail that could still become a stop string, so a client never sees text t
 """
 from __future__ import annotations
 
-from engine.sequence import Sequence
+from loramux.engine.sequence import Sequence
 
 
 class Detokenizer:

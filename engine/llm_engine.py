@@ -8,18 +8,18 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoTokenizer
 
-from engine.attention import KVCache
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.detokenizer import Detokenizer
-from engine.model_runner import ModelRunner
-from engine.models.llama import LlamaModel
-from engine.models.spec import ModelSpec
-from engine.quantize import quantize_model, resident_bytes
-from engine.sampler import logprobs_of, sample
-from engine.sampling import SamplingParams
-from engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
-from engine.sequence import Sequence, TokenLogprob
+from loramux.engine.attention import KVCache
+from loramux.engine.block_manager import BlockManager
+from loramux.engine.config import EngineConfig
+from loramux.engine.detokenizer import Detokenizer
+from loramux.engine.model_runner import ModelRunner
+from loramux.engine.models.llama import LlamaModel
+from loramux.engine.models.spec import ModelSpec
+from loramux.engine.quantize import quantize_model, resident_bytes
+from loramux.engine.sampler import logprobs_of, sample
+from loramux.engine.sampling import SamplingParams
+from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
+from loramux.engine.sequence import Sequence, TokenLogprob
 
 log = logging.getLogger("loramux.engine")
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from engine.attention import AttentionMetadata, KVCache, PrefillSpan
-from engine.block_manager import BlockManager
-from engine.models.llama import ForwardContext, LlamaModel
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
+from loramux import kernels
+from loramux.engine.attention import AttentionMetadata, KVCache, PrefillSpan
+from loramux.engine.block_manager import BlockManager
+from loramux.engine.models.llama import ForwardContext, LlamaModel
+from loramux.engine.scheduler import ScheduledBatch
+from loramux.engine.sequence import Sequence
 
 
 class ModelRunner:

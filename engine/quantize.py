@@ -55,17 +55,8 @@ class _DropMessage(logging.Filter):
 
 
 def _import_bnb():
-    # bitsandbytes' CPU backend tries `from kernels import get_kernel` (the HF hub "kernels"
-    # package) for an optional fused nf4 GEMM; our own top-level `kernels` package answers that
-    # import, so it warns and uses the fused kernel bundled in libbitsandbytes_cpu instead. That
-    # fallback is what we want (no hub download at start-up), so the warning is noise here.
-    cpu_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = cpu_log.level
-    cpu_log.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes as bnb
-    finally:
-        cpu_log.setLevel(level)
+    import bitsandbytes as bnb
+
     fn_log = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _DropMessage) for f in fn_log.filters):
         fn_log.addFilter(_DropMessage("MatMul8bitLt: inputs will be cast"))
@@ -82,7 +73,7 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> i
         raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
     if mode == "none":
         return 0
-    from engine.models.llama import LoRALinear
+    from loramux.engine.models.llama import LoRALinear
 
     bnb = _import_bnb()
     count = 0

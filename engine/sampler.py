@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling import SamplingParams
-from engine.sequence import TokenLogprob
+from loramux.engine.sampling import SamplingParams
+from loramux.engine.sequence import TokenLogprob
 
 
 # Dividing by a temperature near zero overflows float32 logits to inf and softmax to NaN, which

@@ -11,8 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engine.block_manager import BlockManager
-from engine.sequence import Sequence, SequenceStatus
+from loramux.engine.block_manager import BlockManager
+from loramux.engine.sequence import Sequence, SequenceStatus
 
 
 class AdapterLeaser(Protocol):

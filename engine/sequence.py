@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from engine.sampling import SamplingParams
+from loramux.engine.sampling import SamplingParams
 
 _seq_ids = itertools.count()
 

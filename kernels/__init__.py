@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import torch_ops
-from kernels.mapping import LoraMapping
+from loramux.kernels import torch_ops
+from loramux.kernels.mapping import LoraMapping
 
 __all__ = ["LoraMapping", "lora_expand", "lora_shrink"]
 
@@ -63,7 +63,7 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 def _ops(a: torch.Tensor):
     if a.is_cuda:
-        from kernels import triton_ops  # triton is imported only where it can run
+        from loramux.kernels import triton_ops  # triton is imported only where it can run
 
         return triton_ops
     return torch_ops

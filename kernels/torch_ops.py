@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.mapping import LoraMapping, as_mapping
+from loramux.kernels.mapping import LoraMapping, as_mapping
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,

@@ -26,8 +26,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from kernels.mapping import LoraMapping, as_mapping
-from kernels.torch_ops import _check, _check_out
+from loramux.kernels.mapping import LoraMapping, as_mapping
+from loramux.kernels.torch_ops import _check, _check_out
 
 # Kernels use builtins only (tl.full, tl.reduce, tl.dot, ...), never triton's own @jit helpers
 # (tl.zeros, tl.sum): those are compiled-only objects unless TRITON_INTERPRET was set before triton

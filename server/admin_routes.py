@@ -20,11 +20,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from adapters_registry import AdapterError, AdapterRegistry
-from adapters_registry.adapter_files import ADAPTER_FILES
-from adapters_registry.mixtures import MixtureRecipe
-from server.errors import error_response
-from server.protocol import AdapterWeight, MixtureFields
+from loramux.adapters_registry import AdapterError, AdapterRegistry
+from loramux.adapters_registry.adapter_files import ADAPTER_FILES
+from loramux.adapters_registry.mixtures import MixtureRecipe
+from loramux.server.errors import error_response
+from loramux.server.protocol import AdapterWeight, MixtureFields
 
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the two files
 _CHUNK = 1 << 20

@@ -7,10 +7,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from server.completions import run_request
-from server.errors import install_error_handlers
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.state import ServerState
+from loramux.server.completions import run_request
+from loramux.server.errors import install_error_handlers
+from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.server.state import ServerState
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -71,7 +71,7 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     if state.registry is not None:
-        from server.admin_routes import make_admin_router
+        from loramux.server.admin_routes import make_admin_router
         app.include_router(make_admin_router(state.registry, state.admin_key))
     return app
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from adapters_registry import AdapterRegistry, RegistryConfig
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.model_source import cache_root, model_name, resolve_model
-from engine.models.spec import ModelSpec
-from server.state import ServerState
+from loramux.adapters_registry import AdapterRegistry, RegistryConfig
+from loramux.engine.async_engine import AsyncEngine
+from loramux.engine.config import EngineConfig
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.model_source import cache_root, model_name, resolve_model
+from loramux.engine.models.spec import ModelSpec
+from loramux.server.state import ServerState
 
 log = logging.getLogger("loramux.server")
 

@@ -45,8 +45,8 @@ def add_serve_parser(sub) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.bootstrap import ServeConfig, build_state
-    from server.app import create_app
+    from loramux.server.bootstrap import ServeConfig, build_state
+    from loramux.server.app import create_app
 
     cfg = ServeConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
@@ -56,7 +56,7 @@ def serve(args: argparse.Namespace) -> int:
                       quantize=args.quantize, request_timeout=args.request_timeout,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
     if args.ray:
-        from server.ray_app import RayConfig, run
+        from loramux.server.ray_app import RayConfig, run
         return run(RayConfig(cfg, replicas=args.replicas, replica_cpus=args.replica_cpus,
                              store_dir=args.adapter_store), args.host, args.port)
     state = build_state(cfg)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     try:
-        from trainer.cli import add_parser as add_train_parser
+        from loramux.trainer.cli import add_parser as add_train_parser
         add_train_parser(sub)
     except ImportError:
         pass

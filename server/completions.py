@@ -17,12 +17,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
-from engine.llm_engine import StepOutput
-from engine.sampling import SamplingParams
-from server.errors import APIError, error_body
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.state import ServerState
+from loramux.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
+from loramux.engine.llm_engine import StepOutput
+from loramux.engine.sampling import SamplingParams
+from loramux.server.errors import APIError, error_body
+from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.server.state import ServerState
 
 MAX_CHOICES = 128    # prompts x n in one request: bounds what one request adds to the queue
 

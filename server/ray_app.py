@@ -4,8 +4,8 @@
            -> handle.options(multiplexed_model_id=<adapter id>) -> EngineReplica (server/ray_replica.py:
               a whole loramux ServerState from build_state, answering through run_request)
 
-Run it with `loramux serve --ray --replicas N`, or `serve run server.ray_app:app` (defaults), or
-`serve run server.ray_app:build_app replicas=4 dtype=float32 allowed_roots=/srv/adapters`.
+Run it with `loramux serve --ray --replicas N`, or `serve run loramux.server.ray_app:app` (defaults), or
+`serve run loramux.server.ray_app:build_app replicas=4 dtype=float32 allowed_roots=/srv/adapters`.
 
 Routing is Ray Serve's model multiplexing: each replica's `@serve.multiplexed` loader registers an
 adapter from the shared AdapterStore into that replica's own registry, Serve learns which ids each
@@ -37,14 +37,14 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from adapters_registry import AdapterError
-from adapters_registry.store import AdapterStore
-from engine.model_source import cache_root
-from server.admin_routes import _error, _json_body, _RegisterByPath
-from server.bootstrap import ServeConfig
-from server.errors import error_response, install_error_handlers
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.ray_replica import EngineReplica
+from loramux.adapters_registry import AdapterError
+from loramux.adapters_registry.store import AdapterStore
+from loramux.engine.model_source import cache_root
+from loramux.server.admin_routes import _error, _json_body, _RegisterByPath
+from loramux.server.bootstrap import ServeConfig
+from loramux.server.errors import error_response, install_error_handlers
+from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.server.ray_replica import EngineReplica
 
 RETRIES_HEADER = "x-loramux-retries"      # re-sends after the replica serving the request died
 log = logging.getLogger("loramux.ray")
@@ -253,7 +253,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def build_app(args: dict) -> object:
-    """`serve run server.ray_app:build_app replicas=4 dtype=float32 allowed_roots=/a,/b ...`: keys are
+    """`serve run loramux.server.ray_app:build_app replicas=4 dtype=float32 allowed_roots=/a,/b ...`: keys are
     fields of RayConfig or ServeConfig, values parsed by the field's type."""
     kinds = {f.name: str(f.type).split(" ")[0] for cls in (ServeConfig, RayConfig) for f in fields(cls)}
     unknown = set(args) - set(kinds) | ({"serve"} & set(args))
@@ -273,4 +273,4 @@ def build_app(args: dict) -> object:
     return build(RayConfig(serve=serve_cfg, **{k: parse(k, v) for k, v in args.items() if k in ray_keys}))
 
 
-app = build_app({})  # `serve run server.ray_app:app`: 2 replicas, defaults everywhere
+app = build_app({})  # `serve run loramux.server.ray_app:app`: 2 replicas, defaults everywhere

@@ -20,13 +20,13 @@ from pathlib import Path
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from adapters_registry import AdapterError, validate_adapter_id
-from adapters_registry.store import AdapterStore
-from server.app import create_app
-from server.bootstrap import ServeConfig, build_state
-from server.completions import run_request
-from server.errors import APIError, error_body
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.adapters_registry import AdapterError, validate_adapter_id
+from loramux.adapters_registry.store import AdapterStore
+from loramux.server.app import create_app
+from loramux.server.bootstrap import ServeConfig, build_state
+from loramux.server.completions import run_request
+from loramux.server.errors import APIError, error_body
+from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
 
 REPLICA_HEADER = "x-loramux-replica"      # which replica answered
 log = logging.getLogger("loramux.ray")

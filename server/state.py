@@ -5,10 +5,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.async_engine import AsyncEngine
-from engine.llm_engine import StepOutput
-from server.errors import APIError
-from server.metrics import Metrics
+from loramux.engine.async_engine import AsyncEngine
+from loramux.engine.llm_engine import StepOutput
+from loramux.server.errors import APIError
+from loramux.server.metrics import Metrics
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ServerState:
         if name == self.base_model_name:
             return name, None
         if self.registry is not None:
-            from adapters_registry import AdapterError
+            from loramux.adapters_registry import AdapterError
             try:
                 self.registry.get(name)
                 return name, name
@@ -42,8 +42,8 @@ class ServerState:
                                 f"(and no `adapter_id`)", param="model", code="invalid_value")
         if self.registry is None:
             raise APIError(400, "this server serves no adapters", param="adapters", code="invalid_value")
-        from adapters_registry import AdapterError
-        from adapters_registry.mixtures import MixtureRecipe
+        from loramux.adapters_registry import AdapterError
+        from loramux.adapters_registry.mixtures import MixtureRecipe
         try:
             mix_id = self.registry.mixture(MixtureRecipe.create(**req.recipe_args(fallback_seed=req.seed)))
         except AdapterError as e:

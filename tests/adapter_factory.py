@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.models.spec import LORA_TARGETS, ModelSpec
+from loramux.engine.models.spec import LORA_TARGETS, ModelSpec
 
 # A model shape small enough that the registry's unit tests allocate almost nothing.
 TINY_SPEC = ModelSpec(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,

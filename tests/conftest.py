@@ -13,7 +13,7 @@ torch.set_num_threads(max(1, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as an HF safetensors directory."""
-    from engine.model_source import resolve_model
+    from loramux.engine.model_source import resolve_model
 
     return resolve_model(None)
 

@@ -46,7 +46,7 @@ class ServerProcess:
 def start_server(tmp: Path, *args: str, timeout: float = 180, env: dict | None = None) -> ServerProcess:
     port = free_port()
     log_path = tmp / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir", str(tmp / "data"), *args]
+    cmd = [sys.executable, "-m", "loramux", "serve", "--port", str(port), "--data-dir", str(tmp / "data"), *args]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             env={**os.environ, **(env or {})}, cwd=Path(__file__).resolve().parent.parent)
     server = ServerProcess(proc, port, log_path)

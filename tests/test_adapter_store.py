@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters_registry import AdapterError
-from adapters_registry.store import AdapterStore
+from loramux.adapters_registry import AdapterError
+from loramux.adapters_registry.store import AdapterStore
 
 
 def _adapter(folder, content: bytes = b"weights"):

@@ -22,8 +22,8 @@ import torch
 from adapter_factory import write_lora_files
 from safetensors.torch import load_file, save_file
 
-from engine.models.spec import ModelSpec
-from server.bootstrap import ServeConfig, exposure_warning
+from loramux.engine.models.spec import ModelSpec
+from loramux.server.bootstrap import ServeConfig, exposure_warning
 from tests.server_process import start_server
 from tests.adapter_factory import write_small_lora
 

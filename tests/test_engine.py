@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from loramux.engine.config import EngineConfig
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.sampling import SamplingParams
 from tests.hf_reference import hf_greedy, hf_last_logits
 
 PROMPTS = [

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import torch_ops
-from kernels.mapping import LoraMapping
-from kernels.reference import expand_ref, shrink_ref
+from loramux import kernels
+from loramux.kernels import torch_ops
+from loramux.kernels.mapping import LoraMapping
+from loramux.kernels.reference import expand_ref, shrink_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_cpu_tensors_take_the_torch_path():
 
 # --- the Triton kernels, interpreted on CPU tensors --------------------------------------------
 
-triton_ops = pytest.importorskip("kernels.triton_ops")
+triton_ops = pytest.importorskip("loramux.kernels.triton_ops")
 
 INTERPRETED = [  # (dtype, r, d, T, mix): every mix once, every dtype, rank and size somewhere
     *[(torch.float32, 16, 576, 32, mix) for mix in MIXES],
@@ -321,8 +321,8 @@ def test_triton_float32_stacks_and_trimmed_views(variant):
 def test_triton_under_the_interpret_env_var():
     """The conventional route (TRITON_INTERPRET=1 before triton is imported) runs the same kernels."""
     code = (
-        "import torch, triton, kernels.triton_ops as K\n"
-        "from kernels.reference import shrink_ref\n"
+        "import torch, triton, loramux.kernels.triton_ops as K\n"
+        "from loramux.kernels.reference import shrink_ref\n"
         "assert triton.knobs.runtime.interpret\n"
         "x, A = torch.randn(5, 100), torch.randn(4, 8, 100)\n"
         "slots, scale = torch.tensor([2, -1, 0, 2, 3]), torch.rand(4)\n"

@@ -33,7 +33,7 @@ def _cuda(c: dict) -> dict:
 
 
 def _run(shrink, expand, c_cpu: dict, decode: bool | None) -> None:
-    import kernels
+    from loramux import kernels
 
     c = _cuda(c_cpu)
     m = kernels.LoraMapping.from_slots(c["slots"], decode=decode)
@@ -47,21 +47,21 @@ def _run(shrink, expand, c_cpu: dict, decode: bool | None) -> None:
 @pytest.mark.parametrize("decode", [True, False], ids=["bgmv", "sgmv"])
 @pytest.mark.parametrize("dtype,r,d,T,mix", GRID, ids=lambda v: str(v).replace("torch.", ""))
 def test_compiled_kernels_match_reference(dtype, r, d, T, mix, decode):
-    import kernels
+    from loramux import kernels
 
     _run(kernels.lora_shrink, kernels.lora_expand, make_case(dtype, r, d, T, mix, seed=T + d + r), decode)
 
 
 def test_cuda_tensors_take_the_triton_path():
-    import kernels
-    from kernels import triton_ops
+    from loramux import kernels
+    from loramux.kernels import triton_ops
 
     assert kernels._ops(torch.zeros(1, device="cuda")) is triton_ops
 
 
 @pytest.mark.parametrize("split_k", [2, 4])
 def test_split_k_shrink(split_k):
-    from kernels import triton_ops
+    from loramux.kernels import triton_ops
 
     c = _cuda(make_case(torch.bfloat16, 16, 4096, 32, "distinct", seed=1))
     t = triton_ops.bgmv_shrink(c["x"], c["A"], c["slots"], c["scale"], split_k=split_k)
@@ -70,7 +70,7 @@ def test_split_k_shrink(split_k):
 
 
 def test_float32_stacks_with_bf16_activations():
-    import kernels
+    from loramux import kernels
 
     for decode in (True, False):
         _run(kernels.lora_shrink, kernels.lora_expand,
@@ -87,7 +87,7 @@ def _bench_ms(fn) -> float:
 def test_timing_mixed_vs_single_vs_base(d):
     """Punica's claim on a GPU: mixing 32 adapters costs about what one adapter costs, and the LoRA
     ops are small next to the base matmul. Loose bounds, printed numbers."""
-    import kernels
+    from loramux import kernels
 
     torch.manual_seed(0)
     T, S, r, dt = 32, 32, 16, torch.bfloat16

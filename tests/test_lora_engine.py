@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from server.bootstrap import build_engine
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from loramux.engine.config import EngineConfig
+from loramux.server.bootstrap import build_engine
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.sampling import SamplingParams
 from tests.adapter_factory import load_peft_model, make_adapters
 from tests.hf_reference import greedy_no_cache
 

@@ -24,14 +24,14 @@ import openai
 import pytest
 import torch
 
-from adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
-from adapters_registry.formats import inspect_adapter, load_adapter
-from adapters_registry.merge import LINEAR_FAMILY, METHODS, merge_lora
-from adapters_registry.mixtures import MixtureRecipe
-from engine.config import EngineConfig
-from server.bootstrap import build_engine
-from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
+from loramux.adapters_registry.formats import inspect_adapter, load_adapter
+from loramux.adapters_registry.merge import LINEAR_FAMILY, METHODS, merge_lora
+from loramux.adapters_registry.mixtures import MixtureRecipe
+from loramux.engine.config import EngineConfig
+from loramux.server.bootstrap import build_engine
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.sampling import SamplingParams
 from tests.adapter_factory import (
     TINY_SPEC,
     fresh_base_model,

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from engine import model_source
-from engine.model_source import ModelSourceError, check_model_dir, resolve_model
+from loramux.engine import model_source
+from loramux.engine.model_source import ModelSourceError, check_model_dir, resolve_model
 
 
 def test_embedded_model_is_converted_once_and_cached(base_model_dir, monkeypatch):

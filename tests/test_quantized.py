@@ -25,12 +25,12 @@ import logging
 import pytest
 import torch
 
-from engine.config import EngineConfig
-from server.bootstrap import build_engine
-from engine.llm_engine import LLMEngine
-from engine.models.spec import ModelSpec
-from engine.quantize import INT8_THRESHOLD
-from engine.sampling import SamplingParams
+from loramux.engine.config import EngineConfig
+from loramux.server.bootstrap import build_engine
+from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.models.spec import ModelSpec
+from loramux.engine.quantize import INT8_THRESHOLD
+from loramux.engine.sampling import SamplingParams
 from tests.adapter_factory import load_peft_model, make_adapters
 
 NEW_TOKENS = 12
@@ -248,8 +248,8 @@ def test_weight_bytes_count_quantized_storage(engine, mode):
 
 @pytest.mark.parametrize("quantize", ["none", "int8", "nf4"])
 def test_resident_bytes_on_a_tiny_untied_model(quantize):
-    from engine.models.llama import LlamaModel
-    from engine.quantize import quantize_model, resident_bytes
+    from loramux.engine.models.llama import LlamaModel
+    from loramux.engine.quantize import quantize_model, resident_bytes
     from tests.adapter_factory import TINY_SPEC
 
     model = LlamaModel(TINY_SPEC, max_positions=64).eval()
@@ -259,9 +259,9 @@ def test_resident_bytes_on_a_tiny_untied_model(quantize):
 
 
 def test_metrics_report_quantized_bytes(engine):
-    from engine.async_engine import AsyncEngine
-    from server.app import create_app
-    from server.state import ServerState
+    from loramux.engine.async_engine import AsyncEngine
+    from loramux.server.app import create_app
+    from loramux.server.state import ServerState
 
     state = ServerState(engine=AsyncEngine(engine), tokenizer=engine.tokenizer, base_model_name="base")
     create_app(state)                              # binds the gauges; the engine thread is never started
@@ -273,7 +273,7 @@ def test_metrics_report_quantized_bytes(engine):
 def test_config_and_cli_accept_only_known_modes(base_model_dir):
     import argparse
 
-    from server.cli import add_serve_parser
+    from loramux.server.cli import add_serve_parser
 
     with pytest.raises(ValueError, match="quantize"):
         EngineConfig(base_model_dir, quantize="int4")

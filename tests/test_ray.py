@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from engine.models.spec import ModelSpec
+from loramux.engine.models.spec import ModelSpec
 from tests.server_process import free_port, start_server
 from tests.adapter_factory import write_small_lora
 
@@ -97,8 +97,8 @@ def cluster(tmp_path_factory, lora_root):
     import ray
     from ray import serve
 
-    from server.bootstrap import ServeConfig
-    from server.ray_app import RayConfig, build
+    from loramux.server.bootstrap import ServeConfig
+    from loramux.server.ray_app import RayConfig, build
 
     started = time.monotonic()
     with cf.ThreadPoolExecutor(1) as pool:
@@ -186,7 +186,7 @@ def test_metrics_per_replica(cluster):
 
 
 def test_delete_reaches_every_replica_and_versions_are_checked(cluster, lora_root, reference):
-    from adapters_registry.store import AdapterStore
+    from loramux.adapters_registry.store import AdapterStore
 
     url, victim = cluster.url, IDS[0]
     assert complete(url, victim, PROMPTS[0])[1] == reference[victim, PROMPTS[0]]

@@ -15,8 +15,8 @@ import uvicorn
 from adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
 from fastapi import FastAPI
 
-from adapters_registry import AdapterRegistry, RegistryConfig
-from server.admin_routes import make_admin_router
+from loramux.adapters_registry import AdapterRegistry, RegistryConfig
+from loramux.server.admin_routes import make_admin_router
 
 KEY = "s3cret-admin-key"
 LIMIT = 256 * 1024
@@ -209,7 +209,7 @@ def test_vllm_compatible_routes(env):
 
 def test_trainer_register_client_contract(env, tmp_path):
     """trainer/register.py against the real router: by path when allowed, else it falls back to upload."""
-    register = pytest.importorskip("trainer.register")
+    register = pytest.importorskip("loramux.trainer.register")
     registry, client, _, allowed = env
     url = str(client.base_url)
     inside = write_lora_files(allowed / "tr-in")

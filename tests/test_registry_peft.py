@@ -5,8 +5,8 @@ import pytest
 import torch
 from adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
 
-from adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
-from engine.models.spec import LORA_TARGETS, ModelSpec
+from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
+from loramux.engine.models.spec import LORA_TARGETS, ModelSpec
 
 MAX_RANK = 16
 

@@ -8,7 +8,7 @@ import concurrent.futures as cf
 
 import httpx
 
-from engine.models.spec import ModelSpec
+from loramux.engine.models.spec import ModelSpec
 from tests.adapter_factory import write_small_lora
 
 NUM_ADAPTERS = 200

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from adapter_factory import TINY_SPEC, _lora_key, write_lora_files, write_prefix_files
 
-from adapters_registry import AdapterError, AdapterRegistry, RegistryConfig, validate_adapter_id
-from adapters_registry.catalog import INDEX_FILE, Catalog, CatalogError
-from adapters_registry.host_cache import LruCache
-from adapters_registry.slots import SlotTable
+from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig, validate_adapter_id
+from loramux.adapters_registry.catalog import INDEX_FILE, Catalog, CatalogError
+from loramux.adapters_registry.host_cache import LruCache
+from loramux.adapters_registry.slots import SlotTable
 
 BASE = "tiny-base"
 

@@ -23,10 +23,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.async_engine import MAX_STEP_FAILURES, AsyncEngine, EngineDeadError, RequestFailedError
-from engine.llm_engine import StepOutput
-from engine.models.spec import ModelSpec
-from engine.sampling import SamplingParams
+from loramux.engine.async_engine import MAX_STEP_FAILURES, AsyncEngine, EngineDeadError, RequestFailedError
+from loramux.engine.llm_engine import StepOutput
+from loramux.engine.models.spec import ModelSpec
+from loramux.engine.sampling import SamplingParams
 from tests.server_process import start_server
 from tests.adapter_factory import write_small_lora
 

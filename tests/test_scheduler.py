@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.block_manager import BlockManager
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from loramux.engine.block_manager import BlockManager
+from loramux.engine.sampling import SamplingParams
+from loramux.engine.scheduler import Scheduler
+from loramux.engine.sequence import Sequence
 
 
 @dataclass

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from trainer import TrainConfig, train
+from loramux.trainer import TrainConfig, train
 
 DATA = Path(__file__).parent / "data"
 TRAIN, HELDOUT = DATA / "codeword_train.jsonl", DATA / "codeword_heldout.jsonl"
@@ -147,7 +147,7 @@ def test_qlora_trains_and_saves_a_loadable_adapter(tmp_path, base_model_dir):
 
 
 def test_optional_paths_bf16_checkpointing_accumulation_cosine(tmp_path):
-    from trainer.model import bf16_supported
+    from loramux.trainer.model import bf16_supported
 
     result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "opts", precision="auto",
                                gradient_checkpointing=True, grad_accum=2, batch_size=2, schedule="cosine",
@@ -183,14 +183,14 @@ def test_failed_run_leaves_no_output_folder(tmp_path, monkeypatch, error):
     def explode(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("trainer.loop.build_model", explode)
+    monkeypatch.setattr("loramux.trainer.loop.build_model", explode)
     with pytest.raises(type(error)):
         train(TrainConfig(data=TRAIN, out=tmp_path / "adapter", max_steps=1, max_seq_len=64, progress=False))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_trains_and_registers_with_a_running_server(tmp_path, monkeypatch, capsys, server, client):
-    from trainer.cli import main
+    from loramux.trainer.cli import main
 
     out = tmp_path / "cw"
     code = main(["--data", str(TRAIN), "--out", str(out), "--max-steps", "2", "--max-seq-len", "64",
@@ -210,7 +210,7 @@ def serve_answers(client, model: str, prompts: list[str]) -> list[str]:
 
 
 def test_trained_lora_is_served_without_restart(lora_run, server, client):
-    from trainer import register_adapter
+    from loramux.trainer import register_adapter
 
     register_adapter(server.url, "codeword", lora_run.out_dir)
     records = heldout()
@@ -224,7 +224,7 @@ def test_trained_lora_is_served_without_restart(lora_run, server, client):
 def test_trained_prefix_adapter_is_served_as_peft_runs_it(tmp_path, base_model_dir, server, client):
     """Weaker bar for prefix tuning: it must learn (eval loss) and the server must run it as peft does."""
     from peft import PeftModel
-    from trainer import register_adapter
+    from loramux.trainer import register_adapter
 
     result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "prefix-cw", method="prefix",
                                num_virtual_tokens=8, max_steps=12, batch_size=8, max_seq_len=64, progress=False))

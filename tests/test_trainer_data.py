@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig
-from trainer.data import IGNORE, DataError, collate, encode_record, load_examples, split_examples
-from trainer.output import staged_dir
+from loramux.trainer.config import TrainConfig
+from loramux.trainer.data import IGNORE, DataError, collate, encode_record, load_examples, split_examples
+from loramux.trainer.output import staged_dir
 
 DATA = Path(__file__).parent / "data"
 
@@ -102,7 +102,7 @@ def test_empty_and_missing_files(tmp_path, tokenizer):
 
 
 def test_bad_data_fails_before_training_and_leaves_nothing(tmp_path):
-    from trainer import train
+    from loramux.trainer import train
 
     data = write_lines(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
     out = tmp_path / "adapter"
@@ -112,7 +112,7 @@ def test_bad_data_fails_before_training_and_leaves_nothing(tmp_path):
 
 
 def test_cli_bad_data_exits_2_with_file_and_line(tmp_path, capsys):
-    from trainer.cli import main
+    from loramux.trainer.cli import main
 
     data = write_lines(tmp_path / "train.jsonl", [{"prompt": "a", "completion": ""}])
     code = main(["--data", str(data), "--out", str(tmp_path / "out"), "--no-progress"])
@@ -124,7 +124,7 @@ def test_cli_bad_data_exits_2_with_file_and_line(tmp_path, capsys):
 def test_cli_parses_every_option_into_the_config(tmp_path):
     import argparse
 
-    from trainer.cli import add_parser, config_from_args
+    from loramux.trainer.cli import add_parser, config_from_args
 
     parser = argparse.ArgumentParser(prog="loramux")
     add_parser(parser.add_subparsers(dest="command"))

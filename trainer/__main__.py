@@ -1,6 +1,6 @@
 """`python -m trainer ...` == `loramux train ...`."""
 import sys
 
-from trainer.cli import main
+from loramux.trainer.cli import main
 
 sys.exit(main())

@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import fields
 
-from trainer.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig
+from loramux.trainer.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -91,9 +91,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed `train` command; returns the process exit code."""
-    from trainer.data import DataError
-    from trainer.loop import train
-    from trainer.register import RegisterError, register_adapter
+    from loramux.trainer.data import DataError
+    from loramux.trainer.loop import train
+    from loramux.trainer.register import RegisterError, register_adapter
 
     try:
         config = config_from_args(args)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.config import TrainConfig
-from trainer.data import IGNORE, Example, collate, load_examples, split_examples
-from trainer.model import build_model, use_bf16
-from trainer.output import check_out_dir, staged_dir
+from loramux.trainer.config import TrainConfig
+from loramux.trainer.data import IGNORE, Example, collate, load_examples, split_examples
+from loramux.trainer.model import build_model, use_bf16
+from loramux.trainer.output import check_out_dir, staged_dir
 
 
 @dataclass
@@ -97,7 +97,7 @@ def train(config: TrainConfig) -> TrainResult:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, get_scheduler
 
-    from engine.model_source import resolve_model
+    from loramux.engine.model_source import resolve_model
 
     check_out_dir(config.out, config.overwrite)
     base_dir = resolve_model(config.base)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import TrainConfig
+from loramux.trainer.config import TrainConfig
 
 
 def bf16_supported() -> bool:

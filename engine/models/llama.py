@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-import kernels
-from engine.attention import AttentionMetadata, KVCache, paged_attention
-from engine.models.spec import SHRINK_GROUPS, ModelSpec
+from loramux import kernels
+from loramux.engine.attention import AttentionMetadata, KVCache, paged_attention
+from loramux.engine.models.spec import SHRINK_GROUPS, ModelSpec
 
 QKV, O, GATE_UP, DOWN = SHRINK_GROUPS
 
