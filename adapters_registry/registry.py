@@ -26,6 +26,7 @@ from loramux.engine.models.spec import ModelSpec
 from .adapter_files import WEIGHTS_FILE
 from .catalog import Catalog
 from .config import RegistryConfig
+from .datadir_lock import claim_data_dir
 from .errors import BAD_REQUEST, CONFLICT, INTERNAL, NOT_FOUND, AdapterError
 from .formats import Manifest, Weights, inspect_adapter, load_adapter
 from .host_cache import LruCache
@@ -66,6 +67,8 @@ class AdapterRegistry:
         self.dtype, self.device = dtype, torch.device(device)
         self.base_model_name = base_model_name
         self.stacks = LoraStacks(spec, config.max_slots, config.max_rank, dtype=dtype, device=self.device)
+        # Before anything under data_dir is swept: what this start deletes is ours, never a live server's.
+        self._data_dir_lock = claim_data_dir(config.data_dir)
         self.catalog = Catalog(config.data_dir)
         self.load_errors: dict[str, str] = {}  # persisted adapters that failed validation at startup
         self._lock = threading.RLock()

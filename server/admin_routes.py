@@ -7,7 +7,6 @@ runs in the thread pool, never on the event loop.
 from __future__ import annotations
 
 import hmac
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -23,7 +23,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from loramux.adapters_registry import AdapterError, AdapterRegistry
 from loramux.adapters_registry.adapter_files import ADAPTER_FILES
 from loramux.adapters_registry.mixtures import MixtureRecipe
-from loramux.server.errors import error_response
+from loramux.server.errors import error_response, validation_error
 from loramux.server.protocol import AdapterWeight, MixtureFields
 
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the two files
@@ -71,7 +71,7 @@ def _info_json(info) -> dict[str, Any]:
 def _names_mixture(raw: bytes) -> bool:
     """A JSON body {"id", "mixture"} saves a mixture; anything else is a register-by-path body."""
     try:
-        body = json.loads(raw)
+        body = pydantic_core.from_json(raw)      # depth-bounded, unlike json.loads
     except ValueError:
         return False
     return isinstance(body, dict) and "mixture" in body
@@ -109,9 +109,8 @@ async def _json_body(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise AdapterError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        err = validation_error(e.errors(include_url=False))
+        raise AdapterError(400, err.message, param=err.param, code=err.code) from None
 
 
 def make_admin_router(registry: AdapterRegistry, admin_key: str | None) -> APIRouter:
@@ -172,7 +171,12 @@ def make_admin_router(registry: AdapterRegistry, admin_key: str | None) -> APIRo
                 upload.file.seek(0)
                 with open(Path(tmp) / name, "wb") as out:
                     shutil.copyfileobj(upload.file, out, _CHUNK)
-            return registry.register(adapter_id, Path(tmp), copy=True, label="upload")
+            try:
+                return registry.register(adapter_id, Path(tmp), copy=True, label="upload")
+            except AdapterError as e:
+                if e.param == "path":     # the registry's word for "the adapter's files": none was sent
+                    e.param = None
+                raise
 
     @router.post("/v1/adapters", openapi_extra=_body_doc([_RegisterByPath, _RegisterMixture], multipart=True))
     async def create_adapter(request: Request) -> Response:

@@ -1,14 +1,17 @@
 """The FastAPI app: OpenAI routes, health, metrics; admin routes when a registry is present."""
 from __future__ import annotations
 
+import gc
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from loramux.server.body_limit import BodyLimit
 from loramux.server.completions import run_request
 from loramux.server.errors import install_error_handlers
+from loramux.server.json_body import document_models, json_body_doc, parse_request
 from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
 from loramux.server.state import ServerState
 
@@ -17,12 +20,18 @@ def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         state.engine.start()
+        # What startup built (model, tokenizer, modules) leaves the collector's scans: a request body
+        # that makes many lists then costs collections over its own objects, not over the whole process.
+        gc.freeze()
         yield
         state.engine.shutdown()      # drains in-flight requests before the process exits
 
     app = FastAPI(title="loramux", version="0.1.0", lifespan=lifespan)
     app.state.loramux = state
     install_error_handlers(app)
+    upload_bytes = state.registry.config.max_upload_bytes if state.registry is not None else None
+    app.add_middleware(BodyLimit, max_bytes=state.max_request_bytes, upload_bytes=upload_bytes)
+    document_models(app, [CompletionRequest, ChatCompletionRequest])
     engine = state.engine
     state.metrics.bind(
         queue_depth=lambda: engine.num_waiting,
@@ -41,12 +50,15 @@ def create_app(state: ServerState) -> FastAPI:
         state.metrics.count_from("loramux_adapter_merges", "Adapter mixtures merged (per-request and saved)",
                                  lambda: state.registry.merges_computed)
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    # The routes parse their own bodies (server/json_body.py): strict, depth-bounded, large ones off the loop.
+    @app.post("/v1/completions", openapi_extra=json_body_doc(CompletionRequest))
+    async def completions(request: Request):
+        req = await parse_request(request, CompletionRequest, state.prep_limiter)
         return await run_request(state, req, "completions", request)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=json_body_doc(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        req = await parse_request(request, ChatCompletionRequest, state.prep_limiter)
         return await run_request(state, req, "chat", request)
 
     @app.get("/v1/models")

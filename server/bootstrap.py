@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from loramux.adapters_registry import AdapterRegistry, RegistryConfig
+from loramux.adapters_registry import AdapterRegistry, RegistryConfig, claim_data_dir
 from loramux.engine.async_engine import AsyncEngine
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import cache_root, model_name, resolve_model
 from loramux.engine.models.spec import ModelSpec
+from loramux.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from loramux.server.state import ServerState
 
 log = logging.getLogger("loramux.server")
@@ -39,6 +40,7 @@ class ServeConfig:
     quantize: str = "none"               # base projections: none | int8 | nf4
     request_timeout: float | None = None  # seconds per request, arrival to last token; None: no limit
     max_upload_bytes: int = 1 << 30      # one adapter upload, both files together
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # any other request body
 
     def __post_init__(self) -> None:
         if self.admin_key is not None and not self.admin_key.strip():
@@ -46,8 +48,8 @@ class ServeConfig:
             raise ValueError("the admin key is empty: give a real key or none")
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ValueError("request_timeout must be a positive number of seconds")
-        if self.max_upload_bytes < 1:
-            raise ValueError("max_upload_bytes must be positive")
+        if self.max_upload_bytes < 1 or self.max_request_bytes < 1:
+            raise ValueError("max_upload_bytes and max_request_bytes must be positive")
 
 
 def _is_loopback(host: str) -> bool:
@@ -67,6 +69,8 @@ def exposure_warning(host: str, admin_key: str | None) -> str | None:
 
 
 def build_state(cfg: ServeConfig) -> ServerState:
+    # First, before the model loads: a data dir another live server owns fails the start at once (DataDirBusy).
+    data_dir_lock = claim_data_dir(_data_dir(cfg))
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     model_dir = resolve_model(cfg.model)
     econf = EngineConfig(model_dir=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
@@ -83,15 +87,20 @@ def build_state(cfg: ServeConfig) -> ServerState:
         log.warning(warning)
     return ServerState(engine=AsyncEngine(engine, cfg.max_queue), tokenizer=engine.tokenizer,
                        base_model_name=model_name(model_dir), registry=registry, admin_key=cfg.admin_key,
-                       request_timeout=cfg.request_timeout)
+                       request_timeout=cfg.request_timeout, max_request_bytes=cfg.max_request_bytes,
+                       data_dir_lock=data_dir_lock)
 
 
 def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str) -> AdapterRegistry:
-    registry = build_registry(econf, Path(cfg.data_dir or cache_root() / "data"), base_name,
+    registry = build_registry(econf, _data_dir(cfg), base_name,
                               allowed_roots=tuple(cfg.allowed_roots), max_upload_bytes=cfg.max_upload_bytes)
     if cfg.adapters_dir is not None:
         registry.preload_dir(cfg.adapters_dir)
     return registry
+
+
+def _data_dir(cfg: ServeConfig) -> Path:
+    return Path(cfg.data_dir or cache_root() / "data")
 
 
 def build_registry(econf: EngineConfig, data_dir: Path, base_name: str = "base", **config) -> AdapterRegistry:

@@ -30,6 +30,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                    help="abort a request this long after it arrived and answer 408 (streams: an error event)")
     p.add_argument("--max-upload-mb", type=float, default=1024, help="bound on one adapter upload (413 beyond)")
+    p.add_argument("--max-request-mb", type=float, default=None,
+                   help="bound on any other request body, chunked or not (413 beyond; default 2)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
                    help="hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay full precision)")
     p.add_argument("--ray", action="store_true",
@@ -45,6 +47,7 @@ def add_serve_parser(sub) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from loramux.adapters_registry import DataDirBusy
     from loramux.server.bootstrap import ServeConfig, build_state
     from loramux.server.app import create_app
 
@@ -54,12 +57,18 @@ def serve(args: argparse.Namespace) -> int:
                       data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=args.admin_key,
                       max_queue=args.max_queue, host=args.host,
                       quantize=args.quantize, request_timeout=args.request_timeout,
-                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+                      max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                      **({} if args.max_request_mb is None
+                         else {"max_request_bytes": int(args.max_request_mb * (1 << 20))}))
     if args.ray:
         from loramux.server.ray_app import RayConfig, run
         return run(RayConfig(cfg, replicas=args.replicas, replica_cpus=args.replica_cpus,
                              store_dir=args.adapter_store), args.host, args.port)
-    state = build_state(cfg)
+    try:
+        state = build_state(cfg)
+    except DataDirBusy as e:
+        logging.getLogger("loramux.server").error("%s", e)
+        return 2
     # On SIGTERM uvicorn stops accepting, lets in-flight responses finish (up to the graceful
     # timeout), runs the lifespan shutdown (the engine drains), then raises the signal again so the
     # default action kills the process (exit -15). A drained server has stopped cleanly: with this

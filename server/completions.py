@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +26,9 @@ from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
 from loramux.server.state import ServerState
 
 MAX_CHOICES = 128    # prompts x n in one request: bounds what one request adds to the queue
+# Prompts up to this many characters (ids) are prepared on the event loop: well under a millisecond,
+# less than handing them to a thread, and never queued behind another request's long preparation.
+PREPARE_INLINE_CHARS = 4096
 
 
 @dataclass
@@ -54,15 +58,27 @@ def _sampling(state: ServerState, req, prompt_ids: list[int], max_tokens: int | 
         state.engine.engine.check_prompt(prompt_ids, params.max_tokens, num_prefix)
     except ValueError as exc:
         code = "context_length_exceeded" if "context length" in str(exc) else "invalid_value"
-        raise APIError(400, str(exc), param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-                       code=code) from None
+        raise APIError(400, str(exc), param=_prompt_param(req), code=code) from None
     return params
 
 
-def _tokenize_prompt(state: ServerState, prompt: str | list[int]) -> list[int]:
+def _prompt_param(req) -> str:
+    return "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+
+
+def _check_fits(state: ServerState, req, prompt: str | list[int], max_tokens: int | None, num_prefix: int) -> None:
+    """Refuse a prompt that cannot fit the context window before tokenizing it (server/token_bound.py)."""
     if isinstance(prompt, str):
-        return _encode(state, prompt, "prompt")
-    return list(prompt)
+        at_least, what = state.token_bound.min_tokens(prompt), f"{len(prompt)} characters, at least"
+    else:
+        at_least, what = len(prompt), "token ids:"
+    total = num_prefix + at_least + (max_tokens or 1)
+    window = state.engine.engine.max_model_len
+    if total > window:
+        raise APIError(400, f"This model's maximum context length is {window} tokens. However, you requested at "
+                            f"least {total} tokens (the prompt's {what} {at_least} tokens). Please reduce the length "
+                            f"of the prompt or the completion.", param=_prompt_param(req),
+                       code="context_length_exceeded")
 
 
 def _encode(state: ServerState, text: str, param: str, **kwargs) -> list[int]:
@@ -74,33 +90,58 @@ def _encode(state: ServerState, text: str, param: str, **kwargs) -> list[int]:
                        code="invalid_value") from None
 
 
-def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest, max_tokens: int | None = None,
+                    num_prefix: int = 0) -> list[int]:
     try:
         text = state.tokenizer.apply_chat_template(req.template_messages(), tokenize=False,
                                                    add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001 - jinja templates raise on conversations they do not accept
         raise APIError(400, f"the messages do not fit the model's chat template: {exc}", param="messages",
                        code="invalid_value") from None
+    _check_fits(state, req, text, max_tokens, num_prefix)
     return _encode(state, text, "messages", add_special_tokens=False)
 
 
-def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None
-               ) -> list[Job]:
+def _prepare(state: ServerState, req, prompts: list[str | list[int]], max_tokens: int | None, logprobs: int | None,
+             num_prefix: int) -> list[tuple[list[int], SamplingParams]]:
+    """Templating and tokenizing, one prompt after another so the first that does not fit stops the rest."""
+    if isinstance(req, ChatCompletionRequest):
+        ids = chat_prompt_ids(state, req, max_tokens, num_prefix)
+        return [(ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix))]
+    out = []
+    for prompt in prompts:
+        ids = _encode(state, prompt, "prompt") if isinstance(prompt, str) else list(prompt)
+        out.append((ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix)))
+    return out
+
+
+async def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None
+                     ) -> list[Job]:
+    """One Job per prompt. What could take long (a chat template, tokenizing, a long list of ids) runs
+    in the prep threads, after the checks that cost nothing: a hostile prompt never holds the event loop."""
     num_prefix = state.num_prefix_tokens(adapter_id)
     base = uuid.uuid4().hex
-    num_prompts = 1 if isinstance(req, ChatCompletionRequest) else len(req.prompts())
+    if isinstance(req, ChatCompletionRequest):
+        prompts: list[str | list[int]] = []
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        size = sum(len(m.content or "") for m in req.messages)
+    else:
+        prompts = req.prompts()
+        max_tokens, logprobs = req.max_tokens, req.logprobs
+        size = sum(len(p) for p in prompts)
+    num_prompts = len(prompts) or 1
     if num_prompts * req.n > MAX_CHOICES:
         raise APIError(400, f"{num_prompts} prompts x n={req.n} exceeds {MAX_CHOICES} choices per request",
                        param="n", code="invalid_value")
-    if isinstance(req, ChatCompletionRequest):
-        prompts = [chat_prompt_ids(state, req)]
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    for prompt in prompts:
+        _check_fits(state, req, prompt, max_tokens, num_prefix)
+    if size <= PREPARE_INLINE_CHARS:
+        prepared = _prepare(state, req, prompts, max_tokens, logprobs, num_prefix)
     else:
-        prompts = [_tokenize_prompt(state, p) for p in req.prompts()]
-        max_tokens, logprobs = req.max_tokens, req.logprobs
-    return [Job(f"{base}-{i}", ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix), req.n, i * req.n)
-            for i, ids in enumerate(prompts)]
+        prepared = await anyio.to_thread.run_sync(_prepare, state, req, prompts, max_tokens, logprobs, num_prefix,
+                                                  limiter=state.prep_limiter)
+    return [Job(f"{base}-{i}", ids, params, req.n, i * req.n) for i, (ids, params) in enumerate(prepared)]
 
 
 async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None, deadline: float | None = None
@@ -216,7 +257,7 @@ async def run_request(state: ServerState, req: CompletionRequest | ChatCompletio
         model, adapter_id = await run_in_threadpool(state.resolve_mixture, req)
     else:
         model, adapter_id = state.resolve_model(req.adapter_id or req.model)
-    jobs = build_jobs(state, req, adapter_id)
+    jobs = await build_jobs(state, req, adapter_id)
     try:
         state.engine.check_accepting()
     except (QueueFullError, EngineDeadError) as exc:

@@ -11,6 +11,12 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           422: "invalid_request_error", 429: "rate_limit_error", 503: "server_error"}
 
 
+# The code an error carries when the raiser named none: every error has one a client can branch on.
+_CODES = {400: "invalid_value", 401: "invalid_api_key", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          408: "request_timeout", 409: "conflict", 413: "request_too_large", 415: "unsupported_media_type",
+          422: "invalid_value", 429: "rate_limit_exceeded", 500: "internal_error", 503: "unavailable"}
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
@@ -27,7 +33,20 @@ def _utf8(text: str | None) -> str | None:
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": _utf8(message), "type": _TYPES.get(status, "server_error" if status >= 500
                                                                         else "invalid_request_error"),
-                      "param": _utf8(param), "code": code}}
+                      "param": _utf8(param),
+                      "code": code or _CODES.get(status, "server_error" if status >= 500 else "invalid_request")}}
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """A 400 for pydantic's errors on a request body: its first problem, the field at fault."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":    # loc is ("body", character offset) or (): not a param
+        detail = (first.get("ctx") or {}).get("error", "decode error")
+        return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -43,16 +62,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         # OpenAI answers malformed parameters with 400, not FastAPI's 422.
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":    # loc is ("body", character offset): not a param
-            detail = (first.get("ctx") or {}).get("error", "decode error")
-            return error_response(400, f"the request body is not valid JSON: {detail} at character "
-                                       f"{first.get('loc', ('', '?'))[-1]}", None, "invalid_json")
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
-        return error_response(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
+        err = validation_error(list(exc.errors()))
+        return error_response(err.status, err.message, err.param, err.code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

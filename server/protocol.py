@@ -1,21 +1,33 @@
-"""OpenAI request bodies (pydantic, at the HTTP edge only) and their mapping to SamplingParams."""
+"""OpenAI request bodies (pydantic, at the HTTP edge only) and their mapping to SamplingParams.
+
+Strict types (a boolean is not an integer, "yes" is not a boolean), and bounded work: parsed with
+`model_validate_json` (server/json_body.py), whose JSON parser stops at 200 levels of nesting.
+The fields a client can make long (`prompt`, message `content`) are checked by plain Python
+functions rather than pydantic unions: a union over a million-element list runs as one native
+call that holds the GIL for about a second, while Python code lets the event loop take turns
+when the body is parsed in a worker thread.
+"""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
+from loramux.adapters_registry.mixtures import MAX_SOURCES
 from loramux.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
+MAX_MESSAGES = 2048                   # OpenAI's own bound on `messages`
+_STRICT = ConfigDict(strict=True)
 
 
 class StreamOptions(BaseModel):
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class AdapterWeight(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     id: str
     weight: float = 1.0
 
@@ -25,7 +37,8 @@ class MixtureFields(BaseModel):
     (adapters_registry/merge.py): `merge` is linear | task_arithmetic | ties | dare_linear | dare_ties
     (or another peft combination type); `density` is the fraction ties / dare keep; DARE's random
     drop is seeded by `merge_seed` (in a completion request: else its `seed`, else 0)."""
-    adapters: list[AdapterWeight] | None = None
+    model_config = _STRICT
+    adapters: list[AdapterWeight] | None = Field(None, max_length=MAX_SOURCES)
     merge: str = "linear"
     density: float | None = None
     merge_seed: int | None = None
@@ -38,8 +51,18 @@ class MixtureFields(BaseModel):
                 "seed": self.merge_seed if self.merge_seed is not None else fallback_seed}
 
 
+def _check_stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise ValueError("stop takes a string or a list of up to 4 non-empty strings")
+    return stops
+
+
 class _Common(MixtureFields):                   # `adapters` set: a per-request mixture on the base model
-    model_config = ConfigDict(extra="allow")      # unknown OpenAI fields are tolerated, as OpenAI does
+    # Unknown OpenAI fields are tolerated, as OpenAI does, and ignored (never turned into objects).
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     adapter_id: str | None = None                # LoRAX-style: names the adapter in the body
@@ -50,19 +73,11 @@ class _Common(MixtureFields):                   # `adapters` set: a per-request 
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)   # torch generators take 64-bit seeds
-    stop: str | list[str] | None = None
+    stop: Annotated[Any, PlainValidator(_check_stop, json_schema_input_type=str | list[str] | None)] = None
     ignore_eos: bool = False
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -77,20 +92,32 @@ class _Common(MixtureFields):                   # `adapters` set: a per-request 
                               ignore_eos=self.ignore_eos, logprobs=logprobs)
 
 
+def _check_prompt(value: Any) -> str | list:
+    """str | list[str] | list[int] | list[list[int]], non-empty; token ids are JSON integers."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(type(x) is int for x in value):
+            return value
+        if all(isinstance(x, str) or (isinstance(x, list) and all(type(t) is int for t in x)) for x in value):
+            return value
+    if isinstance(value, list) and not value:
+        raise ValueError("prompt must not be empty")
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of "
+                     "token-id lists")
+
+
+Prompt = Annotated[Any, PlainValidator(_check_prompt, json_schema_input_type=(
+    str | list[str] | list[int] | list[list[int]]))]
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: Literal[False] = False
     suffix: None = None
     best_of: int | None = Field(None, ge=1, le=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be empty")
-        return v
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -106,20 +133,30 @@ class ContentPart(BaseModel):
     text: str
 
 
+def _check_content(value: Any) -> str | None:
+    """A message's content: a string, a list of text parts (joined here), or null."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                       isinstance(p.get("text"), str) for p in value):
+        return "".join(p["text"] for p in value)
+    raise ValueError("content must be a string, null, or a list of {\"type\": \"text\", \"text\": ...} parts "
+                     "(only text is supported)")
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: Annotated[Any, PlainValidator(_check_content, json_schema_input_type=(
+        str | list[ContentPart] | None))] = None
     name: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

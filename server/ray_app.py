@@ -41,8 +41,10 @@ from loramux.adapters_registry import AdapterError
 from loramux.adapters_registry.store import AdapterStore
 from loramux.engine.model_source import cache_root
 from loramux.server.admin_routes import _error, _json_body, _RegisterByPath
+from loramux.server.body_limit import BodyLimit
 from loramux.server.bootstrap import ServeConfig
 from loramux.server.errors import error_response, install_error_handlers
+from loramux.server.json_body import document_models, json_body_doc, parse_request
 from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
 from loramux.server.ray_replica import EngineReplica
 
@@ -120,13 +122,18 @@ class Ingress:
 def ingress_app(ing: Ingress) -> FastAPI:
     app = FastAPI(title="loramux on Ray Serve")
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=ing.cfg.serve.max_request_bytes)   # no uploads here
+    document_models(app, [CompletionRequest, ChatCompletionRequest])
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    # Parsed as the single server does (server/json_body.py); the replica tokenizes off its event loop.
+    @app.post("/v1/completions", openapi_extra=json_body_doc(CompletionRequest))
+    async def completions(request: Request):
+        req = await parse_request(request, CompletionRequest)
         return await ing.forward("completions", req, await request.body())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=json_body_doc(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        req = await parse_request(request, ChatCompletionRequest)
         return await ing.forward("chat", req, await request.body())
 
     @app.get("/v1/models")

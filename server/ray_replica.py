@@ -26,6 +26,7 @@ from loramux.server.app import create_app
 from loramux.server.bootstrap import ServeConfig, build_state
 from loramux.server.completions import run_request
 from loramux.server.errors import APIError, error_body
+from loramux.server.json_body import parse_json
 from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
 
 REPLICA_HEADER = "x-loramux-replica"      # which replica answered
@@ -134,7 +135,13 @@ class EngineReplica:
     # -- requests ---------------------------------------------------------------------------------
     async def respond(self, endpoint: str, raw: bytes):
         """Yield {status, headers, media_type}, then the body in chunks (SSE events when streaming)."""
-        req = (ChatCompletionRequest if endpoint == "chat" else CompletionRequest).model_validate_json(raw)
+        try:
+            req = await parse_json(ChatCompletionRequest if endpoint == "chat" else CompletionRequest, raw,
+                                   self.state.prep_limiter)
+        except APIError as e:
+            yield self._head(e.status, "application/json")
+            yield JSONResponse(error_body(e.status, e.message, e.param, e.code)).body
+            return
         mixture = getattr(req, "adapters", None)
         name = req.adapter_id or req.model
         ids = [a.id for a in mixture] if mixture else [] if name == self.state.base_model_name else [name]

@@ -5,10 +5,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from loramux.engine.async_engine import AsyncEngine
 from loramux.engine.llm_engine import StepOutput
 from loramux.server.errors import APIError
+from loramux.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from loramux.server.metrics import Metrics
+from loramux.server.token_bound import TokenBound
+
+# Worker threads preparing requests (parsing large bodies, chat templates, tokenizing): a few,
+# so that however many large requests arrive at once they cannot crowd out the engine's cores.
+PREP_THREADS = 2
 
 
 @dataclass
@@ -20,6 +28,14 @@ class ServerState:
     admin_key: str | None = None
     metrics: Metrics = field(default_factory=Metrics)
     request_timeout: float | None = None     # seconds from arrival to the last token; None: no limit
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # bound on a request body (413 beyond)
+    token_bound: TokenBound | None = None    # default: read from the tokenizer
+    data_dir_lock: Any = None                # adapters_registry.DataDirLock, held for the server's life
+    prep_limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(PREP_THREADS))
+
+    def __post_init__(self) -> None:
+        if self.token_bound is None:
+            self.token_bound = TokenBound.of(self.tokenizer)
 
     def resolve_model(self, name: str) -> tuple[str, str | None]:
         """`model` (or `adapter_id`) -> (name to report, adapter id or None for the bare base model)."""
