@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -23,7 +23,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from loramux.adapters_registry import AdapterError, AdapterRegistry
 from loramux.adapters_registry.adapter_files import ADAPTER_FILES
 from loramux.adapters_registry.mixtures import MixtureRecipe
-from loramux.server.errors import error_response, validation_error
+from loramux.server.errors import APIError, error_response
+from loramux.server.json_body import too_complex, validate_json
 from loramux.server.protocol import AdapterWeight, MixtureFields
 
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers on top of the two files
@@ -70,6 +71,8 @@ def _info_json(info) -> dict[str, Any]:
 
 def _names_mixture(raw: bytes) -> bool:
     """A JSON body {"id", "mixture"} saves a mixture; anything else is a register-by-path body."""
+    if too_complex(raw):
+        return False
     try:
         body = pydantic_core.from_json(raw)      # depth-bounded, unlike json.loads
     except ValueError:
@@ -107,10 +110,9 @@ def _body_doc(json_models: list[type[BaseModel]], multipart: bool = False) -> di
 
 async def _json_body(request: Request, model: type[BaseModel]) -> Any:
     try:
-        return model.model_validate_json(await request.body())
-    except ValidationError as e:
-        err = validation_error(e.errors(include_url=False))
-        raise AdapterError(400, err.message, param=err.param, code=err.code) from None
+        return validate_json(model, await request.body())
+    except APIError as e:
+        raise AdapterError(e.status, e.message, param=e.param, code=e.code) from None
 
 
 def make_admin_router(registry: AdapterRegistry, admin_key: str | None) -> APIRouter:

@@ -22,10 +22,9 @@ from loramux.engine.async_engine import EngineDeadError, QueueFullError, Request
 from loramux.engine.llm_engine import StepOutput
 from loramux.engine.sampling import SamplingParams
 from loramux.server.errors import APIError, error_body
-from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
 from loramux.server.state import ServerState
 
-MAX_CHOICES = 128    # prompts x n in one request: bounds what one request adds to the queue
 # Prompts up to this many characters (ids) are prepared on the event loop: well under a millisecond,
 # less than handing them to a thread, and never queued behind another request's long preparation.
 PREPARE_INLINE_CHARS = 4096

@@ -1,10 +1,13 @@
-"""A request body -> a request model: strict, depth-bounded, and large bodies off the event loop.
+"""A request body -> a request model: strict, bounded in work, and large bodies off the event loop.
 
 pydantic's `model_validate_json` (jiter) refuses JSON nested deeper than 200 levels at once, where
 Python's json module recurses; invalid UTF-8 and every other malformed body is a 400 with a code.
-A body past PARSE_INLINE_BYTES is parsed in a worker thread: building the JSON tree holds the GIL
-(about 10-60 ms per MiB, by shape, on a 2-core CPU), but the Python checks of long fields
-(server/protocol.py) then let the event loop take turns.
+Parsing holds the GIL, whatever thread it runs in, for a time that grows with the number of values
+the body makes: a body of more than MAX_CONTAINERS arrays and objects (no request needs that many:
+2048 messages with their content parts fit) is refused before parsing, after a count in C. What is
+left costs ~25 ms of CPU per MiB at worst (a million token ids) on a 2-core CPU. A body past
+PARSE_INLINE_BYTES is parsed in a worker thread, where the Python checks of long fields
+(server/protocol.py) let the event loop take turns.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from loramux.server.errors import APIError, validation_error
 
 M = TypeVar("M", bound=BaseModel)
 PARSE_INLINE_BYTES = 64 * 1024     # below this, parsing takes well under a millisecond: not worth a thread hop
+MAX_CONTAINERS = 10_000            # JSON arrays and objects in one request body
 
 
 def _is_json(content_type: str) -> bool:
@@ -25,7 +29,26 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-def _validate(model: type[M], raw: bytes) -> M:
+def too_complex(raw: bytes) -> bool:
+    return _count_containers(raw) > MAX_CONTAINERS
+
+
+def _count_containers(raw: bytes) -> int:
+    """Arrays and objects in a JSON text: its brackets outside strings (all in C, no Python loop)."""
+    brackets = raw.count(b"[") + raw.count(b"{")
+    if brackets <= MAX_CONTAINERS:   # an upper bound already small enough; text with brackets takes the exact count
+        return brackets
+    # Without its escapes, every quote opens or closes a string: the text outside strings is every
+    # other piece between quotes.
+    outside = b"".join(raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+    return outside.count(b"[") + outside.count(b"{")
+
+
+def validate_json(model: type[M], raw: bytes) -> M:
+    """`raw` as `model`, or an APIError(400) with a code (json_too_complex, invalid_json, invalid_value)."""
+    if too_complex(raw):
+        raise APIError(400, f"the request body holds more than {MAX_CONTAINERS} JSON arrays and objects",
+                       code="json_too_complex")
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
@@ -34,8 +57,8 @@ def _validate(model: type[M], raw: bytes) -> M:
 
 async def parse_json(model: type[M], raw: bytes, limiter: anyio.CapacityLimiter | None = None) -> M:
     if len(raw) <= PARSE_INLINE_BYTES:
-        return _validate(model, raw)
-    return await anyio.to_thread.run_sync(_validate, model, raw, limiter=limiter)
+        return validate_json(model, raw)
+    return await anyio.to_thread.run_sync(validate_json, model, raw, limiter=limiter)
 
 
 async def parse_request(request: Request, model: type[M], limiter: anyio.CapacityLimiter | None = None) -> M:

@@ -17,6 +17,7 @@ from loramux.adapters_registry.mixtures import MAX_SOURCES
 from loramux.engine.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
+MAX_CHOICES = 128                     # prompts x n in one request: bounds what one request adds to the queue
 MAX_MESSAGES = 2048                   # OpenAI's own bound on `messages`
 _STRICT = ConfigDict(strict=True)
 
@@ -92,17 +93,23 @@ class _Common(MixtureFields):                   # `adapters` set: a per-request 
                               ignore_eos=self.ignore_eos, logprobs=logprobs)
 
 
+def _token_ids(value: list) -> bool:
+    return set(map(type, value)) <= {int}       # in C: a million ids take milliseconds, not a Python loop
+
+
 def _check_prompt(value: Any) -> str | list:
     """str | list[str] | list[int] | list[list[int]], non-empty; token ids are JSON integers."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value:
-        if all(type(x) is int for x in value):
-            return value
-        if all(isinstance(x, str) or (isinstance(x, list) and all(type(t) is int for t in x)) for x in value):
-            return value
     if isinstance(value, list) and not value:
         raise ValueError("prompt must not be empty")
+    if isinstance(value, list):
+        if _token_ids(value):
+            return value
+        if len(value) > MAX_CHOICES:
+            raise ValueError(f"a request takes at most {MAX_CHOICES} prompts, got {len(value)}")
+        if all(isinstance(x, str) or (isinstance(x, list) and _token_ids(x)) for x in value):
+            return value
     raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of "
                      "token-id lists")
 

@@ -77,6 +77,7 @@ def assert_openai_error(r: httpx.Response, status: int | None = None) -> dict:
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"], body      # every error has a code
     return body["error"]
 
 
@@ -257,6 +258,38 @@ def test_malformed_requests_get_openai_4xx(srv, path, cases):
     assert_still_serving(srv)
 
 
+def test_types_are_strict_and_every_error_has_a_code(srv):
+    """A boolean is not an integer and "yes" is not a boolean; a body that is not JSON text (invalid
+    UTF-8, nesting past 200 levels) is `invalid_json`, as malformed JSON is; admin 400s name a code."""
+    cases = [("/v1/completions", _c(max_tokens=True), "invalid_value", "max_tokens"),
+             ("/v1/completions", _c(n=True), "invalid_value", "n"),
+             ("/v1/completions", _c(logprobs=True), "invalid_value", "logprobs"),
+             ("/v1/completions", _c(seed=False), "invalid_value", "seed"),
+             ("/v1/completions", _c(prompt=[1, True]), "invalid_value", "prompt"),
+             ("/v1/completions", _c(stream=True, stream_options={"include_usage": "yes"}), "invalid_value",
+              "stream_options.include_usage"),
+             ("/v1/completions", _c(stream=1), "invalid_value", "stream"),
+             ("/v1/chat/completions", _chat(logprobs=1), "invalid_value", "logprobs"),
+             ("/v1/chat/completions", _chat(max_completion_tokens=False), "invalid_value", "max_completion_tokens"),
+             ("/v1/completions", COMPLETION_CASES["invalid utf-8"], "invalid_json", None),
+             ("/v1/completions", b'{"model": "x", "prompt": "y", "z": ' + b"[" * 300 + b"]" * 300 + b"}",
+              "invalid_json", None),                        # past 200 levels of nesting
+             ("/v1/completions", COMPLETION_CASES["deep nesting"], "json_too_complex", None),
+             ("/v1/chat/completions", b'{"model": "x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+              "json_too_complex", None),                    # more arrays than any request needs
+             ("/v1/completions", _c(prompt="[{" * 50_000), "context_length_exceeded", "prompt"),  # brackets in text
+             ("/v1/adapters", {"id": "x"}, "invalid_value", "path"),
+             ("/v1/adapters", {"id": 5, "path": "/x"}, "invalid_value", "id"),
+             ("/v1/adapters", b'{"id": "x", "path": ' + b"[" * 300 + b"]" * 300 + b"}", "invalid_json", None),
+             ("/v1/adapters", b'{"id": "x", "mixture": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+              "json_too_complex", None),
+             ("/v1/load_lora_adapter", b'{"lora_name": "\xff"', "invalid_json", None)]
+    for path, body, code, param in cases:
+        err = assert_openai_error(_post(srv, path, body, headers=AUTH), 400)
+        assert (err["code"], err["param"]) == (code, param), (path, body if isinstance(body, dict) else body[:60], err)
+    assert_still_serving(srv)
+
+
 def test_wrong_content_types_and_methods(srv):
     r = httpx.post(f"{srv.url}/v1/completions", content=json.dumps(_c()), headers={"content-type": "text/plain"})
     assert_openai_error(r, 400)
@@ -326,6 +359,7 @@ def test_malformed_uploads_are_refused(srv, tmp_path):
         r = _upload(srv, f"bad-{len(failures)}-{abs(hash(name)) % 10**6}", files)
         try:
             err = assert_openai_error(r, 413 if name == "oversize" else None)
+            assert err["param"] != "path", err            # an upload sends files, not a path
             if "pickle" in name and "beside" not in name:
                 assert "pickle" in err["message"] or "never" in err["message"], err
         except (AssertionError, ValueError) as exc:
