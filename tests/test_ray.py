@@ -178,6 +178,27 @@ def test_requests_land_on_the_replica_holding_the_adapter(cluster, reference):
         assert {r for r, n in served.items() if n} <= before[adapter_id]
 
 
+def test_ingress_bounds_and_checks_bodies(cluster):
+    """The Ray ingress bounds bodies (chunked too) and parses them as the single server does; a
+    prompt that cannot fit is refused by its replica before tokenizing."""
+    url = cluster.url
+    huge = json.dumps({"model": BASE, "prompt": "a " * 1_500_000}).encode()    # 3 MB: over the 2 MiB default
+
+    def chunks():
+        for i in range(0, len(huge), 1 << 16):
+            yield huge[i:i + (1 << 16)]
+    cases = [(huge, 413, "request_too_large"), (chunks(), 413, "request_too_large"),
+             (b"[" * 100_000 + b"]" * 100_000, 400, "json_too_complex"),
+             (b'{"model": "x", "prompt": "\xff"}', 400, "invalid_json"),
+             (json.dumps({"model": BASE, "prompt": "hi", "max_tokens": True}).encode(), 400, "invalid_value"),
+             (json.dumps({"model": BASE, "prompt": "a " * 500_000}).encode(), 400, "context_length_exceeded")]
+    for body, status, code in cases:
+        r = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"},
+                       timeout=120)
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text[:300]
+    assert complete(url, BASE, PROMPTS[0])[0] == 200
+
+
 def test_metrics_per_replica(cluster):
     text = httpx.get(f"{cluster.url}/metrics", timeout=60).text
     for rep in replicas(cluster.url):
