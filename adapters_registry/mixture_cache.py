@@ -143,10 +143,9 @@ class MixtureCache:
                                 generator=torch.Generator().manual_seed(recipe.seed or 0))
         except MergeError as e:
             raise AdapterError(BAD_REQUEST, f"cannot merge {', '.join(recipe.ids)}: {e}", param="adapters") from None
-        max_lora_rank = reg.config.max_rank
-        if merged.manifest.rank > max_lora_rank:
+        if merged.manifest.rank > reg.config.max_lora_rank:
             raise AdapterError(BAD_REQUEST, f"the merged adapter's rank {merged.manifest.rank} exceeds the server's "
-                                            f"maximum rank {max_lora_rank}", param="adapters")
+                                            f"maximum rank {reg.config.max_lora_rank}", param="adapters")
         with reg._lock:
             self.merges_computed += 1
         return merged, sources

@@ -42,12 +42,12 @@ class AdapterRegistry:
         self.spec, self.config = spec, config
         self.dtype, self.device = dtype, torch.device(device)
         self.base_model_name = base_model_name
-        self.stacks = LoraStacks(spec, config.max_slots, config.max_rank, dtype=dtype, device=self.device)
+        self.stacks = LoraStacks(spec, config.max_loras, config.max_lora_rank, dtype=dtype, device=self.device)
         self.catalog = Catalog(config.data_dir)
         self.load_errors: dict[str, str] = {}  # persisted adapters that failed validation at startup
         self._lock = threading.RLock()
         self._live: dict[str, AdapterRecord] = {}
-        self._slots: SlotTable[AdapterRecord] = SlotTable(config.max_slots)
+        self._slots: SlotTable[AdapterRecord] = SlotTable(config.max_loras)
         self._host: LruCache[AdapterRecord, Weights] = LruCache(config.max_host_adapters)
         self.mixtures = MixtureCache(self, self.catalog.data_dir / "mixtures")
         self._restore()
@@ -78,7 +78,7 @@ class AdapterRegistry:
             self._live[entry.adapter_id] = AdapterRecord(entry.adapter_id, entry.path, manifest, size, persisted=True)
 
     def _inspect(self, folder: Path, label: str) -> Manifest:
-        return inspect_adapter(folder, self.spec, max_rank=self.config.max_rank,
+        return inspect_adapter(folder, self.spec, max_rank=self.config.max_lora_rank,
                                max_virtual_tokens=self.config.max_virtual_tokens, label=label)
 
     def _check_free(self, adapter_id: str) -> None:
