@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loramux.engine.llm_engine import LLMEngine, StepOutput
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("loramux.engine")
 

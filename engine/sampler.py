@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.sequence import TokenLogprob
 
 

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from loramux.engine.sampling import MAX_LOGPROBS, SamplingParams
+from loramux.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
 

@@ -31,7 +31,7 @@ from loramux.adapters_registry.mixtures import MixtureRecipe
 from loramux.engine.config import EngineConfig
 from loramux.server.bootstrap import build_engine
 from loramux.engine.llm_engine import LLMEngine
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from tests.adapter_factory import (
     TINY_SPEC,
     fresh_base_model,

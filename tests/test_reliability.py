@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loramux.engine.async_engine import MAX_STEP_FAILURES, AsyncEngine, EngineDeadError, RequestFailedError
 from loramux.engine.llm_engine import StepOutput
 from loramux.engine.models.spec import ModelSpec
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from tests.server_process import start_server
 from tests.adapter_factory import write_small_lora
 
