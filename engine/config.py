@@ -58,9 +58,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
-        if self.max_num_batched_tokens < self.max_model_len:
-            # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
-            self.max_num_batched_tokens = self.max_model_len
+        # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
+        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -55,7 +55,7 @@ class ServerState:
             return 0
         return int(getattr(self.registry.get(adapter_id), "num_virtual_tokens", 0) or 0)
 
-    def track(self, model: str, endpoint: str, prompt_tokens: int) -> "RequestTracker":
+    def track(self, model: str, endpoint: str, prompt_tokens: int) -> RequestTracker:
         return RequestTracker(self.metrics, model, endpoint, prompt_tokens)
 
 

@@ -29,9 +29,9 @@ from loramux.adapters_registry.formats import inspect_adapter, load_adapter
 from loramux.adapters_registry.merge import LINEAR_FAMILY, METHODS, merge_lora
 from loramux.adapters_registry.mixtures import MixtureRecipe
 from loramux.engine.config import EngineConfig
-from loramux.server.bootstrap import build_engine
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams
+from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import (
     TINY_SPEC,
     fresh_base_model,

@@ -26,11 +26,11 @@ import pytest
 import torch
 
 from loramux.engine.config import EngineConfig
-from loramux.server.bootstrap import build_engine
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import INT8_THRESHOLD
 from loramux.engine.sampling_params import SamplingParams
+from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import load_peft_model, make_adapters
 
 NEW_TOKENS = 12

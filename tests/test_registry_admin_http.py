@@ -12,11 +12,11 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from tests.adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
 from fastapi import FastAPI
 
 from loramux.adapters_registry import AdapterRegistry, RegistryConfig
 from loramux.server.admin_routes import make_admin_router
+from tests.adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
 
 KEY = "s3cret-admin-key"
 LIMIT = 256 * 1024

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tests.adapter_factory import TINY_SPEC, _lora_key, write_lora_files, write_prefix_files
 
 from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig, validate_adapter_id
 from loramux.adapters_registry.catalog import INDEX_FILE, Catalog, CatalogError
 from loramux.adapters_registry.host_cache import LruCache
 from loramux.adapters_registry.slots import SlotTable
+from tests.adapter_factory import TINY_SPEC, _lora_key, write_lora_files, write_prefix_files
 
 BASE = "tiny-base"
 

@@ -27,8 +27,8 @@ from loramux.engine.async_engine import MAX_STEP_FAILURES, AsyncEngine, EngineDe
 from loramux.engine.llm_engine import StepOutput
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.sampling_params import SamplingParams
-from tests.server_process import start_server
 from tests.adapter_factory import write_small_lora
+from tests.server_process import start_server
 
 BASE = "SmolLM2-135M-Instruct"
 PROMPT = "Once upon a time, in a small village by the sea,"

@@ -92,7 +92,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
     @staticmethod
-    def rotate(x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    def rotate(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: [T, heads, hd] -> rotated, computed as HF does (rotate_half)."""
         x1, x2 = x.chunk(2, dim=-1)
         return x * ctx.cos + torch.cat((-x2, x1), dim=-1) * ctx.sin
@@ -184,7 +184,7 @@ class LlamaModel(nn.Module):
         loaded: set[str] = set()
         for shard in sorted(Path(model_dir).glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
                     ours = key.removeprefix("model.")
                     if ours not in params:
                         if "rotary_emb" in key:
