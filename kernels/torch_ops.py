@@ -123,8 +123,12 @@ def _has_rows(stack_t: torch.Tensor) -> bool:
 
 def _bag_sum(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per bag, the sum of its rows weighted by ``weights`` (one per index): the ATen op itself,
-    without ``F.embedding_bag``'s argument checks (the mapping built these arguments)."""
-    return torch.embedding_bag(rows, indices, offsets, False, 0, False, weights.reshape(-1))[0]
+    without ``F.embedding_bag``'s argument checks (the mapping built these arguments).
+
+    The weights must be contiguous: strided per-sample weights (``t[:, i::G]`` of a step where every
+    token has an adapter) make ATen leave FBGEMM's fused multiply-add kernel for a multiply-then-add
+    loop, so the same token's LoRA would round differently depending on its batch mates."""
+    return torch.embedding_bag(rows, indices, offsets, False, 0, False, weights.reshape(-1).contiguous())[0]
 
 
 def _lora_rows(a: torch.Tensor, m: LoraMapping) -> torch.Tensor:
