@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test bench setup
+.PHONY: serve test lint bench setup
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ serve: setup
 # threads of one process starve the other's (measured: a 0.5 ms matmul taking 500 ms).
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/python -m ruff check .
 
 bench: setup
 	$(BIN)/python -m benchmarks.run_all

@@ -1,10 +1,16 @@
-"""What the registry hands out: AdapterInfo (a snapshot for listings) and Lease (a held adapter)."""
+"""What the registry keeps (AdapterRecord, one per served adapter) and hands out: AdapterInfo (a
+snapshot for listings) and Lease (a held adapter)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from .formats import Manifest
+    from .mixtures import MixtureRecipe
 
 Kind = Literal["lora", "prefix"]
 Tier = Literal["device", "host", "disk"]
@@ -44,3 +50,23 @@ class Lease:
     prefix_kv: torch.Tensor | None = None
     released: bool = False
     _record: object = field(default=None, repr=False)
+
+
+@dataclass(eq=False)  # identity semantics: a re-registered id is a different record
+class AdapterRecord:
+    """The registry's own state of one adapter (guarded by the registry's lock)."""
+    adapter_id: str
+    folder: Path
+    manifest: Manifest
+    size_bytes: int
+    persisted: bool
+    refcount: int = 0
+    slot: int = -1
+    retired: bool = False
+    last_used: float | None = None
+    requests_served: int = 0
+    recipe: MixtureRecipe | None = None  # set for per-request mixtures (merged on demand, not persisted)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind

@@ -17,7 +17,7 @@ from benchmarks.common import write_results
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import resolve_model
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 
 TOPICS = ["the sea", "a city at night", "mountains", "an old library", "the first snow", "a robot", "autumn",
           "a lighthouse"]

@@ -26,11 +26,11 @@ import torch
 from benchmarks.bench_engine import make_prompts
 from benchmarks.common import write_results
 from loramux.engine.config import EngineConfig
-from loramux.server.bootstrap import build_engine
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import resolve_model
 from loramux.engine.models.spec import ModelSpec
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
+from loramux.server.bootstrap import build_engine
 
 RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

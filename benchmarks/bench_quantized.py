@@ -35,7 +35,7 @@ from benchmarks.common import write_results
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import resolve_model
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 
 MODES = ("none", "int8", "nf4")
 TEXT = Path(__file__).resolve().parent / "data" / "ppl.txt"

@@ -20,8 +20,8 @@ import httpx
 from benchmarks.common import write_results
 from loramux.engine.model_source import resolve_model
 from loramux.engine.models.spec import ModelSpec
-from tests.server_process import start_server
 from tests.adapter_factory import write_small_lora
+from tests.server_process import start_server
 
 
 def first_token_seconds(url: str, adapter_id: str, path: Path) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from loramux.engine.llm_engine import LLMEngine, StepOutput
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("loramux.engine")
 
@@ -177,7 +177,7 @@ class AsyncEngine:
                 for request_id in done:
                     if not self.engine.scheduler.find(request_id):   # all n choices finished
                         self._streams.pop(request_id, None)
-        except BaseException as exc:  # noqa: BLE001 - every waiter must hear that the engine died
+        except BaseException as exc:  # every waiter must hear that the engine died
             log.exception("engine loop died")
             self.error = exc
             for req in self._streams.values():

@@ -27,21 +27,27 @@ def default_dtype_name(device: str) -> str:
 
 @dataclass
 class EngineConfig:
-    model_dir: Path
-    dtype: str = "auto"                 # float32 | bfloat16 | auto
+    """How the engine runs: the one source of these settings and their defaults (`loramux serve`'s
+    ServeConfig derives from this class, and its flags show these defaults)."""
+    model_dir: Path                     # a local HF checkpoint
+    dtype: str = "auto"                 # float32 | bfloat16 | auto (bfloat16 where the CPU has native bf16)
     device: str = "cpu"
     max_model_len: int = 2048           # context window served (prompt + completion + virtual tokens)
     max_num_seqs: int = 64              # sequences in one step
     max_num_batched_tokens: int = 4096  # tokens in one step (prefill + decode)
     block_size: int = 16                # tokens per KV block
     kv_cache_bytes: int = 1 << 30       # KV cache budget; sets the number of blocks
-    max_loras: int = 8                  # device adapter slots
-    max_lora_rank: int = 64
+    max_loras: int = 8                  # adapters resident on the device at once (slots)
+    max_lora_rank: int = 64             # r_max of the slots; higher-rank adapters are refused
     max_queue: int = 1024               # waiting requests before 503
     quantize: str = "none"              # resident base projections: none | int8 | nf4 (bitsandbytes)
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Check every setting but model_dir, resolving dtype "auto" and a step too small for a prompt."""
         if self.dtype == "auto":
             self.dtype = default_dtype_name(self.device)
         if self.dtype not in DTYPES:
@@ -52,9 +58,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
-        if self.max_num_batched_tokens < self.max_model_len:
-            # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
-            self.max_num_batched_tokens = self.max_model_len
+        # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
+        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
 
     @property
     def torch_dtype(self) -> torch.dtype:

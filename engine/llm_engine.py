@@ -12,12 +12,13 @@ from loramux.engine.attention import KVCache
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
+from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.model_runner import ModelRunner
 from loramux.engine.models.llama import LlamaModel
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import quantize_model, resident_bytes
 from loramux.engine.sampler import logprobs_of, sample
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
 from loramux.engine.sequence import Sequence, TokenLogprob
 
@@ -50,7 +51,8 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, adapters: AdapterLeaser | None = None, lora_stacks=None) -> None:
+    def __init__(self, config: EngineConfig, adapters: AdapterLeaser | None = None,
+                 lora_stacks: LoraSlots | None = None) -> None:
         self.config = config
         self.spec = ModelSpec.from_dir(config.model_dir)
         self.device = torch.device(config.device)

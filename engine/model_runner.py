@@ -6,6 +6,7 @@ import torch
 from loramux import kernels
 from loramux.engine.attention import AttentionMetadata, KVCache, PrefillSpan
 from loramux.engine.block_manager import BlockManager
+from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.models.llama import ForwardContext, LlamaModel
 from loramux.engine.scheduler import ScheduledBatch
 from loramux.engine.sequence import Sequence
@@ -13,7 +14,7 @@ from loramux.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, device: torch.device,
-                 lora_stacks=None) -> None:
+                 lora_stacks: LoraSlots | None = None) -> None:
         self.model = model
         self.kv = kv
         self.blocks = blocks

@@ -1,4 +1,4 @@
-"""Quantized resident base model: each LoRALinear's `.base` becomes a bitsandbytes linear.
+"""Quantized resident base model: each projection adapters may target becomes a bitsandbytes linear.
 
     quantize_model(model, "int8" | "nf4" | "none", compute_dtype)
 
@@ -12,7 +12,7 @@ The settings below are transformers' defaults for the same reason:
   nf4:  `Linear4bit(quant_type="nf4", blocksize=64, compress_statistics=False, uint8 storage)`,
         compute dtype = the engine dtype.
 LoRA still runs on top in the engine dtype: `add_lora` adds `scale * (x A^T) B^T` to whatever
-`self.base(x)` returns, so adapters need no change at all.
+the projection returns, so adapters need no change at all.
 
 CPU notes (bitsandbytes >= 0.49 ships a CPU backend): int8 quantizes activations per row and runs
 `torch._int_mm`; nf4 on AVX512-BF16 CPUs repacks the weight on first use and multiplies in bf16
@@ -35,6 +35,8 @@ import logging
 
 import torch
 from torch import nn
+
+from loramux.engine.models.spec import LORA_TARGETS
 
 MODES = ("none", "int8", "nf4")
 INT8_THRESHOLD = 6.0          # transformers' BitsAndBytesConfig.llm_int8_threshold default
@@ -64,7 +66,7 @@ def _import_bnb():
 
 
 def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
-    """Swap every LoRALinear's `.base` nn.Linear for its bitsandbytes form, in place.
+    """Swap every projection named in LORA_TARGETS (an nn.Linear) for its bitsandbytes form, in place.
 
     Call after the weights are loaded and cast to `compute_dtype` (the quantizer reads them).
     Returns the number of linears quantized.
@@ -73,19 +75,18 @@ def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> i
         raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
     if mode == "none":
         return 0
-    from loramux.engine.models.llama import LoRALinear
-
     bnb = _import_bnb()
     count = 0
-    for wrapper in [m for m in model.modules() if isinstance(m, LoRALinear)]:
-        linear = wrapper.base
-        if not isinstance(linear, nn.Linear) or type(linear) is not nn.Linear:
+    projections = [(parent, name, child) for parent in model.modules()
+                   for name, child in parent.named_children() if name in LORA_TARGETS]
+    for parent, name, linear in projections:
+        if type(linear) is not nn.Linear:
             continue                                    # already quantized
         q = _int8(bnb, linear) if mode == "int8" else _nf4(bnb, linear, compute_dtype)
         q.requires_grad_(False)
         q.eval()
         _warm_up(q, linear.weight.device, compute_dtype)
-        wrapper.base = q
+        setattr(parent, name, q)
         count += 1
     log.info("quantized %d linears to %s (compute dtype %s)", count, mode, compute_dtype)
     return count

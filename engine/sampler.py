@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.sequence import TokenLogprob
-
 
 # Dividing by a temperature near zero overflows float32 logits to inf and softmax to NaN, which
 # multinomial refuses (and that would stop the engine thread); at 1e-4 sampling is all but greedy.

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
 

@@ -3,6 +3,9 @@
 CUDA tensors run the Triton kernels (``kernels.triton_ops``: SGMV for prefill, BGMV for decode);
 CPU tensors run the torch path (``kernels.torch_ops``). Both are twins with identical signatures
 and can be called directly (the Triton twin runs on CPU tensors under Triton's interpreter).
+The semantics, shapes and dtypes below, and in :func:`lora_shrink` / :func:`lora_expand`, are
+the one statement of what the ops compute: the twins and the float64 oracle
+(``kernels.reference``) refer to them, and share their argument checks (``kernels.checks``).
 
 A LoRA projection of a batch of T tokens, token i using adapter slot ``slot[i]`` (-1: none)::
 
@@ -11,9 +14,12 @@ A LoRA projection of a batch of T tokens, token i using adapter slot ``slot[i]``
     lora_expand(t, B_stack, mapping, y, y_offset)  # y[:, y_offset:y_offset + d_out] += ...
 
 Conventions (the engine integrator's checklist):
-  * ``x``, ``A_stack``, ``B_stack``, ``t`` and ``y`` share one dtype (fp32, bf16 or fp16) and one
-    device; ``scale`` is float32 (S,), or None for 1 (stacks that fold it into B, as the
-    registry's do). Adapters of smaller rank are zero-padded to r_max.
+  * ``x``, ``t`` and ``y`` share one dtype (fp32, bf16 or fp16); the stacks have that dtype too,
+    or float32 (the LoRA math then runs in float32, and only ``t`` and ``y`` are 16-bit). All on
+    one device. ``scale`` is float32 (S,), or None for 1 (stacks that fold it into B, as the
+    registry's do).
+  * Adapters of smaller rank are zero-padded to r_max; callers may pass rank-trimmed views
+    (``A_stack[:, :r]``, ``B_stack[:, :, :r]``) of any strides.
   * ``mapping`` is a :class:`LoraMapping`, built once per engine step with
     ``LoraMapping.from_slots(token_slots)`` on the batch's device and reused by every layer and
     projection. A raw (T,) slot tensor is accepted too, but is then re-grouped on every call.

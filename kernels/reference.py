@@ -1,9 +1,11 @@
 """Plain float64 per-token reference of the LoRA ops: the oracle the tests compare against.
 
-Deliberately the most literal reading of the semantics (one token at a time, float64 throughout),
-never used on a serving path. The loops run in numpy: tiny single-threaded matvecs, immune to the
-thread-pool stalls that hundreds of tiny multi-threaded torch ops hit on a busy 2-core machine. Same arguments as the ops, but it returns float64 results instead of
-writing in place, so tests can see the exact values before any rounding to the working dtype.
+Deliberately the most literal reading of the semantics written in the public API
+(:func:`loramux.kernels.lora_shrink`, :func:`loramux.kernels.lora_expand`): one token at a time,
+float64 throughout, never used on a serving path. The loops run in numpy: tiny single-threaded
+matvecs, immune to the thread-pool stalls that hundreds of tiny multi-threaded torch ops hit on a
+busy 2-core machine. Same arguments as the ops, but it returns float64 results instead of writing
+in place, so tests can see the exact values before any rounding to the working dtype.
 """
 from __future__ import annotations
 
@@ -23,10 +25,7 @@ def _f64(a: torch.Tensor) -> np.ndarray:
 
 
 def shrink_ref(x: torch.Tensor, A_stack: torch.Tensor, mapping, scale: torch.Tensor | None) -> torch.Tensor:
-    """t[i] = scale[slot[i]] * x[i] @ A_stack[slot[i]].T, rows with slot -1 are 0.
-
-    x (T, d_in), A_stack (S, r, d_in), scale (S,)  ->  t (T, r) float64
-    """
+    """:func:`loramux.kernels.lora_shrink`, returning t in float64."""
     x64, a64 = _f64(x), _f64(A_stack)
     s64 = np.ones(A_stack.shape[0]) if scale is None else _f64(scale)
     t = np.zeros((x.shape[0], A_stack.shape[1]))
@@ -37,10 +36,7 @@ def shrink_ref(x: torch.Tensor, A_stack: torch.Tensor, mapping, scale: torch.Ten
 
 
 def expand_ref(t: torch.Tensor, B_stack: torch.Tensor, mapping, y: torch.Tensor, y_offset: int = 0) -> torch.Tensor:
-    """y[i, y_offset:y_offset+d_out] + t[i] @ B_stack[slot[i]].T, other columns and slot -1 rows as in y.
-
-    t (T, r), B_stack (S, d_out, r), y (T, >= y_offset + d_out)  ->  new y float64 (y is not modified)
-    """
+    """:func:`loramux.kernels.lora_expand`, returning the new y in float64 (y is not modified)."""
     t64, b64, out = _f64(t), _f64(B_stack), _f64(y)
     d_out = B_stack.shape[1]
     for i, s in enumerate(_slots(mapping)):

@@ -1,7 +1,8 @@
 """The CPU serving path of the LoRA ops: plain torch, no per-token Python loops.
 
-Twins of ``kernels.triton_ops`` with identical signatures. Strategies, picked per call by
-:func:`_pick` from host-side facts only (never a device sync):
+Twin of ``kernels.triton_ops``: semantics, shapes and dtypes are the public API's
+(:func:`loramux.kernels.lora_shrink`, :func:`loramux.kernels.lora_expand`). Strategies, picked
+per call by :func:`_pick` from host-side facts only (never a device sync):
 
 * ``single``   every token uses one adapter: two plain matmuls on that slot's A and B.
 * ``bagged``   one ``embedding_bag`` per op, reading the stacks in place: a token's shrink is the
@@ -23,11 +24,7 @@ gathering weights per token (``index_select`` + ``bmm``) copies them first. FBGE
 bag streams them once, in bf16/fp16 as well as fp32, and for prefill-sized groups is within ~10%
 of the grouped matmul (``python -m benchmarks.bench_kernels``, ``benchmarks/results/kernels.json``).
 
-Stacks may be float32 while activations are bf16/fp16: the LoRA math then runs in float32 and
-only ``t`` and ``y`` are in the activation dtype.
-
-Rank: adapters are zero-padded to the stack's r_max; callers pass rank-trimmed views
-(``A_stack[:, :r_used]``, ``B_stack[:, :, :r_used]``). ``bagged`` reads a trimmed A's whole rows
+Rank-trimmed views (``A_stack[:, :r_used]``): ``bagged`` reads a trimmed A's whole rows
 (its zero padding included: rows must be contiguous for the embedding bag) and drops the extra
 columns, so size ``max_lora_rank`` to the adapters served.
 """
@@ -35,38 +32,24 @@ from __future__ import annotations
 
 import torch
 
+from loramux.kernels.checks import check_operands, check_output
 from loramux.kernels.mapping import LoraMapping, as_mapping
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 scale: torch.Tensor | None) -> torch.Tensor:
-    """t = shrink(x): each token's input through its adapter's A, times that adapter's scale.
-
-    x (T, d_in), A_stack (S, r, d_in), scale (S,) float32 or None (1)  ->  t (T, r) in x.dtype::
-
-        for i in range(T):
-            s = slot[i]
-            t[i] = scale[s] * x[i] @ A_stack[s].T if s >= 0 else 0
-    """
+    """:func:`loramux.kernels.lora_shrink` on the CPU path."""
     m = as_mapping(mapping)
-    _check(x, A_stack, m)
+    check_operands(x, A_stack, m)
     return _shrink(x, A_stack, m, scale, _pick(m, A_stack))
 
 
 def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 y: torch.Tensor, y_offset: int = 0) -> None:
-    """y += expand(t), in place, into the column slice of a (possibly fused) projection output.
-
-    t (T, r), B_stack (S, d_out, r), y (T, >= y_offset + d_out)::
-
-        for i in range(T):
-            s = slot[i]
-            if s >= 0:
-                y[i, y_offset:y_offset + d_out] += t[i] @ B_stack[s].T
-    """
+    """:func:`loramux.kernels.lora_expand` on the CPU path."""
     m = as_mapping(mapping)
-    _check(t, B_stack, m)
-    _check_out(y, t, y_offset, B_stack.shape[1])
+    check_operands(t, B_stack, m)
+    check_output(y, t, y_offset, B_stack.shape[1])
     _expand(t, B_stack, m, y, y_offset, _pick(m, B_stack))
 
 
@@ -140,8 +123,12 @@ def _has_rows(stack_t: torch.Tensor) -> bool:
 
 def _bag_sum(rows: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Per bag, the sum of its rows weighted by ``weights`` (one per index): the ATen op itself,
-    without ``F.embedding_bag``'s argument checks (the mapping built these arguments)."""
-    return torch.embedding_bag(rows, indices, offsets, False, 0, False, weights.reshape(-1))[0]
+    without ``F.embedding_bag``'s argument checks (the mapping built these arguments).
+
+    The weights must be contiguous: strided per-sample weights (``t[:, i::G]`` of a step where every
+    token has an adapter) make ATen leave FBGEMM's fused multiply-add kernel for a multiply-then-add
+    loop, so the same token's LoRA would round differently depending on its batch mates."""
+    return torch.embedding_bag(rows, indices, offsets, False, 0, False, weights.reshape(-1).contiguous())[0]
 
 
 def _lora_rows(a: torch.Tensor, m: LoraMapping) -> torch.Tensor:
@@ -160,23 +147,3 @@ def _pick(m: LoraMapping, stack: torch.Tensor) -> str:
         return "single"
     return "bagged" if _has_rows(stack.transpose(1, 2)) else "segments"
 
-
-def _check(a: torch.Tensor, stack: torch.Tensor, m: LoraMapping) -> None:
-    """Shapes, devices and dtypes of one op call: a (T, k) against stack (S, ., .) and mapping."""
-    if a.dim() != 2 or stack.dim() != 3:
-        raise ValueError(f"expected a 2-D input and a 3-D stack, got {tuple(a.shape)} and {tuple(stack.shape)}")
-    if a.device != stack.device or m.device != a.device:
-        raise ValueError(f"input on {a.device}, stack on {stack.device}, mapping on {m.device}")
-    if a.shape[1] != stack.shape[2]:
-        raise ValueError(f"input {tuple(a.shape)} does not match stack {tuple(stack.shape)}")
-    if stack.dtype not in (a.dtype, torch.float32):
-        raise TypeError(f"stack dtype {stack.dtype} must be the input's ({a.dtype}) or float32")
-    m.check(a.shape[0], stack.shape[0])
-
-
-def _check_out(y: torch.Tensor, t: torch.Tensor, y_offset: int, d_out: int) -> None:
-    if y.dim() != 2 or y.shape[0] != t.shape[0] or not 0 <= y_offset <= y.shape[1] - d_out:
-        raise ValueError(f"y {tuple(y.shape)} cannot take {d_out} columns at offset {y_offset} "
-                         f"for {t.shape[0]} tokens")
-    if y.dtype != t.dtype or y.device != t.device:
-        raise TypeError(f"y is {y.dtype} on {y.device}, t is {t.dtype} on {t.device}")

@@ -1,6 +1,7 @@
 """Triton LoRA kernels (GPU): segmented SGMV for prefill, gathered BGMV for decode.
 
-Same signatures and semantics as ``kernels.torch_ops``. Each kernel is written once as a plain
+Twin of ``kernels.torch_ops``: the semantics, shapes and dtypes are those of the public API
+(:func:`loramux.kernels.lora_shrink`, :func:`loramux.kernels.lora_expand`). Each kernel is written once as a plain
 function and wrapped twice: as a compiled ``JITFunction`` for CUDA tensors, and as Triton's
 ``InterpretedFunction`` for CPU tensors, so tests can run the very same kernel source on this
 GPU-less machine without ``TRITON_INTERPRET=1`` having been set before triton was imported (with
@@ -26,8 +27,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from loramux.kernels.checks import check_operands, check_output
 from loramux.kernels.mapping import LoraMapping, as_mapping
-from loramux.kernels.torch_ops import _check, _check_out
 
 # Kernels use builtins only (tl.full, tl.reduce, tl.dot, ...), never triton's own @jit helpers
 # (tl.zeros, tl.sum): those are compiled-only objects unless TRITON_INTERPRET was set before triton
@@ -208,9 +209,9 @@ def _upcast(x: torch.Tensor, stack: torch.Tensor) -> bool:
 
 def sgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 scale: torch.Tensor, *, block_m: int = 16, block_k: int | None = None) -> torch.Tensor:
-    """Segmented shrink; semantics of :func:`lora_shrink`."""
+    """Segmented shrink; semantics of :func:`loramux.kernels.lora_shrink`."""
     m = as_mapping(mapping)
-    _check(x, A_stack, m)
+    check_operands(x, A_stack, m)
     T, (_, r, d_in) = x.shape[0], A_stack.shape
     t = (torch.empty if m.all_lora else torch.zeros)(T, r, dtype=x.dtype, device=x.device)
     if not m.any_lora:
@@ -228,11 +229,11 @@ def sgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
 
 def sgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 y: torch.Tensor, y_offset: int = 0, *, block_m: int = 16, block_n: int | None = None) -> None:
-    """Segmented expand; semantics of :func:`lora_expand`."""
+    """Segmented expand; semantics of :func:`loramux.kernels.lora_expand`."""
     m = as_mapping(mapping)
-    _check(t, B_stack, m)
+    check_operands(t, B_stack, m)
     _, d_out, r = B_stack.shape
-    _check_out(y, t, y_offset, d_out)
+    check_output(y, t, y_offset, d_out)
     if not m.any_lora:
         return
     block_n = block_n or _pow2(min(d_out, 256 if _interpreting(t) else 64), 16)
@@ -246,10 +247,10 @@ def sgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 def bgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 scale: torch.Tensor, *, block_k: int | None = None, split_k: int = 1) -> torch.Tensor:
-    """Gathered shrink; semantics of :func:`lora_shrink`. ``split_k > 1`` splits d_in over programs
+    """Gathered shrink; semantics of :func:`loramux.kernels.lora_shrink`. ``split_k > 1`` splits d_in over programs
     (more parallelism for few tokens) and accumulates into a float32 buffer with atomics."""
     m = as_mapping(mapping)
-    _check(x, A_stack, m)
+    check_operands(x, A_stack, m)
     T, (_, r, d_in) = x.shape[0], A_stack.shape
     if not m.any_lora:
         return x.new_zeros(T, r)
@@ -268,11 +269,11 @@ def bgmv_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
 
 def bgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 y: torch.Tensor, y_offset: int = 0, *, block_n: int | None = None) -> None:
-    """Gathered expand; semantics of :func:`lora_expand`."""
+    """Gathered expand; semantics of :func:`loramux.kernels.lora_expand`."""
     m = as_mapping(mapping)
-    _check(t, B_stack, m)
+    check_operands(t, B_stack, m)
     _, d_out, r = B_stack.shape
-    _check_out(y, t, y_offset, d_out)
+    check_output(y, t, y_offset, d_out)
     if not m.any_lora:
         return
     block_n = block_n or _pow2(min(d_out, 1024 if _interpreting(t) else 256))
@@ -285,12 +286,7 @@ def bgmv_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 scale: torch.Tensor | None) -> torch.Tensor:
-    """x (T, d_in), A_stack (S, r, d_in), scale (S,) float32  ->  t (T, r) in x.dtype::
-
-        t[i] = scale[slot[i]] * x[i] @ A_stack[slot[i]].T   (0 where slot[i] == -1)
-
-    BGMV when ``mapping.decode``, else SGMV.
-    """
+    """:func:`loramux.kernels.lora_shrink` in Triton: BGMV when ``mapping.decode``, else SGMV."""
     m = as_mapping(mapping)
     if scale is None:  # adapters whose scale is folded into B
         scale = torch.ones(A_stack.shape[0], dtype=torch.float32, device=x.device)
@@ -299,11 +295,6 @@ def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | t
 
 def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
                 y: torch.Tensor, y_offset: int = 0) -> None:
-    """t (T, r), B_stack (S, d_out, r), y (T, >= y_offset + d_out), in place::
-
-        y[i, y_offset:y_offset + d_out] += t[i] @ B_stack[slot[i]].T   (row untouched where slot[i] == -1)
-
-    BGMV when ``mapping.decode``, else SGMV.
-    """
+    """:func:`loramux.kernels.lora_expand` in Triton: BGMV when ``mapping.decode``, else SGMV."""
     m = as_mapping(mapping)
     (bgmv_expand if m.decode else sgmv_expand)(t, B_stack, m, y, y_offset)

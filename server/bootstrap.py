@@ -4,7 +4,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,27 +22,24 @@ log = logging.getLogger("loramux.server")
 
 
 @dataclass
-class ServeConfig:
-    model: str | None = None
-    dtype: str = "auto"
-    max_model_len: int = 2048
-    max_num_seqs: int = 64
-    kv_cache_bytes: int = 1 << 30
-    max_loras: int = 8
-    max_lora_rank: int = 64
-    adapters_dir: Path | None = None
-    data_dir: Path | None = None
+class ServeConfig(EngineConfig):
+    """`loramux serve`'s settings: the engine's, with their names and defaults, from EngineConfig
+    (checked here, before anything loads), and the server's own."""
+    model_dir: Path | None = None        # None: the embedded model (engine.model_source.resolve_model)
+    adapters_dir: Path | None = None     # every subfolder served as an adapter, in place, not persisted
+    data_dir: Path | None = None         # where registered adapters persist (default <cache>/data)
     allowed_roots: tuple[Path, ...] = field(default_factory=tuple)
     admin_key: str | None = None
-    max_queue: int = 1024
     host: str = "127.0.0.1"
     threads: int = 0                     # torch intra-op threads; 0 = all cores
-    quantize: str = "none"               # base projections: none | int8 | nf4
     request_timeout: float | None = None  # seconds per request, arrival to last token; None: no limit
-    max_upload_bytes: int = 1 << 30      # one adapter upload, both files together
+    max_upload_bytes: int = RegistryConfig.max_upload_bytes  # one adapter upload, both files together
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # any other request body
 
     def __post_init__(self) -> None:
+        if self.model_dir is not None:
+            self.model_dir = Path(self.model_dir)
+        self.check_settings()
         if self.admin_key is not None and not self.admin_key.strip():
             # An empty key would accept `Authorization: Bearer ` : refuse rather than run unlocked.
             raise ValueError("the admin key is empty: give a real key or none")
@@ -50,6 +47,11 @@ class ServeConfig:
             raise ValueError("request_timeout must be a positive number of seconds")
         if self.max_upload_bytes < 1 or self.max_request_bytes < 1:
             raise ValueError("max_upload_bytes and max_request_bytes must be positive")
+
+    def engine_config(self, model_dir: Path) -> EngineConfig:
+        """The engine's part of these settings, serving the checkpoint at `model_dir`."""
+        engine_fields = {f.name for f in fields(EngineConfig)} - {"model_dir"}
+        return EngineConfig(model_dir, **{name: getattr(self, name) for name in engine_fields})
 
 
 def _is_loopback(host: str) -> bool:
@@ -72,11 +74,8 @@ def build_state(cfg: ServeConfig) -> ServerState:
     # First, before the model loads: a data dir another live server owns fails the start at once (DataDirBusy).
     data_dir_lock = claim_data_dir(_data_dir(cfg))
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    model_dir = resolve_model(cfg.model)
-    econf = EngineConfig(model_dir=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                         max_num_seqs=cfg.max_num_seqs, kv_cache_bytes=cfg.kv_cache_bytes, max_loras=cfg.max_loras,
-                         max_lora_rank=cfg.max_lora_rank, max_queue=cfg.max_queue,
-                         quantize=cfg.quantize)
+    model_dir = resolve_model(cfg.model_dir)
+    econf = cfg.engine_config(model_dir)
     registry = _build_registry(cfg, econf, model_name(model_dir))
     engine = LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks)
     log.info("memory: base weights %.1f MiB (quantize=%s), KV cache %.1f MiB (%d blocks of %d tokens), "
@@ -108,7 +107,7 @@ def build_registry(econf: EngineConfig, data_dir: Path, base_name: str = "base",
     # The stacks follow the model's dtype, as peft's adapter weights do: in bf16 the CPU path reads
     # half the bytes of float32 stacks, and reading them is most of its work (kernels/torch_ops.py).
     return AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
-                           RegistryConfig(data_dir=data_dir, max_slots=econf.max_loras, max_rank=econf.max_lora_rank,
+                           RegistryConfig(data_dir=data_dir, max_loras=econf.max_loras, max_lora_rank=econf.max_lora_rank,
                                           **config),
                            dtype=econf.torch_dtype, device=torch.device(econf.device), base_model_name=base_name)
 

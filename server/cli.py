@@ -6,40 +6,59 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
 def add_serve_parser(sub) -> None:
+    from loramux.server.bootstrap import ServeConfig
+
+    defaults = {f.name: f.default for f in fields(ServeConfig)}  # EngineConfig's and the server's own
     p = sub.add_parser("serve", help="start the OpenAI-compatible server")
-    p.add_argument("--model", default=None, help="local HF Llama-family checkpoint (default: embedded SmolLM2-135M)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-gb", type=float, default=1.0)
-    p.add_argument("--max-loras", type=int, default=8, help="device adapter slots")
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--adapters", type=Path, default=None, help="directory whose subfolders are peft adapters to load")
-    p.add_argument("--data-dir", type=Path, default=None, help="where registered adapters persist")
+
+    def setting(flag: str, help: str, **kw) -> None:
+        """A flag for the ServeConfig field of the same name, with its default (shown in --help)."""
+        if "default" not in kw:
+            kw["default"] = defaults[flag.removeprefix("--").replace("-", "_")]
+        p.add_argument(flag, help=f"{help} (default: %(default)s)", **kw)
+
+    p.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="DIR",
+                   help="local HF Llama-family checkpoint (default: embedded SmolLM2-135M)")
+    setting("--host", "address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    setting("--dtype", "auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
+            choices=["auto", "float32", "bfloat16"])
+    setting("--max-model-len", "context window served (prompt + completion + virtual tokens)", type=int)
+    setting("--max-num-seqs", "sequences in one step", type=int)
+    setting("--kv-cache-gb", "KV cache budget", type=float, default=defaults["kv_cache_bytes"] / (1 << 30))
+    setting("--max-loras", "adapters resident on the device at once", type=int)
+    setting("--max-lora-rank", "largest LoRA rank served (sizes the device slots)", type=int)
+    p.add_argument("--adapters", dest="adapters_dir", type=Path, default=None,
+                   help="directory whose subfolders are peft adapters to load")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where registered adapters persist (default <cache>/data)")
     p.add_argument("--allowed-root", type=Path, action="append", default=[],
                    help="directory from which adapters may be registered by path (repeatable)")
-    p.add_argument("--admin-key", default=os.environ.get("LORAMUX_ADMIN_KEY"),
+    p.add_argument("--admin-key", default=None,  # the environment's key is read in serve(): --help never shows it
                    help="require `Authorization: Bearer KEY` on admin routes (env LORAMUX_ADMIN_KEY)")
-    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503 + Retry-After")
-    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+    setting("--max-queue", "waiting requests before 503 + Retry-After", type=int)
+    p.add_argument("--request-timeout", type=float, default=defaults["request_timeout"], metavar="SECONDS",
                    help="abort a request this long after it arrived and answer 408 (streams: an error event)")
-    p.add_argument("--max-upload-mb", type=float, default=1024, help="bound on one adapter upload (413 beyond)")
-    p.add_argument("--max-request-mb", type=float, default=None,
-                   help="bound on any other request body, chunked or not (413 beyond; default 2)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
-                   help="hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay full precision)")
+    setting("--max-upload-mb", "bound on one adapter upload (413 beyond)", type=float,
+            default=defaults["max_upload_bytes"] / (1 << 20))
+    setting("--max-request-mb", "bound on any other request body, chunked or not (413 beyond)", type=float,
+            default=defaults["max_request_bytes"] / (1 << 20))
+    setting("--quantize", "hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay "
+            "full precision)", choices=["none", "int8", "nf4"])
+    # The Ray flags default to RayConfig's (not imported here: server/ray_app.py needs the `ray` extra).
     p.add_argument("--ray", action="store_true",
-                   help="serve on Ray Serve: --replicas engine replicas behind one endpoint, requests routed to the "
-                        "replica holding their adapter (needs the `ray` extra; see server/ray_app.py)")
-    p.add_argument("--replicas", type=int, default=2, help="with --ray: engine replicas")
-    p.add_argument("--replica-cpus", type=float, default=1.0, help="with --ray: CPUs (and torch threads) per replica")
-    p.add_argument("--adapter-store", type=Path, default=None,
+                   help="serve on Ray Serve: --replicas engine replicas behind one endpoint, requests routed to "
+                        "the replica holding their adapter (needs the `ray` extra; see server/ray_app.py)")
+    p.add_argument("--replicas", type=int, default=argparse.SUPPRESS,
+                   help="with --ray: engine replicas (default: RayConfig.replicas)")
+    p.add_argument("--replica-cpus", type=float, default=argparse.SUPPRESS,
+                   help="with --ray: CPUs (and torch threads) per replica (default: RayConfig.replica_cpus)")
+    p.add_argument("--adapter-store", dest="store_dir", type=Path, default=argparse.SUPPRESS,
                    help="with --ray: adapter directory every replica can read (default <cache>/adapter_store)")
     p.set_defaults(func=serve)
 
@@ -48,22 +67,22 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loramux.adapters_registry import DataDirBusy
-    from loramux.server.bootstrap import ServeConfig, build_state
     from loramux.server.app import create_app
+    from loramux.server.bootstrap import ServeConfig, build_state
 
-    cfg = ServeConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAMUX_ADMIN_KEY")
+    cfg = ServeConfig(model_dir=args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
-                      max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters,
-                      data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=args.admin_key,
+                      max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters_dir,
+                      data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=admin_key,
                       max_queue=args.max_queue, host=args.host,
                       quantize=args.quantize, request_timeout=args.request_timeout,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-                      **({} if args.max_request_mb is None
-                         else {"max_request_bytes": int(args.max_request_mb * (1 << 20))}))
+                      max_request_bytes=int(args.max_request_mb * (1 << 20)))
     if args.ray:
         from loramux.server.ray_app import RayConfig, run
-        return run(RayConfig(cfg, replicas=args.replicas, replica_cpus=args.replica_cpus,
-                             store_dir=args.adapter_store), args.host, args.port)
+        ray_flags = {k: v for k, v in vars(args).items() if k in ("replicas", "replica_cpus", "store_dir")}
+        return run(RayConfig(cfg, **ray_flags), args.host, args.port)
     try:
         state = build_state(cfg)
     except DataDirBusy as e:

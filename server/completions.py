@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from loramux.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 from loramux.engine.llm_engine import StepOutput
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from loramux.server.errors import APIError, error_body
 from loramux.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
 from loramux.server.state import ServerState

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
 
 from loramux.adapters_registry.mixtures import MAX_SOURCES
-from loramux.engine.sampling import MAX_LOGPROBS, SamplingParams
+from loramux.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
 MAX_CHOICES = 128                     # prompts x n in one request: bounds what one request adds to the queue

@@ -9,8 +9,8 @@ import anyio
 
 from loramux.engine.async_engine import AsyncEngine
 from loramux.engine.llm_engine import StepOutput
-from loramux.server.errors import APIError
 from loramux.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
+from loramux.server.errors import APIError
 from loramux.server.metrics import Metrics
 from loramux.server.token_bound import TokenBound
 
@@ -71,7 +71,7 @@ class ServerState:
             return 0
         return int(getattr(self.registry.get(adapter_id), "num_virtual_tokens", 0) or 0)
 
-    def track(self, model: str, endpoint: str, prompt_tokens: int) -> "RequestTracker":
+    def track(self, model: str, endpoint: str, prompt_tokens: int) -> RequestTracker:
         return RequestTracker(self.metrics, model, endpoint, prompt_tokens)
 
 

@@ -19,13 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from adapter_factory import write_lora_files
 from safetensors.torch import load_file, save_file
 
 from loramux.engine.models.spec import ModelSpec
 from loramux.server.bootstrap import ServeConfig, exposure_warning
+from tests.adapter_factory import write_lora_files, write_small_lora
 from tests.server_process import start_server
-from tests.adapter_factory import write_small_lora
 
 BASE = "SmolLM2-135M-Instruct"
 KEY = "bad-input-admin-key"

@@ -6,7 +6,7 @@ import torch
 
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from tests.hf_reference import hf_greedy, hf_last_logits
 
 PROMPTS = [

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from loramux.engine.config import EngineConfig
-from loramux.server.bootstrap import build_engine
 from loramux.engine.llm_engine import LLMEngine
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
+from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import load_peft_model, make_adapters
 from tests.hf_reference import greedy_no_cache
 

@@ -29,9 +29,9 @@ from loramux.adapters_registry.formats import inspect_adapter, load_adapter
 from loramux.adapters_registry.merge import LINEAR_FAMILY, METHODS, merge_lora
 from loramux.adapters_registry.mixtures import MixtureRecipe
 from loramux.engine.config import EngineConfig
-from loramux.server.bootstrap import build_engine
 from loramux.engine.llm_engine import LLMEngine
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
+from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import (
     TINY_SPEC,
     fresh_base_model,
@@ -254,7 +254,7 @@ def test_same_recipe_is_merged_once(engine, engine_results):
 
 # -- 3. registry rules, on a tiny spec without any model ---------------------------------------------
 def _tiny_registry(data_dir: Path, **kw) -> AdapterRegistry:
-    return AdapterRegistry(TINY_SPEC, RegistryConfig(data_dir=data_dir, **{"max_slots": 2, "max_rank": 8, **kw}),
+    return AdapterRegistry(TINY_SPEC, RegistryConfig(data_dir=data_dir, **{"max_loras": 2, "max_lora_rank": 8, **kw}),
                            dtype=torch.float32, device=torch.device("cpu"), base_model_name="tiny-base")
 
 

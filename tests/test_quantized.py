@@ -26,16 +26,21 @@ import pytest
 import torch
 
 from loramux.engine.config import EngineConfig
-from loramux.server.bootstrap import build_engine
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import INT8_THRESHOLD
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
+from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import load_peft_model, make_adapters
 
 NEW_TOKENS = 12
 LOGIT_TOL = 1e-3
-NEAR_TIE = 0.5         # top-2 logit margin under which nf4's bf16 input rounding may swap greedy tokens
+# Top-2 logit margin under which a mixed batch's decode may swap greedy tokens on nf4: one ulp of
+# difference upstream (LoRA summed by the bag, decode attention over a padded batch) can flip one bf16
+# rounding of a quantized projection's input; measured with random 1-ulp perturbations of every LoRA
+# output, the logits moved by up to 0.42 (typically 0.14-0.25). Twice that, so a second flip or
+# another CPU's rounding stays inside, still far below a wrong adapter's effect (>= 2.2).
+NEAR_TIE = 1.0
 PROMPTS = ["The capital of France is", "def square(x):", "Three facts about owls:"]
 ADAPTERS = {
     "lora": {"kind": "lora", "r": 16, "alpha": 32, "targets": "all-linear", "seed": 2, "b_std": 0.04},
@@ -126,7 +131,7 @@ def test_projections_are_quantized(engine, mode):
     kind = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
     layer = engine.model.layers[0]
     for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
-        assert isinstance(proj.base, kind)
+        assert isinstance(proj, kind)
     # Like transformers' defaults: embeddings and the (tied) lm_head stay in the engine dtype.
     assert type(engine.model.lm_head) is torch.nn.Linear
     assert engine.model.lm_head.weight.dtype == torch.float32
@@ -165,16 +170,25 @@ def _first_step_logits(engine: LLMEngine, jobs: list, prompts: list[list[int]]) 
 def test_mixed_batch(engine, reference, tokenizer, mode):
     """Base, LoRA and prefix requests (3 prompts each) in the same steps on the quantized base.
 
-    nf4: base and prefix requests' first-step logits are what they get alone (within LOGIT_TOL). A LoRA
-    request's differ by less than NEAR_TIE with the same next token (or a near tie): bitsandbytes'
-    CPU nf4 kernel rounds its input to bf16, and in a mixed batch the LoRA products are summed in
-    another order than for a lone request (an embedding bag over all adapters vs one matmul), so an
-    ulp can flip a rounding, as in peft's own mixed batches. Greedy tokens are transformers', or part
-    from them only at a near tie (see _check_parting_is_a_near_tie). int8: LLM.int8() computes in 16 bit every activation column that holds
-    an outlier (|x| > 6) in ANY row of the matmul, so a request's numerics depend on its batch mates
-    (in transformers too): measured here, first-step logits move by up to ~3 and greedy tokens can
-    part on near ties. So for int8 we check that this is the only coupling: with the outlier
-    threshold at 0 the mixed batch equals the lone runs within LOGIT_TOL.
+    What couples rows, measured (tests/test_quantized.py history, issue #14):
+      * int8: LLM.int8() computes in 16 bit every activation column that holds an outlier (|x| > 6) in
+        ANY row of the matmul, so a request's logits move (by ~1-3 here) with its batch mates, in
+        transformers too. With the outlier threshold at 0 every int8 step is per row (fp16 cast,
+        per-row absmax, rounding, an exact integer matmul), and so is nf4 (per-row bf16 rounding).
+      * LoRA: a lone request takes the `single` path (peft's own BLAS calls, so it matches peft bit
+        for bit: test_alone_matches_transformers_bnb); a batch of several adapters takes the
+        embedding bag, which sums in another order. One ulp there can push an activation across an
+        fp16/int8 (or bf16) rounding point in a later quantized projection, and that one flipped code
+        grows to ~0.75 logits by the last layer (measured: layer 28 of 30, one code of 576) — or,
+        with another CPU's rounding of the same sums, to ~2.4, the size of the adapter's own effect.
+        So no fixed bound between `single` and the bag both holds on every CPU and still catches a
+        wrong adapter.
+    The property that does hold on any x86 CPU: each bag of an embedding bag is summed on its own, in
+    index order, whatever the other bags are. So the reference for a LoRA row is the same request
+    run through the bag in a step with just one bare-base request. Then every row of the mixed
+    batch equals its reference before the lm_head bit for bit, and the logits differ only by the
+    float32 lm_head's row-count-dependent rounding (measured <= 4e-5; bounded by LOGIT_TOL = 1e-3,
+    while a wrong or missing adapter moves them by >= 2.2).
     """
     import bitsandbytes as bnb
 
@@ -184,21 +198,18 @@ def test_mixed_batch(engine, reference, tokenizer, mode):
     for m in int8:
         m.state.threshold = 0.0
     try:
-        alone = [_first_step_logits(engine, [job], prompts)[0] for job in jobs]
+        # A LoRA request next to one base request: its LoRA goes through the bag, as in the mixed batch.
+        alone = [_first_step_logits(engine, [job] + [(None, job[1])] * (job[0] == "lora"), prompts)[0]
+                 for job in jobs]
         mixed = _first_step_logits(engine, jobs, prompts)
     finally:
         for m in int8:
             m.state.threshold = INT8_THRESHOLD
     diffs = [(a - b).abs().max().item() for a, b in zip(alone, mixed)]
-    if mode == "nf4":  # LoRA rows: a mixed batch sums the adapters' products in another order (see below)
-        exact = [(job, d) for job, d in zip(jobs, diffs) if job[0] != "lora"]
-        assert max(d for _, d in exact) < LOGIT_TOL, exact
-        for job, a, b, d in zip(jobs, alone, mixed, diffs):
-            if job[0] == "lora":
-                top = a.topk(2).values
-                assert d < NEAR_TIE and (a.argmax() == b.argmax() or top[0] - top[1] < NEAR_TIE), (job, d)
-    else:
-        assert max(diffs) < LOGIT_TOL, list(zip(jobs, diffs))
+    assert max(diffs) < LOGIT_TOL, list(zip(jobs, diffs))
+    for i in range(len(PROMPTS)):   # the LoRA rows really are the adapter's: far from the base rows
+        lora_row, base_row = mixed[jobs.index(("lora", i))], mixed[jobs.index((None, i))]
+        assert (lora_row - base_row).abs().max().item() > 100 * LOGIT_TOL, i
 
     first_step = len(engine.stats.batch_sizes)
     seqs = engine.generate([prompts[i] for _, i in jobs], _params(), [v for v, _ in jobs])

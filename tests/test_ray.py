@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from loramux.engine.models.spec import ModelSpec
-from tests.server_process import free_port, start_server
 from tests.adapter_factory import write_small_lora
+from tests.server_process import free_port, start_server
 
 pytest.importorskip("ray.serve")  # the optional extra `ray`
 

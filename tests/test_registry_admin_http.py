@@ -12,11 +12,11 @@ import httpx
 import pytest
 import torch
 import uvicorn
-from adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
 from fastapi import FastAPI
 
 from loramux.adapters_registry import AdapterRegistry, RegistryConfig
 from loramux.server.admin_routes import make_admin_router
+from tests.adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
 
 KEY = "s3cret-admin-key"
 LIMIT = 256 * 1024
@@ -27,7 +27,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     allowed = root / "allowed"
     allowed.mkdir()
-    cfg = RegistryConfig(data_dir=root / "data", max_slots=2, max_rank=8, allowed_roots=(allowed,),
+    cfg = RegistryConfig(data_dir=root / "data", max_loras=2, max_lora_rank=8, allowed_roots=(allowed,),
                          max_upload_bytes=LIMIT)
     registry = AdapterRegistry(TINY_SPEC, cfg, dtype=torch.float32, device=torch.device("cpu"),
                                base_model_name="tiny-base")
@@ -77,7 +77,7 @@ def test_auth_required(env):
 def test_open_router_without_key(tmp_path):
     from fastapi.testclient import TestClient  # in-process is enough for this one
 
-    reg = AdapterRegistry(TINY_SPEC, RegistryConfig(data_dir=tmp_path, max_slots=1, max_rank=8),
+    reg = AdapterRegistry(TINY_SPEC, RegistryConfig(data_dir=tmp_path, max_loras=1, max_lora_rank=8),
                           dtype=torch.float32, device=torch.device("cpu"), base_model_name="b")
     app = FastAPI()
     app.include_router(make_admin_router(reg, None))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
 
 from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
 from loramux.engine.models.spec import LORA_TARGETS, ModelSpec
+from tests.adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
 
 MAX_RANK = 16
 
@@ -19,7 +19,7 @@ def spec(base_model_dir) -> ModelSpec:
 @pytest.fixture(scope="module")
 def registry(spec, tmp_path_factory) -> AdapterRegistry:
     # One slot: every variant below evicts the previous one, so eviction + reload is exercised too.
-    cfg = RegistryConfig(data_dir=tmp_path_factory.mktemp("data"), max_slots=1, max_rank=MAX_RANK,
+    cfg = RegistryConfig(data_dir=tmp_path_factory.mktemp("data"), max_loras=1, max_lora_rank=MAX_RANK,
                          max_host_adapters=2)
     return AdapterRegistry(spec, cfg, dtype=torch.float32, device=torch.device("cpu"),
                            base_model_name="SmolLM2-135M-Instruct")
@@ -154,8 +154,9 @@ def _tiny_llama_lora(out_dir):
 
 
 def _ia3(base_model_dir, out_dir):
-    from adapter_factory import fresh_base_model
     from peft import IA3Config, get_peft_model
+
+    from tests.adapter_factory import fresh_base_model
 
     model = get_peft_model(fresh_base_model(base_model_dir),
                            IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
@@ -165,8 +166,9 @@ def _ia3(base_model_dir, out_dir):
 
 
 def _pickle_save(base_model_dir, out_dir):
-    from adapter_factory import fresh_base_model
     from peft import LoraConfig, get_peft_model
+
+    from tests.adapter_factory import fresh_base_model
 
     model = get_peft_model(fresh_base_model(base_model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
     model.save_pretrained(out_dir, safe_serialization=False)

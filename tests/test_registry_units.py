@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from adapter_factory import TINY_SPEC, _lora_key, write_lora_files, write_prefix_files
 
 from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig, validate_adapter_id
 from loramux.adapters_registry.catalog import INDEX_FILE, Catalog, CatalogError
 from loramux.adapters_registry.host_cache import LruCache
 from loramux.adapters_registry.slots import SlotTable
+from tests.adapter_factory import TINY_SPEC, _lora_key, write_lora_files, write_prefix_files
 
 BASE = "tiny-base"
 
 
 def make_registry(tmp_path: Path, **kw) -> AdapterRegistry:
-    cfg = RegistryConfig(data_dir=tmp_path / "data", **{"max_slots": 2, "max_rank": 8, **kw})
+    cfg = RegistryConfig(data_dir=tmp_path / "data", **{"max_loras": 2, "max_lora_rank": 8, **kw})
     return AdapterRegistry(TINY_SPEC, cfg, dtype=torch.float32, device=torch.device("cpu"), base_model_name=BASE)
 
 
@@ -69,9 +69,10 @@ def test_slot_table_prefers_free_then_lru_idle():
 
 
 def test_registry_config_validates(tmp_path):
-    with pytest.raises(ValueError, match="max_slots"):
-        RegistryConfig(data_dir=tmp_path, max_slots=0)
-    assert RegistryConfig(data_dir=str(tmp_path), allowed_roots=(str(tmp_path),)).allowed_roots == (tmp_path.resolve(),)
+    with pytest.raises(ValueError, match="max_loras"):
+        RegistryConfig(data_dir=tmp_path, max_loras=0, max_lora_rank=8)
+    config = RegistryConfig(data_dir=str(tmp_path), max_loras=2, max_lora_rank=8, allowed_roots=(str(tmp_path),))
+    assert config.allowed_roots == (tmp_path.resolve(),)
 
 
 # -- catalog --------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def _slot_A(reg, lease):
 
 
 def test_lru_eviction_and_no_thrashing(tmp_path):
-    reg = make_registry(tmp_path, max_slots=2)
+    reg = make_registry(tmp_path, max_loras=2)
     _three(tmp_path, reg)
     la, lb = reg.try_acquire("a"), reg.try_acquire("b")
     assert {la.slot, lb.slot} == {0, 1}
@@ -278,7 +279,7 @@ def test_lru_eviction_and_no_thrashing(tmp_path):
 
 
 def test_host_tier_bounded(tmp_path):
-    reg = make_registry(tmp_path, max_slots=1, max_host_adapters=1)
+    reg = make_registry(tmp_path, max_loras=1, max_host_adapters=1)
     _three(tmp_path, reg)
     assert [i.tier for i in reg.list()] == ["disk", "disk", "host"]
     lease = reg.try_acquire("a")  # reloaded from the catalog on disk
@@ -287,7 +288,7 @@ def test_host_tier_bounded(tmp_path):
 
 
 def test_unregister_waits_for_in_flight(tmp_path):
-    reg = make_registry(tmp_path, max_slots=1)
+    reg = make_registry(tmp_path, max_loras=1)
     _three(tmp_path, reg)
     lease = reg.try_acquire("a")
     weights = _slot_A(reg, lease)
@@ -311,7 +312,7 @@ def test_unregister_waits_for_in_flight(tmp_path):
 
 
 def test_prefix_lease_uses_no_slot(tmp_path):
-    reg = make_registry(tmp_path, max_slots=1)
+    reg = make_registry(tmp_path, max_loras=1)
     reg.register("p", write_prefix_files(tmp_path / "p", num_virtual_tokens=3))
     reg.register("l", write_lora_files(tmp_path / "l"))
     ll = reg.try_acquire("l")
@@ -352,7 +353,7 @@ def test_weights_vanishing_after_registration(tmp_path):
 
 
 def test_concurrent_acquire_release(tmp_path):
-    reg = make_registry(tmp_path, max_slots=2, max_host_adapters=2)
+    reg = make_registry(tmp_path, max_loras=2, max_host_adapters=2)
     names = [f"n{i}" for i in range(5)]
     for i, n in enumerate(names):
         reg.register(n, write_lora_files(tmp_path / n, seed=i))

@@ -26,9 +26,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from loramux.engine.async_engine import MAX_STEP_FAILURES, AsyncEngine, EngineDeadError, RequestFailedError
 from loramux.engine.llm_engine import StepOutput
 from loramux.engine.models.spec import ModelSpec
-from loramux.engine.sampling import SamplingParams
-from tests.server_process import start_server
+from loramux.engine.sampling_params import SamplingParams
 from tests.adapter_factory import write_small_lora
+from tests.server_process import start_server
 
 BASE = "SmolLM2-135M-Instruct"
 PROMPT = "Once upon a time, in a small village by the sea,"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loramux.engine.block_manager import BlockManager
-from loramux.engine.sampling import SamplingParams
+from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import Scheduler
 from loramux.engine.sequence import Sequence
 

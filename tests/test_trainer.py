@@ -224,6 +224,7 @@ def test_trained_lora_is_served_without_restart(lora_run, server, client):
 def test_trained_prefix_adapter_is_served_as_peft_runs_it(tmp_path, base_model_dir, server, client):
     """Weaker bar for prefix tuning: it must learn (eval loss) and the server must run it as peft does."""
     from peft import PeftModel
+
     from loramux.trainer import register_adapter
 
     result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "prefix-cw", method="prefix",

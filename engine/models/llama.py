@@ -1,15 +1,14 @@
-"""A compact Llama-family decoder whose projections are LoRA-aware.
+"""A compact Llama-family decoder that adds the adapters' LoRA deltas to its projections.
 
-Weights load from an HF safetensors checkpoint. Every step runs on a flat batch of tokens from
-many sequences (no padding): each carries a position, a KV cache row and an adapter slot, so one
-forward pass serves any mix of adapters and the bare base model.
+Weights load from an HF safetensors checkpoint, under HF's parameter names. Every step runs on a
+flat batch of tokens from many sequences (no padding): each carries a position, a KV cache row
+and an adapter slot, so one forward pass serves any mix of adapters and the bare base model.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ from torch import nn
 
 from loramux import kernels
 from loramux.engine.attention import AttentionMetadata, KVCache, paged_attention
+from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.models.spec import SHRINK_GROUPS, ModelSpec
 
 QKV, O, GATE_UP, DOWN = SHRINK_GROUPS
@@ -29,8 +29,8 @@ class ForwardContext:
     positions: torch.Tensor                 # [T]
     attn: AttentionMetadata
     kv: KVCache
-    lora: Any = None                        # kernels.LoraMapping, or None when no token uses an adapter
-    lora_stacks: Any = None                 # the registry's LoraStacks: shrink_A / expand_B views
+    lora: kernels.LoraMapping | None = None  # None when no token uses an adapter
+    lora_stacks: LoraSlots | None = None    # the adapters' device slots: shrink_A / expand_B views
     lora_rank: int = 0                      # largest rank among this step's adapters: stacks are trimmed to it
     lora_modules: frozenset[str] = frozenset()  # target modules of this step's adapters: the others skip LoRA
     cos: torch.Tensor | None = None         # (T, 1, hd) rotary tables for this step's positions, set once
@@ -48,18 +48,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-class LoRALinear(nn.Module):
-    """A base projection adapters may target. `.base` is an nn.Linear, or its quantized form
-    (engine.quantize); the adapters' deltas are added by `add_lora`, once per shrink group."""
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.base = base
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x)
 
 
 def add_lora(x: torch.Tensor, outputs: tuple[torch.Tensor, ...], group: tuple[str, ...], layer: int,
@@ -80,6 +68,8 @@ def add_lora(x: torch.Tensor, outputs: tuple[torch.Tensor, ...], group: tuple[st
 
 
 def _linear(d_in: int, d_out: int) -> nn.Linear:
+    """A bias-free projection. The ones adapters target (LORA_TARGETS) are plain linears too:
+    `add_lora` adds the deltas to their outputs, and engine.quantize may swap them for bitsandbytes'."""
     return nn.Linear(d_in, d_out, bias=False)
 
 
@@ -102,7 +92,7 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
     @staticmethod
-    def rotate(x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    def rotate(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """x: [T, heads, hd] -> rotated, computed as HF does (rotate_half)."""
         x1, x2 = x.chunk(2, dim=-1)
         return x * ctx.cos + torch.cat((-x2, x1), dim=-1) * ctx.sin
@@ -113,10 +103,10 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         d = spec.hidden_size
-        self.q_proj = LoRALinear(_linear(d, self.nh * self.hd))
-        self.k_proj = LoRALinear(_linear(d, self.nkv * self.hd))
-        self.v_proj = LoRALinear(_linear(d, self.nkv * self.hd))
-        self.o_proj = LoRALinear(_linear(self.nh * self.hd, d))
+        self.q_proj = _linear(d, self.nh * self.hd)
+        self.k_proj = _linear(d, self.nkv * self.hd)
+        self.v_proj = _linear(d, self.nkv * self.hd)
+        self.o_proj = _linear(self.nh * self.hd, d)
         self.layer = layer
         self.scale = 1.0 / math.sqrt(self.hd)
 
@@ -137,9 +127,9 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
         d, ff = spec.hidden_size, spec.intermediate_size
-        self.gate_proj = LoRALinear(_linear(d, ff))
-        self.up_proj = LoRALinear(_linear(d, ff))
-        self.down_proj = LoRALinear(_linear(ff, d))
+        self.gate_proj = _linear(d, ff)
+        self.up_proj = _linear(d, ff)
+        self.down_proj = _linear(ff, d)
         self.layer = layer
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -191,14 +181,12 @@ class LlamaModel(nn.Module):
     def load_safetensors(self, model_dir: Path) -> None:
         """Copy weights from every *.safetensors shard in `model_dir` (HF names) into this model."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        renames = {n.replace(".base.", "."): n for n in params}                 # HF name -> ours
         loaded: set[str] = set()
         for shard in sorted(Path(model_dir).glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
-                for key in f.keys():
-                    name = key.removeprefix("model.")
-                    ours = renames.get(name) or renames.get(key)
-                    if ours is None:
+                for key in f.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                    ours = key.removeprefix("model.")
+                    if ours not in params:
                         if "rotary_emb" in key:
                             continue
                         raise ValueError(f"unexpected weight {key} in {shard.name}")

@@ -31,7 +31,7 @@ class ModelSpec:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelSpec":
+    def from_config(cls, config: dict) -> ModelSpec:
         heads = config["num_attention_heads"]
         rope = config.get("rope_parameters") or {}
         scaling = config.get("rope_scaling") or rope
@@ -52,7 +52,7 @@ class ModelSpec:
         )
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> "ModelSpec":
+    def from_dir(cls, model_dir: Path) -> ModelSpec:
         return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
     def lora_dims(self, module: str) -> tuple[int, int]:
