@@ -23,7 +23,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 # TGI's default bound too. A full batch of 128 prompts of 2048 token ids fits (~1.5 MB); parsing
-# the worst 2 MiB body (a list of token-id lists) holds the GIL ~70 ms on a 2-core CPU.
+# the costliest 2 MiB body left after server/json_body.py's checks (a million token ids) holds the
+# GIL ~50 ms on a 2-core CPU.
 DEFAULT_MAX_REQUEST_BYTES = 2 << 20
 MULTIPART_SLACK = 64 * 1024       # boundaries and part headers on top of an upload's two files
 UPLOAD_PATH = "/v1/adapters"

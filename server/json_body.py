@@ -4,7 +4,7 @@ pydantic's `model_validate_json` (jiter) refuses JSON nested deeper than 200 lev
 Python's json module recurses; invalid UTF-8 and every other malformed body is a 400 with a code.
 Parsing holds the GIL, whatever thread it runs in, for a time that grows with the number of values
 the body makes: a body of more than MAX_CONTAINERS arrays and objects (no request needs that many:
-2048 messages with their content parts fit) is refused before parsing, after a count in C. What is
+2048 messages of a dozen content parts each fit) is refused before parsing, after a count in C. What is
 left costs ~25 ms of CPU per MiB at worst (a million token ids) on a 2-core CPU. A body past
 PARSE_INLINE_BYTES is parsed in a worker thread, where the Python checks of long fields
 (server/protocol.py) let the event loop take turns.
@@ -21,7 +21,7 @@ from loramux.server.errors import APIError, validation_error
 
 M = TypeVar("M", bound=BaseModel)
 PARSE_INLINE_BYTES = 64 * 1024     # below this, parsing takes well under a millisecond: not worth a thread hop
-MAX_CONTAINERS = 10_000            # JSON arrays and objects in one request body
+MAX_CONTAINERS = 32_768            # JSON arrays and objects in one request body
 
 
 def _is_json(content_type: str) -> bool:
