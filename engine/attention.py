@@ -1,8 +1,10 @@
 """Paged attention on torch ops: KV lives in a flat cache of fixed-size blocks.
 
-Per step the runner builds an `AttentionMetadata` once; every layer reuses it. Prompts being
-prefilled attend one by one (their lengths differ); decode tokens attend together as one padded
-batch gathered from their blocks.
+The cache is head-major, ``(n_kv_heads, rows, head_dim)`` per layer, so the rows a step gathers
+for its decode tokens come out as ``(n_kv_heads * B, ctx, head_dim)``: ready for one batched
+matmul over every (sequence, kv head) pair, grouped-query heads side by side, with no transposed
+copy. Per step the runner builds an ``AttentionMetadata`` once; every layer reuses it. Prompts
+being prefilled attend one by one (their lengths differ).
 """
 from __future__ import annotations
 
@@ -22,19 +24,20 @@ class PrefillSpan:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor         # [T] cache row where each new token's K/V is written
+    slot_mapping: torch.Tensor           # [T] cache row where each new token's K/V is written
     prefills: list[PrefillSpan]
-    decode_start: int                  # decode tokens are rows decode_start.. of the flat batch
-    decode_slots: torch.Tensor | None  # [B, max_ctx] cache rows per decode sequence (padded with 0)
-    decode_mask: torch.Tensor | None   # [B, 1, 1, max_ctx] additive: 0 = attend, -inf = padding
+    decode_start: int                    # decode tokens are rows decode_start.. of the flat batch
+    decode_rows: torch.Tensor | None     # [B * ctx] cache rows of each decode sequence, padded to ctx
+    decode_mask: torch.Tensor | None     # [n_kv * B, 1, ctx] additive: 0 = attend, -inf = padding
+    decode_ctx: int = 0
 
 
 class KVCache:
-    """One K and one V tensor per layer: [num_blocks * block_size, n_kv_heads, head_dim]."""
+    """One K and one V tensor per layer: [n_kv_heads, num_blocks * block_size, head_dim]."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (num_blocks * block_size, n_kv_heads, head_dim)
+        shape = (n_kv_heads, num_blocks * block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
@@ -46,13 +49,21 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (T, n_kv, hd) of new tokens -> cache rows `rows`."""
+        self.k[layer].index_copy_(1, rows, k.transpose(0, 1))
+        self.v[layer].index_copy_(1, rows, v.transpose(0, 1))
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, nh, hd]; k, v: [T, nkv, hd] for the new tokens. Writes k/v to the cache, returns [T, nh, hd]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache, layer: int,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, nh, hd]; k, v: [T, nkv, hd] for the new tokens. Writes k/v to the cache, returns [T, nh * hd]."""
+    kv.write(layer, meta.slot_mapping, k, v)
+    k_cache, v_cache = kv.k[layer], kv.v[layer]
+    T, nh, hd = q.shape
+    if not meta.prefills:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty(T, nh * hd, dtype=q.dtype, device=q.device)
     for span in meta.prefills:
         qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)                # (1, nh, q, hd)
         if span.context_slots is None:                                          # fresh prompt
@@ -60,16 +71,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vs = v[span.start:span.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ks = k_cache[span.context_slots].transpose(0, 1).unsqueeze(0)       # (1, nkv, ctx, hd)
-            vs = v_cache[span.context_slots].transpose(0, 1).unsqueeze(0)
+            ks = k_cache.index_select(1, span.context_slots).unsqueeze(0)       # (1, nkv, ctx, hd)
+            vs = v_cache.index_select(1, span.context_slots).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
-        out[span.start:span.end] = o[0].transpose(0, 1)
-    if meta.decode_slots is not None:
-        n = meta.decode_slots.shape[0]
-        qd = q[meta.decode_start:meta.decode_start + n].unsqueeze(2)            # (B, nh, 1, hd)
-        kd = k_cache[meta.decode_slots].transpose(1, 2)                         # (B, nkv, ctx, hd)
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale,
-                                           enable_gqa=True)
-        out[meta.decode_start:meta.decode_start + n] = o.squeeze(2)
+        out[span.start:span.end] = o[0].transpose(0, 1).reshape(span.end - span.start, nh * hd)
+    if meta.decode_rows is not None:
+        out[meta.decode_start:] = _decode(q[meta.decode_start:], k_cache, v_cache, meta, scale)
     return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+            scale: float) -> torch.Tensor:
+    """One new token per sequence against its whole context: q [B, nh, hd] -> [B, nh * hd].
+
+    Grouped-query heads become one batched matmul: the G query heads of a kv head are G rows
+    against that head's keys, over n_kv * B (kv head, sequence) pairs."""
+    B, nh, hd = q.shape
+    nkv, ctx = k_cache.shape[0], meta.decode_ctx
+    G = nh // nkv
+    keys = k_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
+    values = v_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
+    qg = q.view(B, nkv, G, hd).transpose(0, 1).reshape(nkv * B, G, hd)           # (nkv*B, G, hd)
+    scores = torch.baddbmm(meta.decode_mask, qg, keys.transpose(1, 2), alpha=scale)  # (nkv*B, G, ctx)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    o = torch.bmm(probs, values)                                                  # (nkv*B, G, hd)
+    return o.view(nkv, B, G, hd).transpose(0, 1).reshape(B, nh * hd)

@@ -40,7 +40,7 @@ class EngineConfig:
     max_loras: int = 8                  # adapters resident on the device at once (slots)
     max_lora_rank: int = 64             # r_max of the slots; higher-rank adapters are refused
     max_queue: int = 1024               # waiting requests before 503
-    quantize: str = "none"              # resident base projections: none | int8 | nf4 (bitsandbytes)
+    quantize: str = "auto"              # resident base projections: engine.quantize.MODES
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

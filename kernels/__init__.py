@@ -33,7 +33,7 @@ import torch
 from loramux.kernels import torch_ops
 from loramux.kernels.mapping import LoraMapping
 
-__all__ = ["LoraMapping", "lora_expand", "lora_shrink"]
+__all__ = ["LoraMapping", "add_lora_group", "lora_expand", "lora_shrink", "pick_strategy"]
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -65,6 +65,28 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     module expands into its own column slice. Rows with slot -1 are left untouched.
     """
     _ops(t).lora_expand(t, B_stack, mapping, y, y_offset)
+
+
+def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
+                   expands: list[tuple[torch.Tensor, int, int]], mapping: LoraMapping, strategy: str) -> None:
+    """One LoRA for a group of G projections that read the same ``x`` and write column slices of
+    one fused output ``y`` (q/k/v, gate/up): one shrink, then one expand per listed module::
+
+        t = lora_shrink(x, A_group, mapping, None)                    # (T, r * G)
+        for B, i, y_offset in expands:                                # module i of the group
+            lora_expand(t[:, i::G], B, mapping, y, y_offset)
+
+    ``A_group`` (S, r * G, d_in) holds the modules' A side by side, rank-major (column j * G + i
+    of ``t`` is rank j of module i); each B (S, d_out_i, r). ``strategy`` comes from
+    :func:`pick_strategy`, called once per step: the engine's per-step plan validates the
+    operands once and calls this for every layer with no further checks.
+    """
+    _ops(x).add_lora_group(y, x, A_group, expands, mapping, strategy)
+
+
+def pick_strategy(mapping: LoraMapping, stack: torch.Tensor) -> str:
+    """How the ops run a step with this mapping on stacks laid out as ``stack`` (decided once per step)."""
+    return _ops(stack).pick_strategy(mapping, stack)
 
 
 def _ops(a: torch.Tensor):

@@ -53,6 +53,21 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     _expand(t, B_stack, m, y, y_offset, _pick(m, B_stack))
 
 
+def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
+                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str) -> None:
+    """:func:`loramux.kernels.add_lora_group` on the CPU path, with the strategy the step's plan
+    picked (:func:`pick_strategy`): no argument checks and no re-grouping per call."""
+    t = _shrink(x, A_group, m, None, strategy)                      # (T, r * G)
+    G = A_group.shape[1] // expands[0][0].shape[2] if expands else 1
+    for B, i, offset in expands:
+        _expand(t[:, i::G], B, m, y, offset, strategy)
+
+
+def pick_strategy(m: LoraMapping, stack: torch.Tensor) -> str:
+    """``single`` | ``bagged`` | ``segments`` for every op of a step on stacks laid out as ``stack``."""
+    return _pick(m, stack)
+
+
 def _shrink(x: torch.Tensor, A_stack: torch.Tensor, m: LoraMapping, scale: torch.Tensor | None,
             how: str) -> torch.Tensor:
     T, r = x.shape[0], A_stack.shape[1]

@@ -298,3 +298,17 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
     """:func:`loramux.kernels.lora_expand` in Triton: BGMV when ``mapping.decode``, else SGMV."""
     m = as_mapping(mapping)
     (bgmv_expand if m.decode else sgmv_expand)(t, B_stack, m, y, y_offset)
+
+
+def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
+                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str) -> None:
+    """:func:`loramux.kernels.add_lora_group` on the GPU path: one shrink for the group, one expand
+    per module into its column slice (``strategy`` is the CPU path's; the mapping picks SGMV/BGMV)."""
+    t = lora_shrink(x, A_group, m, None)
+    G = A_group.shape[1] // expands[0][0].shape[2] if expands else 1
+    for B, i, offset in expands:
+        lora_expand(t[:, i::G], B, m, y, offset)
+
+
+def pick_strategy(m: LoraMapping, stack: torch.Tensor) -> str:
+    return "bgmv" if m.decode else "sgmv"

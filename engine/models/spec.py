@@ -63,3 +63,11 @@ class ModelSpec:
             "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
             "gate_proj": (d, ff), "up_proj": (d, ff), "down_proj": (ff, d),
         }[module]
+
+    def group_offsets(self, group: tuple[str, ...]) -> tuple[int, ...]:
+        """Column offset of each module's output in the group's fused projection (q|k|v, gate|up)."""
+        offsets, at = [], 0
+        for module in group:
+            offsets.append(at)
+            at += self.lora_dims(module)[1]
+        return tuple(offsets)

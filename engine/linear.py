@@ -1,0 +1,139 @@
+"""The base model's projections in each resident form, one call: ``y = proj(x)``, x (T, d_in).
+
+    DenseLinear  ``F.linear`` in the engine dtype.
+    Int4Linear   ATen's int4 weight-only CPU kernel (``_weight_int4pack_mm_for_cpu``): 4-bit codes in
+                 groups of 32 input features, each group with its own scale and zero,
+                 ``w = (q - 8) * scale + zero``; bf16 activations (the kernel's fast path: with
+                 float32 it falls back to a loop ~40x slower). A sum of such parts can hold an int8
+                 group-32 weight exactly (see ``int8_groups_as_int4_parts``).
+    Int8Linear   ATen's int8 weight-only kernel (``_weight_int8pack_mm``): per-output-channel scales.
+
+A quantized projection may keep a bf16 copy of its dequantized weight for steps with more than
+``dense_above`` rows: there the int4 kernel is compute-bound and slower than a bf16 GEMM
+(measured on a 2-core EPYC, benchmarks/results/linear.json), so large prefills and batches take
+the dense path and small decode steps the 4-bit one. Both compute the same weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP = 32            # the GGUF Q4_0/Q4_1/Q8_0 block: scales map one to one
+INT4_DENSE_ABOVE = 16      # rows from which the bf16 GEMM beats the int4 kernel (benchmarks/bench_linear.py)
+
+
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)          # (d_out, d_in)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Int4Linear(nn.Module):
+    """y = sum over parts of int4mm(x, part), in bf16; the output is cast back to x's dtype."""
+
+    def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], out_features: int,
+                 dense: torch.Tensor | None = None, dense_above: int = INT4_DENSE_ABOVE) -> None:
+        super().__init__()
+        for i, (packed, scales_zeros) in enumerate(parts):
+            self.register_buffer(f"packed{i}", packed)              # uint8 (d_out, d_in / 2), ATen's layout
+            self.register_buffer(f"scales_zeros{i}", scales_zeros)  # bf16 (d_in / 32, d_out, 2)
+        self.num_parts = len(parts)
+        self._out_features = out_features
+        self.register_buffer("dense", dense)                         # bf16 (d_out, d_in) or None
+        self.dense_above = dense_above
+
+    @property
+    def out_features(self) -> int:
+        return self._out_features
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *,
+                   keep_dense: bool = True) -> Int4Linear:
+        """codes int (d_out, d_in) in 0..15, scale / zero float32 (d_out, d_in / 32): w = (q - 8) * scale + zero."""
+        part = pack_int4(codes, scale, zero)
+        dense = dequantize_int4(codes, scale, zero).to(torch.bfloat16) if keep_dense else None
+        return cls([part], codes.shape[0], dense)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] > self.dense_above:
+            return F.linear(x.to(torch.bfloat16), self.dense).to(x.dtype)
+        xb = x.to(torch.bfloat16).contiguous()
+        y = None
+        for i in range(self.num_parts):
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                xb, getattr(self, f"packed{i}"), INT4_GROUP, getattr(self, f"scales_zeros{i}"))
+            y = part if y is None else y.add_(part)
+        return y.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Per-channel symmetric int8 weights: w[n] = q[n] * scale[n]."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        w = weight.float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127                               # (d_out,)
+        self.register_buffer("q", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous())
+        self.register_buffer("scale", scale)
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x.contiguous(), self.q, self.scale.to(x.dtype))
+
+
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (N, K) in 0..15, scale / zero (N, K / 32)) -> ATen's packed weight and its bf16
+    (K / 32, N, 2) scales-and-zeros."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return packed, scales_zeros
+
+
+def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float32 (N, K): (q - 8) * scale + zero, group by group."""
+    N, K = codes.shape
+    q = codes.float().reshape(N, K // INT4_GROUP, INT4_GROUP) - 8
+    return (q * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(N, K)
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max 4-bit quantization in groups of 32 input features (GGUF Q4_1's scheme):
+    -> codes (N, K) in 0..15, scale, zero (N, K / 32) float32."""
+    N, K = weight.shape
+    g = weight.float().reshape(N, K // INT4_GROUP, INT4_GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo).clamp(min=1e-12) / 15
+    codes = ((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+    return codes, scale, lo + 8 * scale
+
+
+def int8_groups_as_int4_parts(q: torch.Tensor, d: torch.Tensor) -> Int4Linear:
+    """An int8 weight with one scale per group of 32 (GGUF Q8_0: w = d * q, q in -128..127) held
+    exactly as two int4 parts: with u = q + 128 = 16 * hi + lo,
+        w = d * (u - 128) = [(hi - 8) * 16d + 0] + [(lo - 8) * d + 8d].
+    Half the bytes of a bf16 copy, read by the int4 kernel; only d is rounded (to bf16)."""
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    hi, lo = u >> 4, u & 15
+    zeros = torch.zeros_like(d)
+    parts = [pack_int4(hi, 16 * d, zeros), pack_int4(lo, d, 8 * d)]
+    return Int4Linear(parts, q.shape[0], dense=None)
+
+
+def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 in groups of 32 (GGUF Q8_0's scheme): -> q (N, K) int8, d (N, K / 32) float32."""
+    N, K = weight.shape
+    g = weight.float().reshape(N, K // INT4_GROUP, INT4_GROUP)
+    d = g.abs().amax(-1).clamp(min=1e-12) / 127
+    q = (g / d.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8).reshape(N, K)
+    return q, d
