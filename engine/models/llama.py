@@ -91,7 +91,7 @@ class DecoderLayer(nn.Module):
         qkv = self.qkv_proj(x)                                                       # (T, q + 2 kv)
         if lora is not None:
             lora.add(x, qkv, self.layer, QKV)
-        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        k_end = self.q_size + self.kv_size
         qk = RotaryEmbedding.rotate(qkv[:, :k_end].view(T, self.nh + self.nkv, self.hd), ctx)
         q, k = qk[:, :self.nh], qk[:, self.nh:]                                      # (T, nh, hd), (T, nkv, hd)
         v = qkv[:, k_end:].view(T, self.nkv, self.hd)
