@@ -13,6 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# Decode batches up to this size attend in float32 even in a bf16 engine: measured on a 2-core EPYC
+# (1 thread), one layer's decode attention at batch 1 took 57 us in bf16 and 17 us in float32.
+SMALL_BF16_BATCH = 8
+
 
 @dataclass
 class PrefillSpan:
@@ -92,7 +96,11 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     keys = k_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
     values = v_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
     qg = q.view(B, nkv, G, hd).transpose(0, 1).reshape(nkv * B, G, hd)           # (nkv*B, G, hd)
-    scores = torch.baddbmm(meta.decode_mask, qg, keys.transpose(1, 2), alpha=scale)  # (nkv*B, G, ctx)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    o = torch.bmm(probs, values)                                                  # (nkv*B, G, hd)
+    mask = meta.decode_mask
+    if q.dtype != torch.float32 and B <= SMALL_BF16_BATCH:
+        # bf16 batched matmuls this small take a slow path (~3x float32's); the casts cost less.
+        qg, keys, values, mask = qg.float(), keys.float(), values.float(), mask.float()
+    scores = torch.baddbmm(mask, qg, keys.transpose(1, 2), alpha=scale)          # (nkv*B, G, ctx)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    o = torch.bmm(probs, values).to(q.dtype)                                      # (nkv*B, G, hd)
     return o.view(nkv, B, G, hd).transpose(0, 1).reshape(B, nh * hd)

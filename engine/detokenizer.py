@@ -1,8 +1,11 @@
 """Incremental detokenization and stop strings.
 
-Text is decoded from the full output ids each step (cheap at these lengths) so multi-token
-characters come out whole; a trailing U+FFFD (an incomplete UTF-8 sequence) is held back, and so
-is any tail that could still become a stop string, so a client never sees text that is taken back.
+Each step decodes only a short window of the newest tokens, as vLLM and TGI do: the text of
+``ids[prefix_offset:read_offset]`` (already emitted, kept as context so tokenizers that merge
+spaces or bytes across tokens decode the same) against ``ids[prefix_offset:]``; what the new
+tokens add is appended, unless it ends in U+FFFD (an incomplete UTF-8 sequence, held until its
+last byte arrives). A stop string is searched only where it could have appeared, and any tail
+that could still become one is held back, so a client never sees text that is taken back.
 """
 from __future__ import annotations
 
@@ -13,28 +16,33 @@ class Detokenizer:
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def update(self, seq: Sequence) -> bool:
-        """Refresh `seq.text`; True when a stop string was hit (text is then cut before it)."""
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        for stop in seq.params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                seq.text = text[:at]
-                return True
-        seq.text = text
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def update(self, seq: Sequence, final: bool = False) -> bool:
+        """Append the new tokens' text to `seq.text`; True when a stop string was hit (the text is
+        then cut before it). `final`: the sequence ends here, flush an incomplete character too."""
+        ids = seq.output_token_ids
+        prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
+        new = self._decode(ids[seq.prefix_offset:])
+        if len(new) <= len(prefix) or (new.endswith("\ufffd") and not final):
+            return False
+        searched_from = len(seq.text)
+        seq.text += new[len(prefix):]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        hits = [seq.text.find(stop, max(0, searched_from - len(stop) + 1)) for stop in seq.params.stop]
+        hits = [at for at in hits if at >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+            return True
         return False
 
     @staticmethod
     def pop_delta(seq: Sequence) -> str:
         """Text not yet sent that is safe to send now."""
         end = len(seq.text)
-        if not seq.is_finished:
-            if seq.text.endswith("\ufffd"):
-                end = seq.text.rfind("\ufffd")
-                while end > 0 and seq.text[end - 1] == "\ufffd":
-                    end -= 1
-            if seq.params.stop:
-                end = min(end, len(seq.text) - max(len(s) for s in seq.params.stop) + 1)
+        if not seq.is_finished and seq.params.stop:
+            end = min(end, len(seq.text) - max(len(s) for s in seq.params.stop) + 1)
         if end <= seq.sent_chars:
             return ""
         delta = seq.text[seq.sent_chars:end]

@@ -189,15 +189,12 @@ class LLMEngine:
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
-            # The stop token itself is not part of the text (skip_special_tokens drops it).
-            self.detokenizer.update(seq)
+        # The stop token itself adds no text when it is special (skip_special_tokens drops it).
+        stop_token = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        length = len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        if self.detokenizer.update(seq, final=stop_token or length) or stop_token:
             return "stop"
-        if self.detokenizer.update(seq):
-            return "stop"
-        if len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if length else None
 
     # -- convenience for tests and benchmarks -----------------------------------------------------
 

@@ -55,6 +55,8 @@ class Sequence:
     error_status: int = 500
     text: str = ""                      # detokenized output, cut at a stop string
     sent_chars: int = 0                 # how much of `text` was already handed to the client
+    prefix_offset: int = 0              # detokenizer window: output ids decoded as context only
+    read_offset: int = 0                # output ids whose text is already in `text`
     arrival_time: float = 0.0
     first_token_time: float | None = None
 

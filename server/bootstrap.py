@@ -79,7 +79,7 @@ def build_state(cfg: ServeConfig) -> ServerState:
     registry = _build_registry(cfg, econf, model_name(model_dir))
     engine = LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks)
     log.info("memory: base weights %.1f MiB (quantize=%s), KV cache %.1f MiB (%d blocks of %d tokens), "
-             "adapter slots %.1f MiB", engine.weight_bytes / 2**20, econf.quantize, engine.kv.nbytes / 2**20,
+             "adapter slots %.1f MiB", engine.weight_bytes / 2**20, engine.quantize, engine.kv.nbytes / 2**20,
              engine.blocks.num_blocks, econf.block_size, registry.slot_bytes / 2**20)
     warning = exposure_warning(cfg.host, cfg.admin_key)
     if warning:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 
 def add_serve_parser(sub) -> None:
+    from loramux.engine.quantize import MODES as QUANTIZE_MODES
     from loramux.server.bootstrap import ServeConfig
 
     defaults = {f.name: f.default for f in fields(ServeConfig)}  # EngineConfig's and the server's own
@@ -48,8 +49,10 @@ def add_serve_parser(sub) -> None:
             default=defaults["max_upload_bytes"] / (1 << 20))
     setting("--max-request-mb", "bound on any other request body, chunked or not (413 beyond)", type=float,
             default=defaults["max_request_bytes"] / (1 << 20))
-    setting("--quantize", "hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay "
-            "full precision)", choices=["none", "int8", "nf4"])
+    setting("--quantize", "resident form of the base model's projections: int4 (ATen, groups of 32; the embedded "
+            "model's own GGUF codes), int8 (ATen, per channel), bnb-nf4 / bnb-int8 (bitsandbytes), none; auto = int4 "
+            "for a GGUF-backed model in bfloat16 on the CPU, else none (adapters stay in the engine dtype)",
+            choices=list(QUANTIZE_MODES))
     # The Ray flags default to RayConfig's (not imported here: server/ray_app.py needs the `ray` extra).
     p.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas engine replicas behind one endpoint, requests routed to "
