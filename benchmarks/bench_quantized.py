@@ -37,7 +37,7 @@ from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import resolve_model
 from loramux.engine.sampling_params import SamplingParams
 
-MODES = ("none", "int8", "nf4")
+MODES = ("none", "int4", "int8", "bnb-nf4", "bnb-int8")
 TEXT = Path(__file__).resolve().parent / "data" / "ppl.txt"
 
 
