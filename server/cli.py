@@ -80,7 +80,8 @@ def serve(args: argparse.Namespace) -> int:
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                       max_request_bytes=int(args.max_request_mb * (1 << 20)))
     if args.ray:
-        from loramux.server.ray_app import RayConfig, run
+        from loramux.server.ray_app import run
+        from loramux.server.ray_config import RayConfig
         ray_flags = {k: v for k, v in vars(args).items() if k in ("replicas", "replica_cpus", "store_dir")}
         return run(RayConfig(cfg, **ray_flags), args.host, args.port)
     try:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from loramux.adapters_registry import AdapterRegistry, RegistryConfig
 from loramux.server.admin_routes import make_admin_router
+from loramux.server.local_backend import RegistryAdmin
 from tests.adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
 
 KEY = "s3cret-admin-key"
@@ -32,7 +33,7 @@ def env(tmp_path_factory):
     registry = AdapterRegistry(TINY_SPEC, cfg, dtype=torch.float32, device=torch.device("cpu"),
                                base_model_name="tiny-base")
     app = FastAPI()
-    app.include_router(make_admin_router(registry, KEY))
+    app.include_router(make_admin_router(RegistryAdmin(registry), KEY))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
@@ -80,7 +81,7 @@ def test_open_router_without_key(tmp_path):
     reg = AdapterRegistry(TINY_SPEC, RegistryConfig(data_dir=tmp_path, max_loras=1, max_lora_rank=8),
                           dtype=torch.float32, device=torch.device("cpu"), base_model_name="b")
     app = FastAPI()
-    app.include_router(make_admin_router(reg, None))
+    app.include_router(make_admin_router(RegistryAdmin(reg), None))
     assert TestClient(app).get("/v1/adapters").json() == {"object": "list", "data": []}
 
 
