@@ -60,7 +60,7 @@ def make_admin_router(admin: AdapterAdmin, admin_key: str | None) -> APIRouter:
         async with staged_upload(request, admin.upload_bytes, admin.staging_dir()) as (adapter_id, folder):
             try:
                 return await admin.register_upload(adapter_id, folder)
-            except AdapterError as e:
+            except (AdapterError, APIError) as e:
                 if e.param == "path":     # the registry's word for "the adapter's files": none was sent
                     e.param = None
                 raise
