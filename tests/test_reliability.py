@@ -1,6 +1,6 @@
 """Faults, survived: it keeps serving and loses nothing.
 
-Real server processes of our own (the shared session server is never disturbed):
+Real server processes from the `serve` fixture (the shared session server is never disturbed):
 - `srv`: adapters registered and unloaded while requests on them run (those finish with the text an
   undisturbed run gives, new ones get a 404); clients that hang up, streaming or not (their
   sequences are aborted, KV blocks and adapter leases return to zero); SIGTERM last (in-flight
@@ -28,7 +28,6 @@ from loramux.engine.llm_engine import StepOutput
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.sampling_params import SamplingParams
 from tests.adapter_factory import write_small_lora
-from tests.server_process import start_server
 
 BASE = "SmolLM2-135M-Instruct"
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -42,25 +41,15 @@ def spec(base_model_dir) -> ModelSpec:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reliability")
-    (tmp / "adapters").mkdir()
-    proc = start_server(tmp, "--dtype", "float32", "--max-model-len", "320", "--kv-cache-gb", "0.1",
-                        "--max-num-seqs", "4", "--max-loras", "2", "--max-lora-rank", "8",
-                        "--allowed-root", str(tmp / "adapters"))
-    proc.adapters_root = tmp / "adapters"
-    yield proc
-    proc.stop()
+def srv(serve):
+    return serve("--dtype", "float32", "--max-model-len", "320", "--kv-cache-gb", "0.1", "--max-num-seqs", "4",
+                 "--max-loras", "2", "--max-lora-rank", "8")
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tight")
-    proc = start_server(tmp, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.05",
-                        "--max-num-seqs", "1", "--max-queue", "2", "--request-timeout", "3",
-                        "--max-loras", "1", "--max-lora-rank", "8")
-    yield proc
-    proc.stop()
+def tight(serve):
+    return serve("--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.05", "--max-num-seqs", "1",
+                 "--max-queue", "2", "--request-timeout", "3", "--max-loras", "1", "--max-lora-rank", "8")
 
 
 # -- helpers --------------------------------------------------------------------------------------
