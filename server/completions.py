@@ -24,6 +24,89 @@ from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
 from loramux.server.state import ServerState
 
 
+async def run_request(state: ServerState, req: CompletionRequest | ChatCompletionRequest, endpoint: str,
+                      request: Request | None = None):
+    """Answer one completion request; `request` (the HTTP request) lets a client's hang-up abort it."""
+    deadline = time.monotonic() + state.request_timeout if state.request_timeout else None
+    if req.adapters is not None:  # a per-request mixture, merged on first use (off the event loop)
+        model, adapter_id = await run_in_threadpool(state.resolve_mixture, req)
+    else:
+        model, adapter_id = state.resolve_model(req.adapter_id or req.model)
+    jobs = await build_jobs(state, req, adapter_id)
+    try:
+        state.engine.check_accepting()
+    except (QueueFullError, EngineDeadError) as exc:
+        raise _engine_error(exc) from None
+    prompt_tokens = sum(len(j.prompt_token_ids) for j in jobs)
+    responder = Responder(state.tokenizer, isinstance(req, ChatCompletionRequest), model, prompt_tokens)
+    tracker = state.track(model, endpoint, prompt_tokens)
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(_stream(state, responder, jobs, adapter_id, tracker, include_usage, deadline),
+                                 media_type="text/event-stream")
+    work = asyncio.ensure_future(_collect(state, jobs, adapter_id, tracker, deadline))
+    if not await _finished_before_hangup(request, work):
+        tracker.done("cancelled")
+        return Response(status_code=499)     # nginx's "client closed request"; nobody reads it
+    return JSONResponse(responder.response(work.result()))
+
+
+async def _collect(state: ServerState, jobs: list[Job], adapter_id: str | None, tracker,
+                   deadline: float | None) -> dict[int, Choice]:
+    """Run the jobs to the end and gather each choice (the non-streaming answer)."""
+    choices: dict[int, Choice] = {}
+    try:
+        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
+            async for job, out in outputs:
+                tracker.on_token(out)
+                c = choices.setdefault(job.first_index + out.index, Choice())
+                c.text += out.text_delta
+                c.completion_tokens = out.completion_tokens
+                if out.logprob is not None:
+                    c.logprobs.append(out.logprob)
+                if out.finished:
+                    c.finish_reason = out.finish_reason
+    except (QueueFullError, EngineDeadError, RequestFailedError) as exc:
+        tracker.done("error")
+        raise _engine_error(exc) from None
+    except APIError as exc:
+        tracker.done("timeout" if exc.status == 408 else "error")
+        raise
+    tracker.done("ok")
+    return choices
+
+
+async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id: str | None, tracker,
+                  include_usage: bool, deadline: float | None = None) -> AsyncIterator[bytes]:
+    choices: dict[int, Choice] = {}
+    status = "cancelled"
+    try:
+        if r.chat:   # OpenAI's first chat chunk carries the role for every choice
+            for job in jobs:
+                for i in range(job.n):
+                    yield r.role_event(job.first_index + i)
+        # aclosing: a client that hangs up closes this generator, and with it the engine requests.
+        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
+            async for job, out in outputs:
+                tracker.on_token(out)
+                index = job.first_index + out.index
+                c = choices.setdefault(index, Choice())
+                c.completion_tokens = out.completion_tokens
+                if out.text_delta or out.finished or out.logprob is not None:
+                    yield r.delta_event(index, out.text_delta, out.finish_reason if out.finished else None,
+                                        [out.logprob] if out.logprob is not None else [])
+        if include_usage:
+            yield r.usage_event(choices)
+        yield sse(SSE_DONE)
+        status = "ok"
+    except (QueueFullError, EngineDeadError, RequestFailedError, APIError) as exc:
+        err = exc if isinstance(exc, APIError) else _engine_error(exc)
+        status = "timeout" if err.status == 408 else "error"
+        yield sse_error(err)         # the status line is long sent
+    finally:
+        tracker.done(status)
+
+
 async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None, deadline: float | None = None
                   ) -> AsyncIterator[tuple[Job, StepOutput]]:
     """Run every job concurrently and yield their outputs as they come.
@@ -78,58 +161,6 @@ def _engine_error(exc: BaseException) -> APIError:
     return APIError(500, f"internal error: {exc!r}")
 
 
-async def run_request(state: ServerState, req: CompletionRequest | ChatCompletionRequest, endpoint: str,
-                      request: Request | None = None):
-    """Answer one completion request; `request` (the HTTP request) lets a client's hang-up abort it."""
-    deadline = time.monotonic() + state.request_timeout if state.request_timeout else None
-    if req.adapters is not None:  # a per-request mixture, merged on first use (off the event loop)
-        model, adapter_id = await run_in_threadpool(state.resolve_mixture, req)
-    else:
-        model, adapter_id = state.resolve_model(req.adapter_id or req.model)
-    jobs = await build_jobs(state, req, adapter_id)
-    try:
-        state.engine.check_accepting()
-    except (QueueFullError, EngineDeadError) as exc:
-        raise _engine_error(exc) from None
-    prompt_tokens = sum(len(j.prompt_token_ids) for j in jobs)
-    responder = Responder(state.tokenizer, isinstance(req, ChatCompletionRequest), model, prompt_tokens)
-    tracker = state.track(model, endpoint, prompt_tokens)
-    if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_stream(state, responder, jobs, adapter_id, tracker, include_usage, deadline),
-                                 media_type="text/event-stream")
-    work = asyncio.ensure_future(_collect(state, jobs, adapter_id, tracker, deadline))
-    if not await _finished_before_hangup(request, work):
-        tracker.done("cancelled")
-        return Response(status_code=499)     # nginx's "client closed request"; nobody reads it
-    return JSONResponse(responder.response(work.result()))
-
-
-async def _collect(state: ServerState, jobs: list[Job], adapter_id: str | None, tracker,
-                   deadline: float | None) -> dict[int, Choice]:
-    """Run the jobs to the end and gather each choice (the non-streaming answer)."""
-    choices: dict[int, Choice] = {}
-    try:
-        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
-            async for job, out in outputs:
-                tracker.on_token(out)
-                c = choices.setdefault(job.first_index + out.index, Choice())
-                c.text += out.text_delta
-                c.completion_tokens = out.completion_tokens
-                if out.logprob is not None:
-                    c.logprobs.append(out.logprob)
-                if out.finished:
-                    c.finish_reason = out.finish_reason
-    except (QueueFullError, EngineDeadError, RequestFailedError) as exc:
-        tracker.done("error")
-        raise _engine_error(exc) from None
-    except APIError as exc:
-        tracker.done("timeout" if exc.status == 408 else "error")
-        raise
-    tracker.done("ok")
-    return choices
-
-
 async def _finished_before_hangup(request: Request | None, work: asyncio.Future) -> bool:
     """Wait for `work`; if the client disconnects first, cancel it (aborting its engine requests).
 
@@ -158,34 +189,3 @@ async def _finished_before_hangup(request: Request | None, work: asyncio.Future)
 async def _hangup(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id: str | None, tracker,
-                  include_usage: bool, deadline: float | None = None) -> AsyncIterator[bytes]:
-    choices: dict[int, Choice] = {}
-    status = "cancelled"
-    try:
-        if r.chat:   # OpenAI's first chat chunk carries the role for every choice
-            for job in jobs:
-                for i in range(job.n):
-                    yield r.role_event(job.first_index + i)
-        # aclosing: a client that hangs up closes this generator, and with it the engine requests.
-        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
-            async for job, out in outputs:
-                tracker.on_token(out)
-                index = job.first_index + out.index
-                c = choices.setdefault(index, Choice())
-                c.completion_tokens = out.completion_tokens
-                if out.text_delta or out.finished or out.logprob is not None:
-                    yield r.delta_event(index, out.text_delta, out.finish_reason if out.finished else None,
-                                        [out.logprob] if out.logprob is not None else [])
-        if include_usage:
-            yield r.usage_event(choices)
-        yield sse(SSE_DONE)
-        status = "ok"
-    except (QueueFullError, EngineDeadError, RequestFailedError, APIError) as exc:
-        err = exc if isinstance(exc, APIError) else _engine_error(exc)
-        status = "timeout" if err.status == 408 else "error"
-        yield sse_error(err)         # the status line is long sent
-    finally:
-        tracker.done(status)
