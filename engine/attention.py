@@ -96,11 +96,13 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     keys = k_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
     values = v_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
     qg = q.view(B, nkv, G, hd).transpose(0, 1).reshape(nkv * B, G, hd)           # (nkv*B, G, hd)
-    mask = meta.decode_mask
     if q.dtype != torch.float32 and B <= SMALL_BF16_BATCH:
         # bf16 batched matmuls this small take a slow path (~3x float32's); the casts cost less.
-        qg, keys, values, mask = qg.float(), keys.float(), values.float(), mask.float()
-    scores = torch.baddbmm(mask, qg, keys.transpose(1, 2), alpha=scale)          # (nkv*B, G, ctx)
+        qg, keys, values = qg.float(), keys.float(), values.float()
+    if B == 1:                          # a lone sequence has no padding to mask
+        scores = torch.bmm(qg, keys.transpose(1, 2)).mul_(scale)                 # (nkv, G, ctx)
+    else:
+        scores = torch.baddbmm(meta.decode_mask.to(qg.dtype), qg, keys.transpose(1, 2), alpha=scale)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     o = torch.bmm(probs, values).to(q.dtype)                                      # (nkv*B, G, hd)
     return o.view(nkv, B, G, hd).transpose(0, 1).reshape(B, nh * hd)
