@@ -23,7 +23,7 @@ def expected_weight_bytes(spec: ModelSpec, mode: str, dtype_bytes: int = 4) -> t
     fused = [(q + 2 * kv, d), (d, q), (2 * ff, d), (d, ff)]                               # (out, in)
     per_weight = {"none": lambda n, k: dtype_bytes * n * k,
                   "int4": lambda n, k: int4_part_bytes(n, k) + 2 * n * k,                 # + bf16 dense copy
-                  "int8": lambda n, k: n * k + 4 * n,                                     # int8 + fp32 row scales
+                  "int8": lambda n, k: n * k + 2 * n,                                     # int8 + bf16 row scales
                   "bnb-int8": lambda n, k: n * k + 4 * n,
                   "bnb-nf4": lambda n, k: n * k // 2 + 2 * n * k // 64}[mode]             # 2 per byte + bf16 absmax/64
     embed = dtype_bytes * spec.vocab_size * d
