@@ -79,6 +79,7 @@ def llama_server_binary(version: str | None = None) -> Path:
     build, log = root / "build", root / "build.log"
     steps = [["cmake", "-S", str(src), "-B", str(build), *SERVER_CMAKE_ARGS],
              ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 1)]]
+    print(f"building llama-server {llama_cpp_dir(version).name} (minutes; log: {log})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
         for cmd in steps:
@@ -109,14 +110,14 @@ def convert_lora_to_gguf(peft_dir: Path, base_model_dir: Path, out: Path) -> Pat
 
 def llama_server_args(gguf: Path, *, threads: int, parallel: int, loras: Sequence[Path] = (),
                       alias: str | None = None) -> list[str]:
-    """The flags the benchmarks run llama-server with (host and port aside): -t/-np as given, each
-    LoRA loaded at scale 0 so that a request without a "lora" field is served by the base model."""
+    """The flags the benchmarks run llama-server with (host and port aside): -t/-np as given, and
+    each LoRA loaded at scale 0, so that only a request's own "lora" field applies one. (A request
+    without that field gets the server-wide scales, which `--lora` sets to 1 for every adapter and
+    `--lora-init-without-apply` does not change in this llama.cpp.)"""
     args = ["-m", str(gguf), "-t", str(threads), "-np", str(parallel), "-c", str(CTX_PER_SLOT * parallel),
             "--no-webui"]
     for lora in loras:
-        args += ["--lora", str(lora)]
-    if loras:
-        args.append("--lora-init-without-apply")
+        args += ["--lora-scaled", f"{lora}:0"]
     return args + (["--alias", alias] if alias else [])
 
 
