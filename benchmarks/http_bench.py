@@ -18,10 +18,11 @@ the greedy answer, which the warm-up checks), registered with loramux as
 peft folders and converted to GGUF for llama.cpp by its own convert_lora_to_gguf.py.
 - loramux: `loramux serve --adapters DIR`, its defaults otherwise; adapters named in `model`.
 - llama.cpp: `llama-server -m <embedded GGUF> -t THREADS -np max(clients)` with every adapter
-  loaded by `--lora` at scale 0 (`--lora-init-without-apply`); a request picks its adapter with
-  llama-server's per-request field `"lora": [{"id": k, "scale": 1.0}]`. llama-server batches only
-  requests whose LoRA set is equal, so 4 adapters in flight decode as separate batches. Requests
-  send `"cache_prompt": false`: loramux has no prompt cache, so both prefill every prompt.
+  loaded at scale 0 (`--lora-scaled FILE:0`); a request picks its adapter with llama-server's
+  per-request field `"lora": [{"id": k, "scale": 1.0}]`. llama-server decodes in one step only the
+  slots whose LoRA set equals that of the first busy slot, so requests for different adapters are
+  served group after group, never in one batch. Requests send `"cache_prompt": false`: loramux
+  has no prompt cache, so both prefill every prompt.
 Results go to benchmarks/results/http.json. With --url it drives a server you started (adapters:
 for loramux the first N non-base models of /v1/models, for llama-server the first N of
 /lora-adapters) and only prints.
@@ -100,6 +101,8 @@ async def stream_one(client: httpx.AsyncClient, body: dict) -> Stream:
 
 
 def _pct(values: list[float], scale: float = 1.0, digits: int = 3) -> dict:
+    if not values:   # one-token answers have no gaps
+        return {}
     a = np.asarray(values) * scale
     return {"p50": round(float(np.percentile(a, 50)), digits), "p99": round(float(np.percentile(a, 99)), digits),
             "max": round(float(a.max()), digits)}

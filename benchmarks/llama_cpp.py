@@ -79,7 +79,7 @@ def llama_server_binary(version: str | None = None) -> Path:
     build, log = root / "build", root / "build.log"
     steps = [["cmake", "-S", str(src), "-B", str(build), *SERVER_CMAKE_ARGS],
              ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 1)]]
-    print(f"building llama-server {llama_cpp_dir(version).name} (minutes; log: {log})", file=sys.stderr, flush=True)
+    print(f"building llama-server {root.name} (minutes; log: {log})", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     with log.open("w") as out:
         for cmd in steps:
