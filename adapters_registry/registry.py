@@ -117,6 +117,16 @@ class AdapterRegistry:
         """Check a client-supplied path against `allowed_roots` (AdapterError 403/400 otherwise)."""
         return confine_path(raw, self.config.allowed_roots)
 
+    def describe(self, adapter_id: str, folder: Path, *, label: str | None = None) -> AdapterInfo:
+        """What registering `folder` as `adapter_id` would serve, from its config and header alone:
+        nothing is loaded or registered (tier "disk"). AdapterError as `register` would refuse it
+        before reading the weights. For adapters kept elsewhere (the Ray replicas' shared store)."""
+        folder = Path(folder)
+        record = AdapterRecord(adapter_id, folder, self._inspect(folder, label or str(folder)),
+                               (folder / WEIGHTS_FILE).stat().st_size, persisted=False)
+        with self._lock:
+            return self._info(record)
+
     def _register(self, adapter_id: str, path: Path, *, copy: bool, persist: bool,
                   label: str | None = None) -> AdapterInfo:
         validate_adapter_id(adapter_id, self.base_model_name)

@@ -46,8 +46,7 @@ class AdapterStore:
         except (FileNotFoundError, NotADirectoryError):
             versions = []
         if len(versions) != 1:
-            raise AdapterError(NOT_FOUND, f"adapter {adapter_id!r} is not in the adapter store", param="model",
-                               code="adapter_not_found")
+            raise self.not_found(adapter_id)
         return folder / versions[0]
 
     def __contains__(self, adapter_id: object) -> bool:
@@ -66,8 +65,7 @@ class AdapterStore:
         src = Path(src)
         if not src.is_dir():
             raise AdapterError(BAD_REQUEST, f"{src} is not a directory", param="path")
-        if (self.root / adapter_id).exists():
-            raise self._conflict(adapter_id)
+        self.check_free(adapter_id)
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         version = staging / uuid.uuid4().hex[:12]
         version.mkdir(parents=True)
@@ -79,7 +77,7 @@ class AdapterStore:
                 os.rename(staging, self.root / adapter_id)  # fails if the id appeared meanwhile
             except OSError as e:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise self._conflict(adapter_id) from None
+                    raise self.conflict(adapter_id) from None
                 raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -92,10 +90,20 @@ class AdapterStore:
         try:
             os.rename(self.root / adapter_id, trash)
         except FileNotFoundError:
-            raise AdapterError(NOT_FOUND, f"adapter {adapter_id!r} does not exist", param="model",
-                               code="adapter_not_found") from None
+            raise self.not_found(adapter_id) from None
         shutil.rmtree(trash, ignore_errors=True)
 
+    def check_free(self, adapter_id: str) -> None:
+        """AdapterError 409 if `adapter_id` is stored (a put may still race it: put checks again)."""
+        if (self.root / adapter_id).exists():
+            raise self.conflict(adapter_id)
+
+    # The registry's words for the same two errors: clients see one message whichever answers.
     @staticmethod
-    def _conflict(adapter_id: str) -> AdapterError:
+    def conflict(adapter_id: str) -> AdapterError:
         return AdapterError(CONFLICT, f"adapter {adapter_id!r} already exists", param="id")
+
+    @staticmethod
+    def not_found(adapter_id: str) -> AdapterError:
+        return AdapterError(NOT_FOUND, f"adapter {str(adapter_id)[:80]!r} does not exist", param="model",
+                            code="adapter_not_found")

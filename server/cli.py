@@ -12,6 +12,7 @@ from pathlib import Path
 
 def add_serve_parser(sub) -> None:
     from loramux.server.bootstrap import ServeConfig
+    from loramux.server.ray_config import RayConfig
 
     defaults = {f.name: f.default for f in fields(ServeConfig)}  # EngineConfig's and the server's own
     p = sub.add_parser("serve", help="start the OpenAI-compatible server")
@@ -50,14 +51,16 @@ def add_serve_parser(sub) -> None:
             default=defaults["max_request_bytes"] / (1 << 20))
     setting("--quantize", "hold the base model's projections in bitsandbytes int8 or nf4 (adapters stay "
             "full precision)", choices=["none", "int8", "nf4"])
-    # The Ray flags default to RayConfig's (not imported here: server/ray_app.py needs the `ray` extra).
+    # The Ray flags are left out unless given, so RayConfig's defaults apply (server/ray_config.py needs no
+    # `ray`; shown in --help from there).
+    ray_defaults = {f.name: f.default for f in fields(RayConfig)}
     p.add_argument("--ray", action="store_true",
                    help="serve on Ray Serve: --replicas engine replicas behind one endpoint, requests routed to "
                         "the replica holding their adapter (needs the `ray` extra; see server/ray_app.py)")
     p.add_argument("--replicas", type=int, default=argparse.SUPPRESS,
-                   help="with --ray: engine replicas (default: RayConfig.replicas)")
+                   help=f"with --ray: engine replicas (default: {ray_defaults['replicas']})")
     p.add_argument("--replica-cpus", type=float, default=argparse.SUPPRESS,
-                   help="with --ray: CPUs (and torch threads) per replica (default: RayConfig.replica_cpus)")
+                   help=f"with --ray: CPUs (and torch threads) per replica (default: {ray_defaults['replica_cpus']})")
     p.add_argument("--adapter-store", dest="store_dir", type=Path, default=argparse.SUPPRESS,
                    help="with --ray: adapter directory every replica can read (default <cache>/adapter_store)")
     p.set_defaults(func=serve)
@@ -80,7 +83,8 @@ def serve(args: argparse.Namespace) -> int:
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                       max_request_bytes=int(args.max_request_mb * (1 << 20)))
     if args.ray:
-        from loramux.server.ray_app import RayConfig, run
+        from loramux.server.ray_app import run
+        from loramux.server.ray_config import RayConfig
         ray_flags = {k: v for k, v in vars(args).items() if k in ("replicas", "replica_cpus", "store_dir")}
         return run(RayConfig(cfg, **ray_flags), args.host, args.port)
     try:

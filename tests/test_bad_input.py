@@ -1,59 +1,51 @@
 """Bad input, tried: every malformed request gets a 4xx in OpenAI's error shape, never a 500, and the
 server answers a normal request exactly right after.
 
-One real server process for the module (float32, 64-token context so any generation is short,
-admin key, one allowed root, 1 MB uploads). The schema-driven fuzzing runs the schemathesis CLI
-against it; the rest are the requests a careless or hostile client sends on purpose. Security:
-admin key, path confinement, no pickle anywhere, the exposed-without-key warning.
+The admin-locked server of tests.server_process.LOCKED (float32, 64-token context so any generation
+is short, admin key, one allowed root, 1 MB uploads), shared with the HTTP contract tests. The
+schema-driven fuzzing runs the schemathesis CLI against it; the rest are the requests a careless or
+hostile client sends on purpose. Security checks without a server: test_security.py. The admin
+routes' refusals (admin key, path confinement, malformed uploads) are checked in both
+serving modes by test_http_contract*.py.
 """
 from __future__ import annotations
 
-import ast
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from loramux.engine.models.spec import ModelSpec
-from loramux.server.bootstrap import ServeConfig, exposure_warning
-from tests.adapter_factory import write_lora_files, write_small_lora
-from tests.server_process import start_server
+from tests.adapter_factory import write_small_lora
+from tests.server_process import ADMIN_KEY, LOCKED
 
 BASE = "SmolLM2-135M-Instruct"
-KEY = "bad-input-admin-key"
+KEY = ADMIN_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ("server", "engine", "kernels", "adapters_registry", "trainer")
 NORMAL = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory, base_model_dir):
-    tmp = tmp_path_factory.mktemp("bad-input")
-    root = tmp / "adapters"
-    root.mkdir()
+def srv(serve, base_model_dir):
+    proc = serve(*LOCKED)
+    root = proc.adapters_root
     spec = ModelSpec.from_dir(base_model_dir)
     write_small_lora(root / "good", spec, seed=7)
-    proc = start_server(tmp, "--dtype", "float32", "--max-model-len", "64", "--kv-cache-gb", "0.05",
-                        "--max-loras", "2", "--max-lora-rank", "8", "--max-num-seqs", "8", "--admin-key", KEY,
-                        "--allowed-root", str(root), "--max-upload-mb", "1", "--request-timeout", "120")
+    r = httpx.post(f"{proc.url}/v1/adapters", json={"id": "good", "path": str(root / "good")}, headers=AUTH,
+                   timeout=60)
+    assert r.status_code == 201, r.text
+    srv = SimpleNamespace(url=proc.url, tmp=proc.tmp, root=root, spec=spec, log=proc.log)
     try:
-        r = httpx.post(f"{proc.url}/v1/adapters", json={"id": "good", "path": str(root / "good")}, headers=AUTH,
-                       timeout=60)
-        assert r.status_code == 201, r.text
-        proc.tmp, proc.root, proc.spec = tmp, root, spec
-        proc.reference = {model: _complete(proc, model) for model in (BASE, "good")}
-        assert proc.reference[BASE] != proc.reference["good"]      # the adapter really acts
-        yield proc
-    finally:
-        proc.stop()
+        srv.reference = {model: _complete(srv, model) for model in (BASE, "good")}
+        assert srv.reference[BASE] != srv.reference["good"]      # the adapter really acts
+        yield srv
+    finally:  # the server is shared: leave it as we found it
+        httpx.delete(f"{proc.url}/v1/adapters/good", headers=AUTH, timeout=60)
 
 
 def _complete(srv, model: str) -> str:
@@ -259,7 +251,8 @@ def test_malformed_requests_get_openai_4xx(srv, path, cases):
 
 def test_types_are_strict_and_every_error_has_a_code(srv):
     """A boolean is not an integer and "yes" is not a boolean; a body that is not JSON text (invalid
-    UTF-8, nesting past 200 levels) is `invalid_json`, as malformed JSON is; admin 400s name a code."""
+    UTF-8, nesting past 200 levels) is `invalid_json`, as malformed JSON is (the admin routes' bodies:
+    test_http_contract_admin.py)."""
     cases = [("/v1/completions", _c(max_tokens=True), "invalid_value", "max_tokens"),
              ("/v1/completions", _c(n=True), "invalid_value", "n"),
              ("/v1/completions", _c(logprobs=True), "invalid_value", "logprobs"),
@@ -276,15 +269,9 @@ def test_types_are_strict_and_every_error_has_a_code(srv):
              ("/v1/completions", COMPLETION_CASES["deep nesting"], "json_too_complex", None),
              ("/v1/chat/completions", b'{"model": "x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
               "json_too_complex", None),                    # more arrays than any request needs
-             ("/v1/completions", _c(prompt="[{" * 50_000), "context_length_exceeded", "prompt"),  # brackets in text
-             ("/v1/adapters", {"id": "x"}, "invalid_value", "path"),
-             ("/v1/adapters", {"id": 5, "path": "/x"}, "invalid_value", "id"),
-             ("/v1/adapters", b'{"id": "x", "path": ' + b"[" * 300 + b"]" * 300 + b"}", "invalid_json", None),
-             ("/v1/adapters", b'{"id": "x", "mixture": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-              "json_too_complex", None),
-             ("/v1/load_lora_adapter", b'{"lora_name": "\xff"', "invalid_json", None)]
+             ("/v1/completions", _c(prompt="[{" * 50_000), "context_length_exceeded", "prompt")]  # brackets in text
     for path, body, code, param in cases:
-        err = assert_openai_error(_post(srv, path, body, headers=AUTH), 400)
+        err = assert_openai_error(_post(srv, path, body), 400)
         assert (err["code"], err["param"]) == (code, param), (path, body if isinstance(body, dict) else body[:60], err)
     assert_still_serving(srv)
 
@@ -306,190 +293,3 @@ def test_odd_but_valid_sampling_is_served(srv):
         r = _post(srv, "/v1/completions" if "prompt" in body else "/v1/chat/completions", body)
         assert r.status_code == 200, (body, r.text[:300])
     assert_still_serving(srv)
-
-
-# -- malformed adapter uploads --------------------------------------------------------------------
-
-def _upload(srv, adapter_id: str, files: dict[str, bytes], headers: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{srv.url}/v1/adapters", data={"id": adapter_id}, headers=headers or AUTH, timeout=60,
-                      files={name: (name, data) for name, data in files.items()})
-
-
-def _good_files(srv) -> dict[str, bytes]:
-    return {name: (srv.root / "good" / name).read_bytes() for name in ("adapter_config.json",
-                                                                        "adapter_model.safetensors")}
-
-
-def _safetensors_bytes(tmp: Path, tensors: dict[str, torch.Tensor]) -> bytes:
-    save_file(tensors, str(tmp / "t.safetensors"))
-    return (tmp / "t.safetensors").read_bytes()
-
-
-def test_malformed_uploads_are_refused(srv, tmp_path):
-    good = _good_files(srv)
-    config, weights = good["adapter_config.json"], good["adapter_model.safetensors"]
-    tensors = load_file(str(srv.root / "good" / "adapter_model.safetensors"))
-    nan = {k: v.clone() for k, v in tensors.items()}
-    next(iter(nan.values()))[0, 0] = float("nan")
-    wrong_shape = write_lora_files(tmp_path / "tiny")      # another model's shapes (hidden size 64)
-    huge_header = (2**60).to_bytes(8, "little") + b"{}"
-    cases = {
-        "truncated safetensors": {**good, "adapter_model.safetensors": weights[: len(weights) // 2]},
-        "header only": {**good, "adapter_model.safetensors": weights[:8]},
-        "huge header length": {**good, "adapter_model.safetensors": huge_header},
-        "not safetensors": {**good, "adapter_model.safetensors": b"\x00" * 1024},
-        "wrong shapes": {name: (wrong_shape / name).read_bytes() for name in good},
-        "nan weights": {**good, "adapter_model.safetensors": _safetensors_bytes(tmp_path, nan)},
-        "pickle weights": {"adapter_config.json": config,
-                           "adapter_model.bin": pickle.dumps({"never": "unpickled"})},
-        "pickle beside safetensors": {**good, "adapter_model.bin": pickle.dumps({"never": "unpickled"})},
-        "missing weights": {"adapter_config.json": config},
-        "missing config": {"adapter_model.safetensors": weights},
-        "config not json": {**good, "adapter_config.json": b"{peft_type: LORA"},
-        "config not utf-8": {**good, "adapter_config.json": b'{"peft_type": "\xff"}'},
-        "config rank too high": {**good, "adapter_config.json": json.dumps(
-            {**json.loads(config), "r": 64, "lora_alpha": 128}).encode()},
-        "config other peft type": {**good, "adapter_config.json": json.dumps(
-            {**json.loads(config), "peft_type": "IA3"}).encode()},
-        "oversize": {**good, "adapter_model.safetensors": weights + b"\x00" * (2 << 20)},
-    }
-    failures = []
-    for name, files in cases.items():
-        r = _upload(srv, f"bad-{len(failures)}-{abs(hash(name)) % 10**6}", files)
-        try:
-            err = assert_openai_error(r, 413 if name == "oversize" else None)
-            assert err["param"] != "path", err            # an upload sends files, not a path
-            if "pickle" in name and "beside" not in name:
-                assert "pickle" in err["message"] or "never" in err["message"], err
-        except (AssertionError, ValueError) as exc:
-            failures.append(f"{name}: {exc}")
-    for adapter_id in ("../escape", "..", ".hidden", "a/b", "a\\b", "x" * 65, "", "%2e%2e", "nul\x00byte", BASE):
-        r = _upload(srv, adapter_id, good)
-        try:
-            assert_openai_error(r, 400)
-        except (AssertionError, ValueError) as exc:
-            failures.append(f"id {adapter_id!r}: {exc}")
-    r = httpx.post(f"{srv.url}/v1/adapters", content=b"--xyz\r\ngarbage", headers={
-        **AUTH, "content-type": "multipart/form-data; boundary=xyz"})
-    assert_openai_error(r, 400)
-    assert_openai_error(httpx.post(f"{srv.url}/v1/adapters", content=b"id=x", headers={
-        **AUTH, "content-type": "text/plain"}), 415)
-    assert not failures, "\n".join(failures)
-    assert not (srv.tmp / "escape").exists() and not (srv.tmp / "data" / "escape").exists()
-    ids = {a["id"] for a in httpx.get(f"{srv.url}/v1/adapters", headers=AUTH).json()["data"]}
-    assert ids == {"good"}, ids
-    assert_still_serving(srv)
-
-
-def test_pickle_folder_by_path_is_refused(srv):
-    folder = srv.root / "pickled"
-    folder.mkdir()
-    (folder / "adapter_config.json").write_bytes((srv.root / "good" / "adapter_config.json").read_bytes())
-    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"never": "unpickled"}))
-    err = assert_openai_error(httpx.post(f"{srv.url}/v1/adapters", json={"id": "pickled", "path": str(folder)},
-                                         headers=AUTH), 400)
-    assert "pickle" in err["message"]
-    assert_still_serving(srv)
-
-
-# -- security -------------------------------------------------------------------------------------
-
-def test_admin_routes_need_the_key(srv):
-    routes = [("GET", "/v1/adapters", None), ("GET", "/v1/adapters/good", None),
-              ("DELETE", "/v1/adapters/good", None),
-              ("POST", "/v1/adapters", {"id": "x", "path": str(srv.root / "good")}),
-              ("POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(srv.root / "good")}),
-              ("POST", "/v1/unload_lora_adapter", {"lora_name": "good"})]
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                    {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"},
-                    {"Authorization": f"Bearer {KEY}x"}):
-        for method, path, body in routes:
-            r = httpx.request(method, f"{srv.url}{path}", json=body, headers=headers)
-            err = assert_openai_error(r, 401)
-            assert err["type"] == "authentication_error" and r.headers["www-authenticate"] == "Bearer"
-    assert httpx.get(f"{srv.url}/v1/adapters/good", headers=AUTH).status_code == 200
-    assert httpx.get(f"{srv.url}/v1/models").status_code == 200            # the OpenAI routes stay open
-    assert_still_serving(srv)                                               # nothing was deleted
-
-
-def test_register_by_path_is_confined_to_the_allowed_roots(srv, tmp_path):
-    outside = tmp_path / "outside"
-    write_small_lora(outside, srv.spec, seed=3)
-    link = srv.root / "link-out"
-    link.symlink_to(outside, target_is_directory=True)
-    sneaky = srv.root / "sneaky"
-    sneaky.mkdir()
-    (sneaky / "adapter_config.json").write_bytes((outside / "adapter_config.json").read_bytes())
-    (sneaky / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
-    cases = [(str(outside), 403), (str(link), 403), (str(srv.root / ".." / "data"), 403),
-             (str(srv.root / "good" / ".." / ".." / ".." / outside.parent.name / "outside"), 403),
-             (str(sneaky), 403), ("/etc", 403), ("~/", 403), ("relative/path", 400),
-             (str(srv.root / "missing"), 400), ("", 400)]
-    for path, status in cases:
-        for route, body in (("/v1/adapters", {"id": "conf", "path": path}),
-                            ("/v1/load_lora_adapter", {"lora_name": "conf", "lora_path": path})):
-            r = httpx.post(f"{srv.url}{route}", json=body, headers=AUTH)
-            assert_openai_error(r, status)
-    r = _post(srv, "/v1/adapters", b'{"id": "conf", "path": "/tmp/\\u0000x"}', headers=AUTH)
-    assert_openai_error(r, 400)
-    assert "conf" not in {a["id"] for a in httpx.get(f"{srv.url}/v1/adapters", headers=AUTH).json()["data"]}
-    assert_still_serving(srv)
-
-
-def test_exposure_warning():
-    """The startup warning when the admin routes are reachable beyond loopback without a key
-    (build_state logs it). Tested as a function: binding 0.0.0.0 here would expose the port."""
-    for host in ("0.0.0.0", "::", "10.1.2.3", "example.com", ""):
-        assert "NOT locked" in exposure_warning(host, None)
-        assert exposure_warning(host, "k") is None
-    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
-        assert exposure_warning(host, None) is None
-
-
-def test_empty_admin_key_is_refused():
-    for key in ("", "   "):
-        with pytest.raises(ValueError, match="empty"):
-            ServeConfig(admin_key=key)
-
-
-_PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
-_LOADERS = {("torch", "load"), ("jit", "load"), ("np", "load"), ("numpy", "load"), ("pickle", "load"),
-            ("pickle", "loads"), ("torch", "load_state_dict_from_url"), ("hub", "load_state_dict_from_url")}
-
-
-def _pickle_uses(source: str, name: str) -> list[str]:
-    found = []
-    for node in ast.walk(ast.parse(source, name)):
-        where = f"{name}:{getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in _PICKLE_MODULES for a in node.names):
-            found.append(f"{where} imports a pickle module")
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _PICKLE_MODULES:
-            found.append(f"{where} imports from a pickle module")
-        elif isinstance(node, ast.ImportFrom) and any(a.name == "load" for a in node.names) and \
-                (node.module or "").split(".")[0] in ("torch", "numpy"):
-            found.append(f"{where} imports a pickle loader")
-        elif isinstance(node, ast.Call):
-            func = node.func
-            if isinstance(func, ast.Attribute) and isinstance(func.value, (ast.Name, ast.Attribute)):
-                owner = func.value.id if isinstance(func.value, ast.Name) else func.value.attr
-                if (owner, func.attr) in _LOADERS:
-                    found.append(f"{where} calls {owner}.{func.attr}")
-            for kw in node.keywords:
-                if (kw.arg, getattr(kw.value, "value", None)) in (("weights_only", False), ("allow_pickle", True),
-                                                                   ("use_safetensors", False)):
-                    found.append(f"{where} passes {kw.arg}={kw.value.value}")
-    return found
-
-
-def test_no_pickle_is_ever_loaded():
-    """No shipped module imports a pickle module or calls a pickle-based loader (torch.load,
-    torch.jit.load, numpy.load, pickle.load*), nor turns a loader's pickle safety off."""
-    files = [p for pkg in SHIPPED for p in (REPO / pkg).rglob("*.py")]
-    assert len(files) > 20
-    found = [use for path in files for use in _pickle_uses(path.read_text(), str(path.relative_to(REPO)))]
-    assert not found, "\n".join(found)
-    # the checker sees what it looks for
-    bad = ("import torch, pickle\nfrom joblib import load\ntorch.load(f)\nself.torch.jit.load(f)\n"
-           "np.load(f, allow_pickle=True)\npickle.loads(b)\nm.from_pretrained(d, use_safetensors=False)\n"
-           "torch.load(f, weights_only=False)\n")
-    assert len(_pickle_uses(bad, "probe")) == 10, _pickle_uses(bad, "probe")

@@ -2,7 +2,7 @@
 live server's data directory touches nothing.
 
 One real `loramux serve` (float32, the default 2048-token context and 2 MiB body bound, admin
-key). For each hostile request a stream is running and `/health` is polled back to back; the
+key), from the `serve` fixture. For each hostile request a stream is running and `/health` is polled back to back; the
 request is sent once both have settled, and compared with the same measures over the moment before:
 
     /health latency and the stream's gap between two tokens may grow by at most STALL_BOUND.
@@ -37,11 +37,10 @@ import pytest
 
 from loramux.engine.models.spec import ModelSpec
 from tests.adapter_factory import write_small_lora
-from tests.server_process import start_server
+from tests.server_process import ADMIN_KEY
 
 BASE = "SmolLM2-135M-Instruct"
-KEY = "hostile-admin-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 STALL_BOUND = 0.5             # seconds a hostile request may add to /health latency or a stream's token gap
 BODY_BOUND = 2 << 20          # the server's default --max-request-mb
 CONTEXT = 2048                # the server's default --max-model-len
@@ -49,14 +48,8 @@ QUIET = 1.5                   # seconds of undisturbed service measured before e
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hostile")
-    (tmp / "adapters").mkdir()
-    proc = start_server(tmp, "--dtype", "float32", "--kv-cache-gb", "0.25", "--max-num-seqs", "4",
-                        "--admin-key", KEY, "--allowed-root", str(tmp / "adapters"))
-    proc.tmp = tmp
-    yield proc
-    proc.stop()
+def srv(serve):
+    return serve("--dtype", "float32", "--kv-cache-gb", "0.25", "--max-num-seqs", "4", "--admin-key", ADMIN_KEY)
 
 
 # -- watching the other clients -------------------------------------------------------------------
@@ -212,8 +205,8 @@ def test_second_start_on_a_live_data_dir_fails_and_touches_nothing(srv, base_mod
     """The issue's operator mistake: a second `loramux serve` on the same --data-dir and port. It must
     fail before loading the model and leave the live server's cached mixture alone."""
     spec = ModelSpec.from_dir(base_model_dir)
-    write_small_lora(srv.tmp / "adapters" / "src", spec, seed=3)
-    r = httpx.post(f"{srv.url}/v1/adapters", json={"id": "src", "path": str(srv.tmp / "adapters" / "src")},
+    write_small_lora(srv.adapters_root / "src", spec, seed=3)
+    r = httpx.post(f"{srv.url}/v1/adapters", json={"id": "src", "path": str(srv.adapters_root / "src")},
                    headers=AUTH, timeout=60)
     assert r.status_code == 201, r.text
     mix = {"adapters": [{"id": "src", "weight": 0.5}], "merge": "linear"}
@@ -231,6 +224,8 @@ def test_second_start_on_a_live_data_dir_fails_and_touches_nothing(srv, base_mod
     assert sorted(p.name for p in mixtures.iterdir()) == cached
     r = httpx.post(f"{srv.url}/v1/adapters", json={"id": "blend", "mixture": mix}, headers=AUTH, timeout=120)
     assert r.status_code == 201, r.text                       # the issue's 400 "not a directory"
+    for adapter_id in ("blend", "src"):                       # the server is shared: leave it as we found it
+        assert httpx.delete(f"{srv.url}/v1/adapters/{adapter_id}", headers=AUTH, timeout=60).status_code == 200
 
 
 def test_data_dir_lock_is_never_stale(tmp_path):

@@ -1,17 +1,16 @@
 """Faults, survived: it keeps serving and loses nothing.
 
-Real server processes of our own (the shared session server is never disturbed):
+Real server processes from the `serve` fixture (the shared session server is never disturbed):
 - `srv`: adapters registered and unloaded while requests on them run (those finish with the text an
   undisturbed run gives, new ones get a 404); clients that hang up, streaming or not (their
   sequences are aborted, KV blocks and adapter leases return to zero); SIGTERM last (in-flight
   stream completes, new connections refused, exit 0).
 - `tight`: one running sequence, a queue of 2 and a 3 s request limit: a full queue answers 503 +
   Retry-After at once, a request over the limit is aborted in the engine and answered 408.
-Plus the engine thread surviving a failing step, on a stub engine.
+(The engine thread surviving a failing step, on a stub engine: test_async_engine.py.)
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
 import json
 import signal
@@ -23,12 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from loramux.engine.async_engine import MAX_STEP_FAILURES, AsyncEngine, EngineDeadError, RequestFailedError
-from loramux.engine.llm_engine import StepOutput
 from loramux.engine.models.spec import ModelSpec
-from loramux.engine.sampling_params import SamplingParams
 from tests.adapter_factory import write_small_lora
-from tests.server_process import start_server
 
 BASE = "SmolLM2-135M-Instruct"
 PROMPT = "Once upon a time, in a small village by the sea,"
@@ -42,25 +37,15 @@ def spec(base_model_dir) -> ModelSpec:
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("reliability")
-    (tmp / "adapters").mkdir()
-    proc = start_server(tmp, "--dtype", "float32", "--max-model-len", "320", "--kv-cache-gb", "0.1",
-                        "--max-num-seqs", "4", "--max-loras", "2", "--max-lora-rank", "8",
-                        "--allowed-root", str(tmp / "adapters"))
-    proc.adapters_root = tmp / "adapters"
-    yield proc
-    proc.stop()
+def srv(serve):
+    return serve("--dtype", "float32", "--max-model-len", "320", "--kv-cache-gb", "0.1", "--max-num-seqs", "4",
+                 "--max-loras", "2", "--max-lora-rank", "8")
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tight")
-    proc = start_server(tmp, "--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.05",
-                        "--max-num-seqs", "1", "--max-queue", "2", "--request-timeout", "3",
-                        "--max-loras", "1", "--max-lora-rank", "8")
-    yield proc
-    proc.stop()
+def tight(serve):
+    return serve("--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.05", "--max-num-seqs", "1",
+                 "--max-queue", "2", "--request-timeout", "3", "--max-loras", "1", "--max-lora-rank", "8")
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -300,80 +285,3 @@ def test_sigterm_drains_in_flight_and_exits_0(srv):
     assert stream.text == reference and stream.events[-1] == "[DONE]"
     assert srv.proc.wait(90) == 0, srv.log()[-3000:]
     assert "Finished server process" in srv.log()
-
-
-# -- the engine thread survives a failing step ----------------------------------------------------
-
-@dataclass
-class _Seq:
-    request_id: str
-    left: int
-    poison: bool
-
-
-class _StubEngine:
-    """Just what AsyncEngine uses of LLMEngine. Prompt [666] makes every step it is in raise;
-    prompt [667] is refused by add_request."""
-
-    def __init__(self) -> None:
-        self.scheduler = self
-        self.running: list[_Seq] = []
-        self.waiting: list[_Seq] = []
-
-    def add_request(self, request_id, prompt, params, adapter_id=None, n=1):
-        if prompt == [667]:
-            raise ValueError("refused")
-        self.running.append(_Seq(request_id, params.max_tokens, prompt == [666]))
-
-    def abort(self, request_id):
-        self.running = [s for s in self.running if s.request_id != request_id]
-
-    def find(self, request_id):
-        return [s for s in self.running if s.request_id == request_id]
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.running)
-
-    def step(self) -> list[StepOutput]:
-        if any(s.poison for s in self.running):
-            raise RuntimeError("poisoned batch")
-        outs = []
-        for s in list(self.running):
-            s.left -= 1
-            if not s.left:
-                self.running.remove(s)
-            outs.append(StepOutput(s.request_id, 0, 1, "x", None, not s.left, None if s.left else "length", 1, 1))
-        return outs
-
-
-async def _collect(engine: AsyncEngine, request_id: str, prompt: list[int]) -> str:
-    return "".join([out.text_delta async for out in engine.generate(request_id, prompt,
-                                                                    SamplingParams(max_tokens=3))])
-
-
-def test_engine_survives_a_failing_step_and_a_refused_request():
-    async def scenario():
-        engine = AsyncEngine(_StubEngine())  # type: ignore[arg-type]
-        engine.start()
-        try:
-            assert await _collect(engine, "ok-1", [1]) == "xxx"
-            with pytest.raises(RequestFailedError, match="poisoned"):
-                await _collect(engine, "poison", [666])
-            with pytest.raises(ValueError, match="refused"):
-                await _collect(engine, "refused", [667])
-            assert await _collect(engine, "ok-2", [1]) == "xxx"       # still serving
-            for _ in range(100):                       # the engine thread forgets a stream after its last output
-                if not engine.num_requests:
-                    break
-                await asyncio.sleep(0.01)
-            assert engine.error is None and engine.num_requests == 0 and not engine.engine.running
-            for i in range(MAX_STEP_FAILURES - 1):     # failing steps in a row: still carrying on
-                with pytest.raises(RequestFailedError):
-                    await _collect(engine, f"poison-{i}", [666])
-            with pytest.raises(EngineDeadError):        # then a systemic fault: the engine stops
-                await _collect(engine, "poison-last", [666])
-            assert engine.error is not None
-        finally:
-            engine.shutdown(timeout=5)
-    asyncio.run(scenario())

@@ -1,8 +1,10 @@
-"""loramux on Ray Serve (server/ray_app.py): 2 engine replicas behind one endpoint, on a local Ray.
+"""loramux on Ray Serve (server/ray_app.py): 2 engine replicas behind one endpoint, on a local Ray
+(the session's `ray_server`, tests.ray_cluster).
 
-Every answer must equal the single-server answer (a plain `loramux serve` process, float32 and
+Every answer must equal the single-server answer (the session's `loramux serve` process, float32 and
 greedy on both sides), requests for an adapter must land on the replica holding it, adapter
-deletes must reach every replica, and killing a replica mid-load must lose no request.
+deletes must reach every replica, and killing a replica mid-load must lose no request. That every
+route answers as the single server's does: test_http_contract*.py.
 """
 from __future__ import annotations
 
@@ -15,16 +17,17 @@ import pytest
 
 from loramux.engine.models.spec import ModelSpec
 from tests.adapter_factory import write_small_lora
-from tests.server_process import free_port, start_server
+from tests.http_contract import AUTH
+from tests.ray_cluster import PER_REPLICA
 
 pytest.importorskip("ray.serve")  # the optional extra `ray`
+pytestmark = pytest.mark.ray
 
 BASE = "SmolLM2-135M-Instruct"
 IDS = [f"ray-{i}" for i in range(8)]
 NEW = "ray-new"                 # other weights, registered later under an existing id
 PROMPTS = ("The weather today is", "My favourite food is")
-MAX_TOKENS = 4
-PER_REPLICA = 6                 # Serve's multiplexing LRU: the 7 adapters of the kill test overflow it
+MAX_TOKENS = 4                  # the kill test's 7 adapters (IDS[1:]) overflow PER_REPLICA, Serve's multiplexing LRU
 
 
 def complete(url: str, model: str, prompt: str, retries: int = 0) -> tuple[int, str, str | None, int]:
@@ -68,65 +71,31 @@ def ask_all(url: str, jobs: list[tuple[str, str]], retries: int = 0) -> list[tup
 
 
 @pytest.fixture(scope="module")
-def lora_root(tmp_path_factory, base_model_dir):
-    root = tmp_path_factory.mktemp("ray_adapters")
+def lora_root(ray_server, base_model_dir):
+    root = ray_server.adapters_root / "test_http_ray"      # where Ray (and the session server) may register from
     spec = ModelSpec.from_dir(base_model_dir)
     for i, adapter_id in enumerate([*IDS, NEW]):
         write_small_lora(root / adapter_id, spec, seed=3000 + i)
     return root
 
 
-def single_server_answers(tmp, lora_root) -> dict[tuple[str, str], str]:
-    """The reference: a plain `loramux serve` process's answer to every (model, prompt)."""
-    server = start_server(tmp, "--dtype", "float32", "--max-model-len", "256", "--kv-cache-gb", "0.05",
-                          "--adapters", str(lora_root))
-    jobs = [(m, p) for m in [BASE, *IDS, NEW] for p in PROMPTS]
+@pytest.fixture(scope="module")
+def reference(server, lora_root) -> dict[tuple[str, str], str]:
+    """The single server's answer to every (model, prompt), and to one chat."""
+    models = [*IDS, NEW]
+    for adapter_id in models:
+        r = httpx.post(f"{server.url}/v1/adapters", json={"id": adapter_id, "path": str(lora_root / adapter_id)},
+                       timeout=60)
+        assert r.status_code == 201, r.text
+    jobs = [(m, p) for m in [BASE, *models] for p in PROMPTS]
     try:
         results = ask_all(server.url, jobs)
         chat_answer = chat(server.url, IDS[-1])
-    finally:
-        server.stop()
+    finally:  # the session's server: leave it as we found it
+        for adapter_id in models:
+            httpx.delete(f"{server.url}/v1/adapters/{adapter_id}", timeout=60)
     assert all(status == 200 for status, *_ in results), results
-    return {("chat", IDS[-1]): chat_answer, **{job: text for job, (_, text, _, _) in zip(jobs, results)}}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, lora_root):
-    """A local Ray (2 CPUs) serving build(cfg) with 2 replicas; the single server's answers are
-    computed meanwhile (Ray's start-up is mostly waiting)."""
-    import ray
-    from ray import serve
-
-    from loramux.server.bootstrap import ServeConfig
-    from loramux.server.ray_app import RayConfig, build
-
-    started = time.monotonic()
-    with cf.ThreadPoolExecutor(1) as pool:
-        reference = pool.submit(single_server_answers, tmp_path_factory.mktemp("ray_reference"), lora_root)
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        tmp = tmp_path_factory.mktemp("ray_cluster")
-        cfg = RayConfig(serve=ServeConfig(dtype="float32", max_model_len=256, kv_cache_bytes=32 << 20,
-                                          max_num_seqs=16, max_loras=4, max_lora_rank=8, allowed_roots=(lora_root,),
-                                          data_dir=tmp / "replicas"),
-                        replicas=2, replica_cpus=0.5, store_dir=tmp / "store", adapters_per_replica=PER_REPLICA)
-        serve.run(build(cfg), name="loramux", route_prefix="/")
-        print(f"\nray + 2 replicas up in {time.monotonic() - started:.1f}s")
-        answers = reference.result()
-    print(f"single-server reference done at {time.monotonic() - started:.1f}s")
-    try:
-        yield type("Cluster", (), {"url": f"http://127.0.0.1:{port}", "store": tmp / "store", "reference": answers})
-    finally:
-        started = time.monotonic()
-        serve.shutdown()
-        ray.shutdown()
-        print(f"\nray shut down in {time.monotonic() - started:.1f}s")
-
-
-@pytest.fixture(scope="module")
-def reference(cluster) -> dict[tuple[str, str], str]:
-    answers = cluster.reference
+    answers = {("chat", IDS[-1]): chat_answer, **{job: text for job, (_, text, _, _) in zip(jobs, results)}}
     assert len({answers[m, PROMPTS[0]] for m in [BASE, *IDS, NEW]}) > 6   # the adapters really differ
     return answers
 
@@ -143,10 +112,11 @@ def holders(url: str) -> dict[str, set[str]]:
     return out
 
 
-def test_answers_equal_single_server(cluster, lora_root, reference):
-    url = cluster.url
+def test_answers_equal_single_server(ray_server, lora_root, reference):
+    url = ray_server.url
     for adapter_id in IDS:
-        r = httpx.post(f"{url}/v1/adapters", json={"id": adapter_id, "path": str(lora_root / adapter_id)}, timeout=60)
+        r = httpx.post(f"{url}/v1/adapters", json={"id": adapter_id, "path": str(lora_root / adapter_id)},
+                       headers=AUTH, timeout=60)
         assert r.status_code == 201, r.text
     assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {BASE, *IDS}
     time.sleep(1.0)   # Serve's routers learn which replica holds which adapter (pushed every 0.1 s)
@@ -161,8 +131,8 @@ def test_answers_equal_single_server(cluster, lora_root, reference):
     assert chat(url, IDS[-1]) == chat(url, IDS[-1], stream=True) == reference["chat", IDS[-1]]
 
 
-def test_requests_land_on_the_replica_holding_the_adapter(cluster, reference):
-    url = cluster.url
+def test_requests_land_on_the_replica_holding_the_adapter(ray_server, reference):
+    url = ray_server.url
     before = holders(url)
     assert set(IDS) <= set(before)
     assert sum(len(before[i]) for i in IDS) < 2 * len(IDS)   # adapters are spread, not copied everywhere
@@ -178,10 +148,10 @@ def test_requests_land_on_the_replica_holding_the_adapter(cluster, reference):
         assert {r for r, n in served.items() if n} <= before[adapter_id]
 
 
-def test_ingress_bounds_and_checks_bodies(cluster):
+def test_ingress_bounds_and_checks_bodies(ray_server):
     """The Ray ingress bounds bodies (chunked too) and parses them as the single server does; a
     prompt that cannot fit is refused by its replica before tokenizing."""
-    url = cluster.url
+    url = ray_server.url
     huge = json.dumps({"model": BASE, "prompt": "a " * 1_500_000}).encode()    # 3 MB: over the 2 MiB default
 
     def chunks():
@@ -199,30 +169,31 @@ def test_ingress_bounds_and_checks_bodies(cluster):
     assert complete(url, BASE, PROMPTS[0])[0] == 200
 
 
-def test_metrics_per_replica(cluster):
-    text = httpx.get(f"{cluster.url}/metrics", timeout=60).text
-    for rep in replicas(cluster.url):
+def test_metrics_per_replica(ray_server):
+    text = httpx.get(f"{ray_server.url}/metrics", timeout=60).text
+    for rep in replicas(ray_server.url):
         assert f'replica="{rep["replica"]}"' in text
     assert "loramux_requests_total{" in text
 
 
-def test_delete_reaches_every_replica_and_versions_are_checked(cluster, lora_root, reference):
+def test_delete_reaches_every_replica_and_versions_are_checked(ray_server, lora_root, reference):
     from loramux.adapters_registry.store import AdapterStore
 
-    url, victim = cluster.url, IDS[0]
+    url, victim = ray_server.url, IDS[0]
     assert complete(url, victim, PROMPTS[0])[1] == reference[victim, PROMPTS[0]]
-    assert httpx.delete(f"{url}/v1/adapters/{victim}", timeout=60).status_code == 200
+    assert httpx.delete(f"{url}/v1/adapters/{victim}", headers=AUTH, timeout=60).status_code == 200
     assert victim not in holders(url)                           # broadcast: no replica holds it any more
     assert complete(url, victim, PROMPTS[0])[0] == 404
-    assert httpx.delete(f"{url}/v1/adapters/{victim}", timeout=60).status_code == 404
+    assert httpx.delete(f"{url}/v1/adapters/{victim}", headers=AUTH, timeout=60).status_code == 404
     # Registered again under the same id with other weights: served with the new weights.
-    r = httpx.post(f"{url}/v1/adapters", json={"id": victim, "path": str(lora_root / NEW)}, timeout=60)
+    r = httpx.post(f"{url}/v1/adapters", json={"id": victim, "path": str(lora_root / NEW)}, headers=AUTH,
+                   timeout=60)
     assert r.status_code == 201, r.text
     assert complete(url, victim, PROMPTS[1])[1] == reference[NEW, PROMPTS[1]]
     # Replaced behind the replicas' backs (no broadcast): the version check on use still catches it.
     other = IDS[1]
     assert complete(url, other, PROMPTS[0])[1] == reference[other, PROMPTS[0]]
-    store = AdapterStore(cluster.store)
+    store = AdapterStore(ray_server.store)
     store.delete(other)
     store.put(other, lora_root / NEW)
     for prompt in PROMPTS:
@@ -231,10 +202,10 @@ def test_delete_reaches_every_replica_and_versions_are_checked(cluster, lora_roo
     store.put(other, lora_root / other)
 
 
-def test_killing_a_replica_mid_load_loses_no_request(cluster, reference):
+def test_killing_a_replica_mid_load_loses_no_request(ray_server, reference):
     import ray
 
-    url = cluster.url
+    url = ray_server.url
     victim = replicas(url)[0]
     jobs = [(m, p) for m in IDS[1:] for p in PROMPTS]
     with cf.ThreadPoolExecutor(8) as pool:
