@@ -34,12 +34,13 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int = 2048           # context window served (prompt + completion + virtual tokens)
     max_num_seqs: int = 64              # sequences in one step
-    max_num_batched_tokens: int = 4096  # tokens in one step (prefill + decode)
+    max_num_batched_tokens: int = 256   # tokens in one step: decodes first, then prompt chunks
     block_size: int = 16                # tokens per KV block
     kv_cache_bytes: int = 1 << 30       # KV cache budget; sets the number of blocks
     max_loras: int = 8                  # adapters resident on the device at once (slots)
     max_lora_rank: int = 64             # r_max of the slots; higher-rank adapters are refused
     max_queue: int = 1024               # waiting requests before 503
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks a request shares with an earlier one
     quantize: str = "auto"              # resident base projections: engine.quantize.MODES
 
     def __post_init__(self) -> None:
@@ -47,7 +48,7 @@ class EngineConfig:
         self.check_settings()
 
     def check_settings(self) -> None:
-        """Check every setting but model_dir, resolving dtype "auto" and a step too small for a prompt."""
+        """Check every setting but model_dir, resolving dtype "auto"."""
         if self.dtype == "auto":
             self.dtype = default_dtype_name(self.device)
         if self.dtype not in DTYPES:
@@ -58,8 +59,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
-        # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
-        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes one token a step")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -32,6 +32,10 @@ def add_serve_parser(sub) -> None:
             choices=["auto", "float32", "bfloat16"])
     setting("--max-model-len", "context window served (prompt + completion + virtual tokens)", type=int)
     setting("--max-num-seqs", "sequences in one step", type=int)
+    setting("--max-num-batched-tokens", "tokens in one step: every running sequence's decode token first, then "
+            "prompts in chunks of what is left (a long prompt no longer stalls the running streams)", type=int)
+    setting("--enable-prefix-caching", "reuse the KV cache of prompt prefixes seen before (keyed by adapter and "
+            "its weights' version)", action=argparse.BooleanOptionalAction)
     setting("--kv-cache-gb", "KV cache budget", type=float, default=defaults["kv_cache_bytes"] / (1 << 30))
     setting("--max-loras", "adapters resident on the device at once", type=int)
     setting("--max-lora-rank", "largest LoRA rank served (sizes the device slots)", type=int)
@@ -78,7 +82,8 @@ def serve(args: argparse.Namespace) -> int:
 
     admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAMUX_ADMIN_KEY")
     cfg = ServeConfig(model_dir=args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      enable_prefix_caching=args.enable_prefix_caching, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters_dir,
                       data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=admin_key,
                       max_queue=args.max_queue, host=args.host,
