@@ -37,7 +37,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 256   # tokens in one step: decodes first, then prompt chunks
     block_size: int = 16                # tokens per KV block
     kv_cache_bytes: int = 1 << 30       # KV cache budget; sets the number of blocks
-    max_loras: int = 8                  # adapters resident on the device at once (slots)
+    max_lora_memory_bytes: int = 1 << 30  # adapter slots' memory: how many distinct adapters one batch can mix
+    max_loras: int = 0                  # adapter slots; 0: as many as max_lora_memory_bytes holds
     max_lora_rank: int = 64             # r_max of the slots; higher-rank adapters are refused
     max_queue: int = 1024               # waiting requests before 503
     enable_prefix_caching: bool = True  # reuse the KV of full blocks a request shares with an earlier one
@@ -53,10 +54,12 @@ class EngineConfig:
             self.dtype = default_dtype_name(self.device)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras",
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_memory_bytes",
                      "max_lora_rank", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be 0 (from max_lora_memory_bytes) or positive")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:

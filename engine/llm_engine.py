@@ -211,5 +211,8 @@ class LLMEngine:
         seqs = [self.add_request(f"gen-{i}-{time.monotonic_ns()}", p, sp, a)[0]
                 for i, (p, sp, a) in enumerate(zip(prompts, params_list, adapter_ids))]
         while self.has_work:
+            steps = self.stats.steps
             self.step()
+            if self.stats.steps == steps:
+                time.sleep(0.005)            # nothing ran: adapters still loading in the background
         return seqs
