@@ -157,8 +157,10 @@ def test_reregistered_adapter_never_gets_the_old_weights_cached_kv(chunked_engin
     prompt = tokenizer(" ".join(PROMPTS) + " " + " ".join(PROMPTS))["input_ids"]
     assert len(prompt) > 3 * 16
 
-    def run(adapter_id: str) -> list[int]:
-        return engine.generate([prompt], _params(), [adapter_id])[0].output_token_ids
+    def run(adapter_id: str) -> list[tuple[int, float]]:
+        """Greedy tokens with their logprobs: two LoRAs may agree on tokens, never on every logprob."""
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
+        return [(lp.token_id, lp.logprob) for lp in engine.generate([prompt], params, [adapter_id])[0].output_logprobs]
 
     registry.register("swap", adapter_dirs["qv-r8"])
     old = run("swap")
