@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench_kernels", "bench_engine", "bench_mixed", "bench_register", "bench_quantized", "load_test"]
+MODULES = ["bench_kernels", "bench_engine", "bench_mixed", "bench_register", "bench_quantized", "load_test",
+           "bench_chunked_prefill", "bench_prefix_cache", "bench_adapter_cycling"]
 
 
 def main() -> int:

@@ -34,7 +34,12 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int = 2048           # context window served (prompt + completion + virtual tokens)
     max_num_seqs: int = 64              # sequences in one step
-    max_num_batched_tokens: int = 256   # tokens in one step: decodes first, then prompt chunks
+    # Tokens in one step: decodes first, then prompt chunks. On a CPU a step's cost grows with its tokens,
+    # prompt or decode alike: a C-token chunk beside 31 decodes makes the step ~(1 + C/64)x as long
+    # (measured, bf16 int4, paired steps: C=32 1.4-1.5x, 48 1.7-1.9x, 64 1.9-2.1x, 96 2.6x, 128 3.1x).
+    # 80 (chunks of 49 beside 31 streams) keeps the streams' inter-token latency within 2x while a long
+    # prompt arrives, for a later first token of that prompt (README, benchmarks/bench_chunked_prefill.py).
+    max_num_batched_tokens: int = 80
     block_size: int = 16                # tokens per KV block
     kv_cache_bytes: int = 1 << 30       # KV cache budget; sets the number of blocks
     max_lora_memory_bytes: int = 1 << 30  # adapter slots' memory: how many distinct adapters one batch can mix
