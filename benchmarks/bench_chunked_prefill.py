@@ -6,9 +6,9 @@
 For each `--max-num-batched-tokens` budget a server of its own (defaults otherwise: bf16, int4 where the
 CPU has bf16, prefix caching on) serves `--streams` streamed completions (greedy, ignore_eos); once
 each has 10 tokens, a `--prompt-tokens` prompt (token ids, unique per run so no cache helps) arrives.
-Reported per budget: the streams' inter-token latency p50 over their whole run, p99 and max of the
-gaps that end between the long prompt's arrival and three p50s after its first token, and that
-prompt's time to first token. 4096 holds the whole prompt: a step prefills it at once, as the scheduler did before chunking.
+Reported per budget: the streams' inter-token latencies (p50, p99, max) over their whole run and in
+the arrival window (gaps ending between the long prompt's arrival and three p50s after its first
+token), and that prompt's time to first token. 4096 holds the whole prompt: a step prefills it at once, as the scheduler did before chunking.
 Runs alternate between budgets (trial 1 of each, then trial 2, ...) so a shared machine's load
 drifts over all of them alike; the load average is recorded.
 Goal (issue #17): p99 during the arrival <= 2x p50, max <= 3x.
@@ -67,16 +67,22 @@ async def one_run(url: str, streams: int, prompt: list[int], max_tokens: int) ->
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Ratios per run (each run's own p50: the load drifts between runs), then their median and worst."""
-    def ratio(r: dict, key: str) -> float:
-        return r["itl_during_arrival_s"][key] / r["itl_whole_run_s"]["p50"]
-    p99, worst = sorted(ratio(r, "p99") for r in rows), sorted(ratio(r, "max") for r in rows)
-    ttft = sorted(r["ttft_long_prompt_s"] for r in rows)
-    return {"p99_over_p50_median": round(p99[len(rows) // 2], 2), "p99_over_p50_worst": round(p99[-1], 2),
-            "max_over_p50_median": round(worst[len(rows) // 2], 2), "max_over_p50_worst": round(worst[-1], 2),
-            "itl_p50_s_median": sorted(r["itl_whole_run_s"]["p50"] for r in rows)[len(rows) // 2],
-            "ttft_long_prompt_s_median": ttft[len(rows) // 2],
-            "goal_met_median_run": p99[len(rows) // 2] <= 2 and worst[len(rows) // 2] <= 3}
+    """Per run (the load drifts between runs), then the median and worst run: the arrival window's p99
+    and max against its own p50 (the issue's goal), and against the whole run's p50 (mostly steps
+    with no prompt to prefill: what a chunk costs the streams)."""
+    def ratios(ref: str, key: str) -> list[float]:
+        return sorted(r["itl_during_arrival_s"][key] / r[ref]["p50"] for r in rows)
+
+    mid = len(rows) // 2
+    out = {}
+    for ref, name in (("itl_during_arrival_s", "window_p50"), ("itl_whole_run_s", "whole_run_p50")):
+        p99, worst = ratios(ref, "p99"), ratios(ref, "max")
+        out[f"over_{name}"] = {"p99_median": round(p99[mid], 2), "p99_worst": round(p99[-1], 2),
+                               "max_median": round(worst[mid], 2), "max_worst": round(worst[-1], 2)}
+    window = out["over_window_p50"]
+    return {**out, "itl_p50_whole_run_s_median": sorted(r["itl_whole_run_s"]["p50"] for r in rows)[mid],
+            "ttft_long_prompt_s_median": sorted(r["ttft_long_prompt_s"] for r in rows)[mid],
+            "goal_met_every_run": window["p99_worst"] <= 2 and window["max_worst"] <= 3}
 
 
 def run(streams: int, prompt_tokens: int, budgets: list[int], trials: int, max_tokens: int) -> dict:
