@@ -71,7 +71,7 @@ class MixtureCache:
                     reg._check_free(mix_id)
                     record = AdapterRecord(mix_id, folder, manifest, (folder / WEIGHTS_FILE).stat().st_size,
                                            persisted=False, recipe=recipe)
-                    reg._live[mix_id] = record
+                    reg._serve(record)
                     reg._host_put(record, weights)
                     self._mixtures[mix_id] = record
                     self._trim()
@@ -131,7 +131,7 @@ class MixtureCache:
         weights = []
         for record in sources:
             with reg._lock:
-                w = reg._host.get(record)
+                w = reg.residency.host.get(record)
             if w is None:
                 w = reg._reload(record)
                 with reg._lock:

@@ -43,11 +43,13 @@ class AdapterInfo:
 class Lease:
     """One request's hold on an adapter. LoRA: `slot` indexes the stacks; prefix: `slot` is -1 and
     `prefix_kv` is (num_layers, 2, n_virt, num_kv_heads, head_dim) in the registry dtype/device.
-    Give it back with `AdapterRegistry.release` exactly once."""
+    `version` names the weights: a re-registered id serves new weights under a new version (the
+    engine's prefix cache keys KV by it). Give it back with `AdapterRegistry.release` exactly once."""
     adapter_id: str
     kind: Kind
     slot: int
     prefix_kv: torch.Tensor | None = None
+    version: int = 0
     released: bool = False
     _record: object = field(default=None, repr=False)
 
@@ -66,6 +68,10 @@ class AdapterRecord:
     last_used: float | None = None
     requests_served: int = 0
     recipe: MixtureRecipe | None = None  # set for per-request mixtures (merged on demand, not persisted)
+    version: int = 0                     # set by the registry when it starts serving the record (unique)
+    loading: bool = False                # a background read of its weights is under way
+    placing: bool = False                # its slot (`slot`) is being written in the background
+    load_error: Exception | None = None  # why the last background load failed (raised to the next acquirer)
 
     @property
     def kind(self) -> str:

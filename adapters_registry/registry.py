@@ -1,16 +1,18 @@
 """The adapter registry: ids -> adapters, across three tiers, with leases for running requests.
 
 Tiers: a fixed number of device slots (LoraStacks), a bounded LRU of parsed weights in host
-memory, and the catalog on disk. `try_acquire` pulls an adapter up into a slot, evicting the least
-recently used slot nobody holds; a lease pins it until `release`. Prefix adapters need no slot:
-their KV prefix lives in the host tier (already on the device) and the lease carries it.
-Per-request mixtures are served like any adapter; merging and caching them is `MixtureCache`'s job.
+memory, and the catalog on disk. `try_acquire` hands out a lease on an adapter that is in a slot
+and otherwise has a background thread pull it up, evicting the least recently used slot nobody
+holds (`Residency`); a lease pins it until `release`. Prefix adapters need no slot: their KV
+prefix lives in the host tier (already on the device) and the lease carries it. Per-request
+mixtures are served like any adapter; merging and caching them is `MixtureCache`'s job.
 
-One lock guards all state; it is held for bookkeeping and slot copies but not while reading
-files, so the engine thread never waits behind a slow disk read of another request's adapter.
+One lock guards all state; it is held for bookkeeping only, never while reading files or copying
+weights, so the engine thread never waits behind a slow disk read or slot write.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -26,13 +28,13 @@ from .config import RegistryConfig
 from .datadir_lock import claim_data_dir
 from .errors import BAD_REQUEST, CONFLICT, INTERNAL, NOT_FOUND, AdapterError
 from .formats import Manifest, Weights, inspect_adapter, load_adapter
-from .host_cache import LruCache
 from .ids import validate_adapter_id
 from .mixture_cache import MixtureCache
 from .mixtures import MixtureRecipe
 from .paths import confine_path
 from .records import AdapterInfo, AdapterRecord, Lease
-from .slots import LoraStacks, SlotTable
+from .residency import Residency
+from .slots import LoraStacks
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,8 @@ class AdapterRegistry:
         self.load_errors: dict[str, str] = {}  # persisted adapters that failed validation at startup
         self._lock = threading.RLock()
         self._live: dict[str, AdapterRecord] = {}
-        self._slots: SlotTable[AdapterRecord] = SlotTable(config.max_loras)
-        self._host: LruCache[AdapterRecord, Weights] = LruCache(config.max_host_adapters)
+        self._versions = itertools.count(1)
+        self.residency = Residency(self.stacks, config.max_host_adapters, self._lock, self._reload, self._drop)
         self.mixtures = MixtureCache(self, self.catalog.data_dir / "mixtures")
         self._restore()
 
@@ -78,7 +80,7 @@ class AdapterRegistry:
                 self.load_errors[entry.adapter_id] = getattr(e, "message", str(e))
                 log.warning("persisted adapter %r not served: %s", entry.adapter_id, self.load_errors[entry.adapter_id])
                 continue
-            self._live[entry.adapter_id] = AdapterRecord(entry.adapter_id, entry.path, manifest, size, persisted=True)
+            self._serve(AdapterRecord(entry.adapter_id, entry.path, manifest, size, persisted=True))
 
     def _inspect(self, folder: Path, label: str) -> Manifest:
         return inspect_adapter(folder, self.spec, max_rank=self.config.max_lora_rank,
@@ -147,12 +149,17 @@ class AdapterRegistry:
                     folder = self.catalog.add(adapter_id, folder, staged=copy).path
                     staged = None  # the catalog owns it now
                 record = AdapterRecord(adapter_id, folder, manifest, size, persisted=persist)
-                self._live[adapter_id] = record
+                self._serve(record)
                 self._host_put(record, weights)  # just registered: likely used soon
                 return self._info(record)
         finally:
             if staged is not None:
                 self.catalog.discard(staged)
+
+    def _serve(self, record: AdapterRecord) -> None:
+        """Make `record` the one new requests for its id get, under a version no earlier weights had."""
+        record.version = next(self._versions)
+        self._live[record.adapter_id] = record
 
     def unregister(self, adapter_id: str) -> None:
         """Remove at once for new requests; weights stay until in-flight leases are released."""
@@ -208,10 +215,7 @@ class AdapterRegistry:
 
     def _info(self, r: AdapterRecord) -> AdapterInfo:
         m = r.manifest
-        if r.slot >= 0 or (m.kind == "prefix" and r in self._host):
-            tier = "device"  # a cached prefix's KV already lives on the device
-        else:
-            tier = "host" if r in self._host else "disk"
+        tier = self.residency.tier(r)
         return AdapterInfo(
             id=r.adapter_id, type=m.kind, rank=m.rank, alpha=m.alpha, targets=m.targets,
             size_bytes=r.size_bytes, tier=tier, last_used=r.last_used, requests_served=r.requests_served,
@@ -220,36 +224,40 @@ class AdapterRegistry:
             mixture=r.recipe.to_dict() if r.recipe is not None else None,
         )
 
-    # -- leases ---------------------------------------------------------------------------------
-    def try_acquire(self, adapter_id: str) -> Lease | None:
-        """Hold an adapter for one request, loading it into a slot if needed.
+    # -- leases (see Residency) -------------------------------------------------------------------
+    def prefetch(self, adapter_id: str) -> None:
+        """A request for `adapter_id` arrived: start reading its weights in the background, so they
+        are ready by the time the engine can run it. Unknown ids are left to `try_acquire`."""
+        with self._lock:
+            record = self._live.get(adapter_id)
+            if record is not None:
+                self.residency.prefetch(record)
 
-        Returns None when it needs a slot and every slot is held by running requests: the caller
-        retries after some request finishes (no eviction of in-use adapters, no thrashing).
-        Raises AdapterError 404 for an unknown id.
+    def try_acquire(self, adapter_id: str) -> Lease | None:
+        """Hold an adapter for one request, if it is ready: in a device slot (LoRA) or in host
+        memory (a prefix's KV). Never reads a file or copies weights on the calling thread (the
+        engine's): when it is not ready this returns None and the background thread gets it ready
+        (read from disk, then copied into a free slot or the least recently used one no request
+        holds). None also when it needs a slot and every slot is held by running requests: the
+        caller retries later (no eviction of in-use adapters, no thrashing).
+        Raises AdapterError 404 for an unknown id, 500 when its files can no longer be loaded.
         """
-        loaded: tuple[AdapterRecord, Weights] | None = None  # weights read outside the lock
-        while True:
-            with self._lock:
+        with self._lock:
+            return self.residency.try_acquire(self._get_live(adapter_id))
+
+    def acquire(self, adapter_id: str, timeout: float = 120.0) -> Lease | None:
+        """`try_acquire`, waiting for the background load and slot copy it starts: None only when
+        every slot is held by running requests. For callers that may block (tests, tools)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                lease = self.try_acquire(adapter_id)
                 record = self._get_live(adapter_id)
-                weights = self._host.get(record)
-                if weights is None and loaded is not None and loaded[0] is record:
-                    weights = loaded[1]
-                    self._host_put(record, weights)
-                if record.kind == "prefix":
-                    if weights is not None:
-                        return self._lease(record, -1, weights.kv)
-                elif record.slot >= 0:
-                    self._slots.touch(record.slot)
-                    return self._lease(record, record.slot, None)
-                else:
-                    slot = self._slots.victim(lambda owner: owner.refcount == 0)
-                    if slot is None:
-                        return None
-                    if weights is not None:
-                        self._place(record, slot, weights)
-                        return self._lease(record, slot, None)
-            loaded = (record, self._reload(record))
+                if lease is not None or not self.residency.pending(record):
+                    return lease
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"adapter {adapter_id!r} was not ready within {timeout} s")
+                self.residency.wait(max(0.0, deadline - time.monotonic()))
 
     def release(self, lease: Lease) -> None:
         with self._lock:
@@ -258,27 +266,12 @@ class AdapterRegistry:
             lease.released = True
             record: AdapterRecord = lease._record
             record.refcount -= 1
-            if record.slot >= 0:
-                self._slots.touch(record.slot)  # just finished: recently used
+            self.residency.release(record)
             if record.refcount == 0 and record.retired:
                 self._drop(record)
 
-    def _lease(self, record: AdapterRecord, slot: int, kv: torch.Tensor | None) -> Lease:
-        record.refcount += 1
-        record.requests_served += 1
-        record.last_used = time.time()
-        return Lease(record.adapter_id, record.kind, slot, kv, _record=record)
-
-    def _place(self, record: AdapterRecord, slot: int, weights: Weights) -> None:
-        evicted = self._slots.owner[slot]
-        if evicted is not None:
-            evicted.slot = -1
-        self.stacks.write(slot, weights)
-        self._slots.assign(slot, record)
-        record.slot = slot
-
     def _reload(self, record: AdapterRecord) -> Weights:
-        """Read a registered adapter's weights again (outside the lock)."""
+        """Read a registered adapter's weights again (outside the lock: on the background thread)."""
         try:
             manifest = self._inspect(record.folder, str(record.folder))
             if manifest != record.manifest:
@@ -289,15 +282,11 @@ class AdapterRegistry:
                                          f"{getattr(e, 'message', e)}") from None
 
     def _host_put(self, record: AdapterRecord, weights: Weights) -> None:
-        self._host.put(record, weights)
+        self.residency.put(record, weights)
 
     def _drop(self, record: AdapterRecord) -> None:
         """Free everything a retired, unleased adapter still occupies."""
-        if record.slot >= 0:
-            self._slots.free(record.slot)
-            self.stacks.clear(record.slot)
-            record.slot = -1
-        self._host.pop(record)
+        self.residency.drop(record)
         if record.recipe is not None:
             self.mixtures.forget(record)
 

@@ -61,6 +61,17 @@ class LoraStacks:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in (*self.A_rows, *self.B) for t in layer.values())
 
+    @staticmethod
+    def slot_nbytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> int:
+        """Bytes of one slot: A and B at rank `max_rank` for all 7 targets of every layer."""
+        per_rank = sum(sum(spec.lora_dims(m)) for m in LORA_TARGETS)            # d_in + d_out per module
+        return spec.num_layers * per_rank * max_rank * torch.empty((), dtype=dtype).element_size()
+
+    @classmethod
+    def count_for(cls, spec: ModelSpec, max_rank: int, dtype: torch.dtype, memory_bytes: int) -> int:
+        """How many slots `memory_bytes` holds (at least one)."""
+        return max(1, memory_bytes // cls.slot_nbytes(spec, max_rank, dtype))
+
     def shrink_A(self, layer: int, group: tuple[str, ...], rank: int) -> torch.Tensor:
         """(S, rank * G, d_in): the group's A matrices trimmed to `rank`, column j * G + i of the
         shrink output being rank j of module i. Views are cached: one per (layer, group, rank)."""

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 MODULES = ["bench_kernels", "bench_engine", "bench_mixed", "bench_register", "bench_quantized", "load_test",
-           "http_bench"]
+           "http_bench", "bench_chunk_size", "bench_chunked_prefill", "bench_prefix_cache", "bench_adapter_cycling"]
 
 
 def main() -> int:

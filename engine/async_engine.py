@@ -31,6 +31,7 @@ class RequestFailedError(RuntimeError):
 
 
 MAX_STEP_FAILURES = 3   # consecutive failed steps before the engine is declared dead (a systemic fault)
+IDLE_POLL_SECONDS = 0.005   # how soon to look again when every waiting request's adapter is loading (loads take 20+ ms)
 
 
 @dataclass
@@ -157,6 +158,7 @@ class AsyncEngine:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
                     continue
+                steps = self.engine.stats.steps
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:
@@ -167,6 +169,10 @@ class AsyncEngine:
                     self._fail_running(exc)
                     continue
                 failures = 0
+                if self.engine.stats.steps == steps and not outputs:
+                    # Nothing could run: the waiting requests' adapters are still loading in the background.
+                    self._wakeup.wait(IDLE_POLL_SECONDS)
+                    self._wakeup.clear()
                 done: set[str] = set()
                 by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
                 for out in outputs:

@@ -34,12 +34,19 @@ class EngineConfig:
     device: str = "cpu"
     max_model_len: int = 2048           # context window served (prompt + completion + virtual tokens)
     max_num_seqs: int = 64              # sequences in one step
-    max_num_batched_tokens: int = 4096  # tokens in one step (prefill + decode)
+    # Tokens in one step: decodes first, then prompt chunks. On a CPU a step's cost grows with its tokens,
+    # prompt or decode alike: a C-token chunk beside 31 decodes makes the step ~(1 + C/64)x as long
+    # (measured, bf16 int4, paired steps: C=32 1.4-1.5x, 48 1.7-1.9x, 64 1.9-2.1x, 96 2.6x, 128 3.1x).
+    # 80 (chunks of 49 beside 31 streams) keeps the streams' inter-token latency within 2x while a long
+    # prompt arrives, for a later first token of that prompt (README, benchmarks/bench_chunked_prefill.py).
+    max_num_batched_tokens: int = 80
     block_size: int = 16                # tokens per KV block
     kv_cache_bytes: int = 1 << 30       # KV cache budget; sets the number of blocks
-    max_loras: int = 8                  # adapters resident on the device at once (slots)
+    max_lora_memory_bytes: int = 1 << 30  # adapter slots' memory: how many distinct adapters one batch can mix
+    max_loras: int = 0                  # adapter slots; 0: as many as max_lora_memory_bytes holds
     max_lora_rank: int = 64             # r_max of the slots; higher-rank adapters are refused
     max_queue: int = 1024               # waiting requests before 503
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks a request shares with an earlier one
     quantize: str = "auto"              # resident base projections: engine.quantize.MODES
 
     def __post_init__(self) -> None:
@@ -47,19 +54,22 @@ class EngineConfig:
         self.check_settings()
 
     def check_settings(self) -> None:
-        """Check every setting but model_dir, resolving dtype "auto" and a step too small for a prompt."""
+        """Check every setting but model_dir, resolving dtype "auto"."""
         if self.dtype == "auto":
             self.dtype = default_dtype_name(self.device)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras",
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_memory_bytes",
                      "max_lora_rank", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be 0 (from max_lora_memory_bytes) or positive")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
-        # A whole prompt is prefilled in one step, so a step must hold the longest prompt.
-        self.max_num_batched_tokens = max(self.max_num_batched_tokens, self.max_model_len)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes one token a step")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -68,7 +68,7 @@ class LLMEngine:
                          -(-self.max_model_len // config.block_size) + 1)
         self.kv = KVCache(self.spec.num_layers, num_blocks, config.block_size, self.spec.num_kv_heads,
                           self.spec.head_dim, self.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, adapters=adapters)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks)
@@ -154,8 +154,14 @@ class LLMEngine:
         if not batch:
             return failed
         self._record(batch)
-        logits = self.runner.run(batch)
-        seqs = batch.sequences
+        seqs = batch.sampled
+        try:
+            logits = self.runner.run(batch)
+        except BaseException:
+            self.blocks.forget_step()        # what this step registered in the prefix cache was never written
+            raise
+        if not seqs:                         # only chunks of prompts still being prefilled
+            return failed
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         lps = logprobs_of(logits, tokens, [s.params.logprobs for s in seqs])
         return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
@@ -167,8 +173,7 @@ class LLMEngine:
     def _record(self, batch: ScheduledBatch) -> None:
         self.stats.steps += 1
         self.stats.last_batch_size = len(batch.sequences)
-        self.stats.last_batch_tokens = len(batch.decodes) + sum(
-            s.num_tokens - max(s.num_computed_tokens, s.num_prefix_tokens) for s in batch.prefills)
+        self.stats.last_batch_tokens = batch.num_tokens
         self.stats.batch_sizes.append(len(batch.sequences))
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
@@ -206,5 +211,8 @@ class LLMEngine:
         seqs = [self.add_request(f"gen-{i}-{time.monotonic_ns()}", p, sp, a)[0]
                 for i, (p, sp, a) in enumerate(zip(prompts, params_list, adapter_ids))]
         while self.has_work:
+            steps = self.stats.steps
             self.step()
+            if self.stats.steps == steps:
+                time.sleep(0.005)            # nothing ran: adapters still loading in the background
         return seqs

@@ -33,13 +33,10 @@ class ModelRunner:
         return [table[i // bs] * bs + i % bs for i in range(start, end)]
 
     def _write_prefix(self, seq: Sequence) -> None:
-        """Put a prefix-tuning adapter's virtual-token KV (computed once, at registration) in the cache.
-
-        Rows in blocks shared with other running sequences of the adapter are skipped when those
-        sequences already wrote them; only the partial last block is the sequence's own copy.
-        """
+        """Put a prefix-tuning adapter's virtual-token KV (computed once, at registration) in the cache,
+        at the sequence's first chunk. Rows of blocks found in the prefix cache are already there."""
         prefix = seq.lease.prefix_kv                                     # (L, 2, n_virt, nkv, hd)
-        start, end = seq.prefix_rows_written, seq.num_prefix_tokens
+        start, end = seq.num_computed_tokens, seq.num_prefix_tokens
         rows = torch.tensor(self._rows(seq, start, end), device=self.device)
         for layer in range(prefix.shape[0]):
             self.kv.write(layer, rows, prefix[layer, 0, start:end].to(self.dtype),
@@ -54,22 +51,23 @@ class ModelRunner:
         token_slots: list[int] = []
         spans: list[PrefillSpan] = []
         logit_rows: list[int] = []
-        for seq in batch.prefills:
+        for seq, end in zip(batch.prefills, batch.chunk_ends):
             if seq.num_computed_tokens < seq.num_prefix_tokens:
                 self._write_prefix(seq)
-            start, end = seq.num_computed_tokens, seq.num_tokens
+            start = seq.num_computed_tokens
             row = len(ids)
-            ids.extend(seq.uncomputed_token_ids())
+            ids.extend(seq.token_at(i) for i in range(start, end))
             positions.extend(range(start, end))
             slot_mapping.extend(self._rows(seq, start, end))
             token_slots.extend([seq.lora_slot] * (end - start))
             if start == 0:
                 spans.append(PrefillSpan(row, len(ids), None, None))
-            else:                    # attends to cached context too (virtual prefix tokens)
+            else:                    # attends to cached context too: earlier chunks, cached prefix, virtual tokens
                 q_pos = torch.arange(start, end, device=dev).unsqueeze(1)                    # (q, 1)
                 mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos                    # (q, ctx)
                 spans.append(PrefillSpan(row, len(ids), torch.tensor(self._rows(seq, 0, end), device=dev), mask))
-            logit_rows.append(len(ids) - 1)
+            if end == seq.num_tokens:                   # its prompt is done: this row gives its first token
+                logit_rows.append(len(ids) - 1)
         decode_start = len(ids)
         for seq in batch.decodes:
             n = seq.num_tokens
@@ -83,8 +81,8 @@ class ModelRunner:
             self._decode_metadata(batch.decodes, attn)
         lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills)
         ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora)
-        rows = None if len(logit_rows) == len(ids) else torch.tensor(logit_rows, device=dev)   # None: every row
-        return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows
+        rows = None if len(logit_rows) == len(ids) else torch.tensor(logit_rows, dtype=torch.long, device=dev)
+        return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows   # rows None: every row
 
     def _decode_metadata(self, seqs: list[Sequence], attn: AttentionMetadata) -> None:
         """The KV blocks of each decode sequence's whole context, padded to the longest, and the
@@ -102,9 +100,12 @@ class ModelRunner:
         attn.block_size = bs
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Forward the batch; returns float32 logits [num_seqs, vocab] for each sequence's last token."""
+        """Forward the batch; returns float32 logits [len(batch.sampled), vocab]: the last token of
+        each sequence that gets a token from this step, in `batch.sampled` order."""
         input_ids, ctx, logit_rows = self.prepare(batch)
         logits = self.model(input_ids, ctx, logit_rows)
-        for seq in batch.sequences:
+        for seq, end in zip(batch.prefills, batch.chunk_ends):
+            seq.num_computed_tokens = end
+        for seq in batch.decodes:
             seq.num_computed_tokens = seq.num_tokens
         return logits

@@ -47,8 +47,11 @@ class Sequence:
     num_computed_tokens: int = 0        # logical tokens whose KV is in the cache
     num_prefix_tokens: int = 0          # virtual tokens (set when the adapter lease is taken)
     lease: Any = None                   # adapter registry lease, held while the sequence runs
-    prefix_key: Any = None              # identifies the prefix adapter's shared KV blocks
-    prefix_rows_written: int = 0        # virtual-token rows already in the cache (shared blocks)
+    cache_seed: bytes | None = None     # first link of its KV blocks' hash chain (adapter id + weights version)
+    block_hashes: list[bytes] = field(default_factory=list)   # chain hashes of its first full blocks
+    num_hashed_blocks: int = 0          # leading blocks of block_table registered in the prefix cache
+    waits: int = 0                      # scheduling passes skipped while its adapter was not ready
+    num_preemptions: int = 0
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     error: str | None = None            # why the sequence failed (finish_reason "error")
@@ -77,9 +80,27 @@ class Sequence:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
-    def uncomputed_token_ids(self) -> list[int]:
-        return [self.token_at(i) for i in range(max(self.num_computed_tokens, self.num_prefix_tokens),
-                                                 self.num_tokens)]
+    def hash_token(self, logical_index: int) -> int:
+        """The token at a logical position as the prefix cache hashes it: virtual tokens (no ids)
+        are -1, -2, ... (which adapter's they are is in the chain's seed)."""
+        if logical_index < self.num_prefix_tokens:
+            return -1 - logical_index
+        return self.token_at(logical_index)
+
+    @property
+    def compute_start(self) -> int:
+        """First logical position a step would compute: virtual tokens are copied, never computed."""
+        return max(self.num_computed_tokens, self.num_prefix_tokens)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to run through the model (what a step's token budget counts)."""
+        return self.num_tokens - self.compute_start
+
+    @property
+    def is_decoding(self) -> bool:
+        """Running with only its last token to compute: one decode row per step."""
+        return self.num_computed_tokens >= self.num_prefix_tokens and self.num_tokens - self.num_computed_tokens == 1
 
     @property
     def is_finished(self) -> bool:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from loramux.adapters_registry import AdapterRegistry
+from loramux.engine.prefix_cache import PrefixCache
 from loramux.server.api import build_api
 from loramux.server.local_backend import LocalServing, RegistryAdmin
+from loramux.server.metrics import Metrics
 from loramux.server.state import ServerState
 
 
@@ -42,11 +46,50 @@ def bind_metrics(state: ServerState) -> None:
     state.metrics.gauge_from("loramux_kv_blocks_used", "KV cache blocks held by sequences",
                              lambda: blocks.num_used)
     state.metrics.gauge_from("loramux_kv_blocks_total", "KV cache blocks", lambda: blocks.num_blocks)
+    state.metrics.gauge_from("loramux_kv_blocks_cached", "KV cache blocks holding a cached prompt prefix "
+                             "(held by sequences or kept for reuse until a free block is needed)",
+                             lambda: blocks.num_cached)
     state.metrics.gauge_from("loramux_engine_requests", "Requests the engine is serving (running or queued)",
                              lambda: engine.num_requests)
     if registry is not None:
         state.metrics.count_from("loramux_adapter_merges", "Adapter mixtures merged (per-request and saved)",
                                  lambda: registry.merges_computed)
+        bind_adapter_metrics(state.metrics, registry)
+    if blocks.cache is not None:
+        bind_prefix_cache_metrics(state.metrics, blocks.cache, state.base_model_name)
+
+
+def bind_adapter_metrics(metrics: Metrics, registry: AdapterRegistry) -> None:
+    """The adapter slots' byte budget (how many distinct adapters one batch can mix) and the background loads."""
+    stacks, residency = registry.stacks, registry.residency
+    metrics.gauge_from("loramux_adapter_slots", "Adapter slots: distinct LoRA adapters one batch can mix",
+                       lambda: stacks.num_slots)
+    metrics.gauge_from("loramux_adapter_slot_bytes", "Bytes of one adapter slot (rank --max-lora-rank, 7 projections)",
+                       lambda: stacks.nbytes // stacks.num_slots)
+    metrics.gauge_from("loramux_adapter_slots_used", "Adapter slots holding an adapter",
+                       lambda: sum(r > 0 for r in stacks.slot_rank))
+    metrics.count_from("loramux_adapter_loads", "Adapter weights read from disk on the background thread",
+                       lambda: residency.loads)
+    metrics.count_from("loramux_adapter_slot_writes", "Adapters copied into a slot on the background thread",
+                       lambda: residency.slot_writes)
+
+
+def bind_prefix_cache_metrics(metrics: Metrics, cache: PrefixCache, base_model_name: str) -> None:
+    """Prefix-cache hit rate (prompt tokens served from cached KV / prompt tokens) and cached blocks, per
+    model (adapter id, or the base model's name)."""
+    def per_model(value) -> Callable[[], dict[str, float]]:
+        return lambda: {label or base_model_name: value(s) for label, s in list(cache.stats.items())}
+
+    metrics.labeled_from("loramux_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "counter",
+                         per_model(lambda s: s.prompt_tokens))
+    metrics.labeled_from("loramux_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache", "counter",
+                         per_model(lambda s: s.hit_tokens))
+    metrics.labeled_from("loramux_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt "
+                         "tokens, since start", "gauge",
+                         per_model(lambda s: s.hit_tokens / s.prompt_tokens if s.prompt_tokens else 0.0))
+    metrics.labeled_from("loramux_prefix_cache_blocks", "KV blocks holding cached content (held or evictable)",
+                         "gauge", lambda: {label or base_model_name: n
+                                           for label, n in list(cache.blocks_per_label.items())})
 
 
 def _drain(items: list[int]) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loramux.adapters_registry import AdapterRegistry, RegistryConfig, claim_data_dir
+from loramux.adapters_registry import AdapterRegistry, LoraStacks, RegistryConfig, claim_data_dir
 from loramux.engine.async_engine import AsyncEngine
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
@@ -79,8 +79,9 @@ def build_state(cfg: ServeConfig) -> ServerState:
     registry = _build_registry(cfg, econf, model_name(model_dir))
     engine = LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks)
     log.info("memory: base weights %.1f MiB (quantize=%s), KV cache %.1f MiB (%d blocks of %d tokens), "
-             "adapter slots %.1f MiB", engine.weight_bytes / 2**20, engine.quantize, engine.kv.nbytes / 2**20,
-             engine.blocks.num_blocks, econf.block_size, registry.slot_bytes / 2**20)
+             "adapter slots %.1f MiB (%d slots of %.1f MiB at rank %d)", engine.weight_bytes / 2**20, engine.quantize,
+             engine.kv.nbytes / 2**20, engine.blocks.num_blocks, econf.block_size, registry.slot_bytes / 2**20,
+             registry.stacks.num_slots, registry.slot_bytes / registry.stacks.num_slots / 2**20, econf.max_lora_rank)
     warning = exposure_warning(cfg.host, cfg.admin_key)
     if warning:
         log.warning(warning)
@@ -106,9 +107,11 @@ def build_registry(econf: EngineConfig, data_dir: Path, base_name: str = "base",
     """The adapter registry whose slot stacks an engine with `econf` reads (also used by tests/benchmarks)."""
     # The stacks follow the model's dtype, as peft's adapter weights do: in bf16 the CPU path reads
     # half the bytes of float32 stacks, and reading them is most of its work (kernels/torch_ops.py).
-    return AdapterRegistry(ModelSpec.from_dir(econf.model_dir),
-                           RegistryConfig(data_dir=data_dir, max_loras=econf.max_loras, max_lora_rank=econf.max_lora_rank,
-                                          **config),
+    spec = ModelSpec.from_dir(econf.model_dir)
+    slots = econf.max_loras or LoraStacks.count_for(spec, econf.max_lora_rank, econf.torch_dtype,
+                                                    econf.max_lora_memory_bytes)
+    return AdapterRegistry(spec, RegistryConfig(data_dir=data_dir, max_loras=slots, max_lora_rank=econf.max_lora_rank,
+                                                **config),
                            dtype=econf.torch_dtype, device=torch.device(econf.device), base_model_name=base_name)
 
 

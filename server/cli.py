@@ -32,9 +32,21 @@ def add_serve_parser(sub) -> None:
             choices=["auto", "float32", "bfloat16"])
     setting("--max-model-len", "context window served (prompt + completion + virtual tokens)", type=int)
     setting("--max-num-seqs", "sequences in one step", type=int)
+    setting("--max-num-batched-tokens", "tokens in one step: every running sequence's decode token first, then "
+            "prompts in chunks of what is left (a long prompt no longer stalls the running streams)", type=int)
+    setting("--enable-prefix-caching", "reuse the KV cache of prompt prefixes seen before (keyed by adapter and "
+            "its weights' version)", action=argparse.BooleanOptionalAction)
     setting("--kv-cache-gb", "KV cache budget", type=float, default=defaults["kv_cache_bytes"] / (1 << 30))
-    setting("--max-loras", "adapters resident on the device at once", type=int)
-    setting("--max-lora-rank", "largest LoRA rank served (sizes the device slots)", type=int)
+    setting("--max-lora-memory-gb", "memory for adapter slots, in GiB (the default is "
+            f"{defaults['max_lora_memory_bytes']} bytes): how many distinct LoRA adapters one batch can mix. A slot "
+            "holds one adapter up to --max-lora-rank on all 7 projections: rank x (d_in + d_out summed over the "
+            "projections and layers) x 2 bytes in bf16 (4 in float32), e.g. 37.3 MiB for SmolLM2-135M at rank 64 "
+            "in bf16 (27 slots in the default), 9.3 MiB at rank 16 (109 slots); the count is logged at start and in "
+            "/metrics (loramux_adapter_slots)", type=float, default=defaults["max_lora_memory_bytes"] / (1 << 30))
+    setting("--max-loras", "adapter slots (vLLM's flag): when set, this many, whatever --max-lora-memory-gb says; "
+            "0 = as many as --max-lora-memory-gb holds", type=int)
+    setting("--max-lora-rank", "largest LoRA rank served (sizes the device slots: set it to your adapters' largest "
+            "rank: a batch reads each slot's rows at this width)", type=int)
     p.add_argument("--adapters", dest="adapters_dir", type=Path, default=None,
                    help="directory whose subfolders are peft adapters to load")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -78,7 +90,9 @@ def serve(args: argparse.Namespace) -> int:
 
     admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAMUX_ADMIN_KEY")
     cfg = ServeConfig(model_dir=args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
-                      max_num_seqs=args.max_num_seqs, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      enable_prefix_caching=args.enable_prefix_caching, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
+                      max_lora_memory_bytes=int(args.max_lora_memory_gb * (1 << 30)),
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters_dir,
                       data_dir=args.data_dir, allowed_roots=tuple(args.allowed_root), admin_key=admin_key,
                       max_queue=args.max_queue, host=args.host,

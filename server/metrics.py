@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -46,6 +46,11 @@ class Metrics:
         """Export a counter kept elsewhere (e.g. the registry's merges), read at scrape time."""
         self.registry.register(_ReadCounter(name, documentation, read))
 
+    def labeled_from(self, name: str, documentation: str, kind: str, read: Callable[[], dict[str, float]],
+                     label: str = "model") -> None:
+        """Export a gauge or counter (`kind`) per label value, read at scrape time (e.g. per adapter)."""
+        self.registry.register(_ReadLabeled(name, documentation, kind, read, label))
+
     def render(self) -> bytes:
         for size in self._drain():
             self.batch_size.observe(size)
@@ -63,3 +68,21 @@ class _ReadCounter:
 
     def collect(self) -> list[CounterMetricFamily]:
         return [CounterMetricFamily(self.name, self.documentation, value=self.read())]
+
+
+class _ReadLabeled:
+    """A Prometheus collector for one value per label value, owned by another object."""
+
+    def __init__(self, name: str, documentation: str, kind: str, read: Callable[[], dict[str, float]],
+                 label: str) -> None:
+        self.name, self.documentation, self.read, self.label = name, documentation, read, label
+        self.family = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}[kind]
+
+    def describe(self) -> list:
+        return [self.family(self.name, self.documentation, labels=[self.label])]
+
+    def collect(self) -> list:
+        metric = self.family(self.name, self.documentation, labels=[self.label])
+        for value, number in self.read().items():
+            metric.add_metric([value], number)
+        return [metric]

@@ -5,6 +5,8 @@ same steps: logits within 1e-3 and identical greedy tokens.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -56,6 +58,15 @@ def peft_reference(base_model_dir, adapter_dirs, tokenizer) -> dict:
     return ref
 
 
+def _next_batch(engine: LLMEngine):
+    """The next scheduled batch with work in it: adapters get ready on a background thread."""
+    deadline = time.monotonic() + 60
+    while not (batch := engine.scheduler.schedule()):
+        assert time.monotonic() < deadline, "the adapter never got ready"
+        time.sleep(0.01)
+    return batch
+
+
 def _params() -> SamplingParams:
     return SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
 
@@ -65,7 +76,7 @@ def test_adapter_alone_matches_peft(engine, peft_reference, tokenizer, name):
     prompt = tokenizer(PROMPTS[0])["input_ids"]
     tokens, ref_logits = peft_reference[name, 0]
     seq = engine.add_request(f"alone-{name}", prompt, SamplingParams(max_tokens=1, temperature=0), name)[0]
-    batch = engine.scheduler.schedule()
+    batch = _next_batch(engine)
     logits = engine.runner.run(batch)[0]
     engine.abort(seq.request_id)
     assert (logits - ref_logits).abs().max().item() < 1e-3
@@ -79,6 +90,8 @@ def test_mixed_batch_matches_peft(engine, peft_reference, tokenizer):
     """14 requests over 6 adapters + the base model, all in the same steps."""
     names = [None, *ADAPTERS]
     jobs = [(names[k % len(names)], k % 2) for k in range(14)]
+    for name in ADAPTERS:                                # all resident first: 4 slots, 4 LoRA adapters
+        engine.scheduler.adapters.release(engine.scheduler.adapters.acquire(name))
     seqs = [engine.add_request(f"mix-{k}", tokenizer(PROMPTS[i])["input_ids"], _params(), name)[0]
             for k, (name, i) in enumerate(jobs)]
     engine.step()
@@ -113,3 +126,49 @@ def test_requests_wait_for_a_slot_instead_of_thrashing(base_model_dir, adapter_d
         assert seq.output_token_ids == peft_reference[name, 0][0]
         assert seq.lease is None                         # released when finished
     assert all(info.active_leases == 0 for info in registry.list())
+
+
+@pytest.fixture(scope="module")
+def chunked_engine(base_model_dir, adapter_dirs, tmp_path_factory) -> tuple[LLMEngine, object]:
+    """Steps of 4 tokens for 4 sequences: every prompt is prefilled in chunks, beside other decodes."""
+    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4, max_lora_rank=16,
+                         max_num_seqs=4, max_num_batched_tokens=4)
+    return build_engine(econf, tmp_path_factory.mktemp("chunked-data"), adapter_dirs)
+
+
+def test_chunked_prefill_matches_peft(chunked_engine, peft_reference, tokenizer):
+    """Every adapter kind (prefix tuning's virtual tokens written at the first chunk, LoRA slots leased
+    across chunks) and the base model, 14 requests in all, prompts split over several steps."""
+    engine, _ = chunked_engine
+    names = [None, *ADAPTERS]
+    jobs = [(names[k % len(names)], k % 2) for k in range(14)]
+    prompts = [tokenizer(PROMPTS[i])["input_ids"] for _, i in jobs]
+    assert all(len(p) > 4 for p in prompts)               # no prompt fits one step
+    seqs = engine.generate(prompts, _params(), [name for name, _ in jobs])
+    for (name, i), seq in zip(jobs, seqs):
+        assert seq.output_token_ids == peft_reference[name, i][0], (name, i)
+    assert engine.blocks.num_used == 0
+
+
+def test_reregistered_adapter_never_gets_the_old_weights_cached_kv(chunked_engine, adapter_dirs, tokenizer):
+    """The prefix cache keys KV by adapter id and weights version: the same id with new weights
+    computes its prompt again (no hits) and answers as the new weights do."""
+    engine, registry = chunked_engine
+    prompt = tokenizer(" ".join(PROMPTS) + " " + " ".join(PROMPTS))["input_ids"]
+    assert len(prompt) > 3 * 16
+
+    def run(adapter_id: str) -> list[tuple[int, float]]:
+        """Greedy tokens with their logprobs: two LoRAs may agree on tokens, never on every logprob."""
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
+        return [(lp.token_id, lp.logprob) for lp in engine.generate([prompt], params, [adapter_id])[0].output_logprobs]
+
+    registry.register("swap", adapter_dirs["qv-r8"])
+    old = run("swap")
+    assert run("swap") == old and engine.blocks.cache.stats["swap"].hit_tokens > 0   # the cache serves repeats
+    registry.unregister("swap")
+    registry.register("swap", adapter_dirs["all-r16"])
+    hits = engine.blocks.cache.stats["swap"].hit_tokens
+    new = run("swap")
+    assert engine.blocks.cache.stats["swap"].hit_tokens == hits                       # nothing from the old weights
+    registry.register("fresh", adapter_dirs["all-r16"])
+    assert new == run("fresh") and new != old

@@ -270,12 +270,12 @@ def tiny_registry(tmp_path) -> AdapterRegistry:
 
 def test_mixture_never_evicts_an_adapter_in_use(tiny_registry):
     reg = tiny_registry
-    la, lb = reg.try_acquire("a"), reg.try_acquire("b")          # both slots held by running requests
+    la, lb = reg.acquire("a"), reg.acquire("b")          # both slots held by running requests
     mix_id = reg.mixture(MixtureRecipe.create([("a", 0.5), ("b", 0.5)]))
-    assert reg.try_acquire(mix_id) is None                       # waits instead of evicting
+    assert reg.acquire(mix_id) is None                       # waits instead of evicting
     assert [reg.get(x).tier for x in ("a", "b")] == ["device", "device"]
     reg.release(la)
-    lease = reg.try_acquire(mix_id)                              # takes the slot "a" no longer uses
+    lease = reg.acquire(mix_id)                              # takes the slot "a" no longer uses
     assert lease.slot == la.slot and reg.get("b").tier == "device" and reg.get("a").tier == "host"
     reg.release(lease)
     reg.release(lb)
@@ -308,7 +308,7 @@ def test_saved_mixture_survives_restart_and_stale_mixtures_go(tiny_registry, tmp
     assert mix_id not in reg and "saved" in reg
     restarted = _tiny_registry(reg.config.data_dir)
     assert "saved" in restarted and mix_id not in restarted
-    lease = restarted.try_acquire("saved")
+    lease = restarted.acquire("saved")
     for m in merged.manifest.modules:
         r_ = m.rank
         assert torch.equal(restarted.stacks.A[m.layer][m.module][lease.slot, :r_], merged.A[m.layer, m.module])
@@ -321,7 +321,7 @@ def test_idle_mixtures_beyond_the_bound_are_dropped(tmp_path):
     reg.register("a", write_lora_files(tmp_path / "a", seed=1))
     reg.register("b", write_lora_files(tmp_path / "b", seed=2))
     ids = [reg.mixture(MixtureRecipe.create([("a", w), ("b", 1 - w)])) for w in (0.1, 0.2)]
-    held = reg.try_acquire(ids[0])
+    held = reg.acquire(ids[0])
     ids.append(reg.mixture(MixtureRecipe.create([("a", 0.3), ("b", 0.7)])))
     assert [i in reg for i in ids] == [True, False, True]           # the leased one stays
     reg.release(held)

@@ -49,7 +49,7 @@ def test_lora_variant_matches_peft(name, registry, spec, base_model_dir, tmp_pat
     path = make_lora_adapter(base_model_dir, tmp_path / name, **LORA_VARIANTS[name])
     oracle = load_peft_model(base_model_dir, path)
     info = registry.register(name, path)
-    lease = registry.try_acquire(name)
+    lease = registry.acquire(name)
     assert lease is not None and lease.kind == "lora"
     s, st = lease.slot, registry.stacks
     gen = torch.Generator().manual_seed(0)
@@ -110,7 +110,7 @@ def test_prefix_matches_peft_get_prompt(projection, registry, spec, base_model_d
     name = f"prefix-{projection}"
     info = registry.register(name, path)
     assert (info.type, info.num_virtual_tokens, info.rank, info.targets) == ("prefix", n, 0, ())
-    lease = registry.try_acquire(name)
+    lease = registry.acquire(name)
     kv = lease.prefix_kv
     assert lease.slot == -1 and kv.dtype == torch.float32
     assert kv.shape == (spec.num_layers, 2, n, spec.num_kv_heads, spec.head_dim)  # GQA: KV heads (3), not 9

@@ -114,7 +114,7 @@ def test_register_copies_and_survives_restart(tmp_path):
     src.rmdir()  # deleting the source does not break the copy
     reg2 = make_registry(tmp_path)
     assert [i.id for i in reg2.list()] == ["a1"] and reg2.get("a1").tier == "disk"
-    lease = reg2.try_acquire("a1")
+    lease = reg2.acquire("a1")
     assert lease.slot >= 0 and reg2.get("a1").tier == "device"
     reg2.release(lease)
 
@@ -231,7 +231,7 @@ def test_scales_rslora_and_dtypes(tmp_path):
     rs = write_lora_files(tmp_path / "r", r=4, alpha=8, rslora=True, dtype=torch.bfloat16)
     reg.register("plain", plain)
     reg.register("rs", rs)
-    lp, lr = reg.try_acquire("plain"), reg.try_acquire("rs")
+    lp, lr = reg.acquire("plain"), reg.acquire("rs")
     s = reg.stacks
     key = _lora_key(0, "q_proj", "B")
     # The scale is folded into the stacked B: alpha / r = 2, and alpha / sqrt(r) = 4 with rslora.
@@ -256,21 +256,21 @@ def _slot_A(reg, lease):
 def test_lru_eviction_and_no_thrashing(tmp_path):
     reg = make_registry(tmp_path, max_loras=2)
     _three(tmp_path, reg)
-    la, lb = reg.try_acquire("a"), reg.try_acquire("b")
+    la, lb = reg.acquire("a"), reg.acquire("b")
     assert {la.slot, lb.slot} == {0, 1}
-    assert reg.try_acquire("c") is None  # every slot held: wait, do not evict a running adapter
+    assert reg.acquire("c") is None  # every slot held: wait, do not evict a running adapter
     a_weights = _slot_A(reg, la)
-    la2 = reg.try_acquire("a")  # already resident: same slot, refcount 2
+    la2 = reg.acquire("a")  # already resident: same slot, refcount 2
     assert la2.slot == la.slot and reg.get("a").active_leases == 2
     reg.release(lb)
-    lc = reg.try_acquire("c")  # b idle: evicted to host
+    lc = reg.acquire("c")  # b idle: evicted to host
     assert lc.slot == lb.slot and reg.get("b").tier == "host" and reg.get("c").tier == "device"
     assert torch.equal(_slot_A(reg, la), a_weights)
     reg.release(la)
     reg.release(la2)
     reg.release(lc)
     # a (released before c) is the LRU idle slot now: b goes there
-    lb2 = reg.try_acquire("b")
+    lb2 = reg.acquire("b")
     assert lb2.slot == la.slot and reg.get("a").tier == "host"
     reg.release(lb2)
     assert reg.get("b").requests_served == 2 and reg.get("b").last_used is not None
@@ -282,7 +282,7 @@ def test_host_tier_bounded(tmp_path):
     reg = make_registry(tmp_path, max_loras=1, max_host_adapters=1)
     _three(tmp_path, reg)
     assert [i.tier for i in reg.list()] == ["disk", "disk", "host"]
-    lease = reg.try_acquire("a")  # reloaded from the catalog on disk
+    lease = reg.acquire("a")  # reloaded from the catalog on disk
     assert reg.get("a").tier == "device" and reg.get("c").tier == "disk"
     reg.release(lease)
 
@@ -290,22 +290,22 @@ def test_host_tier_bounded(tmp_path):
 def test_unregister_waits_for_in_flight(tmp_path):
     reg = make_registry(tmp_path, max_loras=1)
     _three(tmp_path, reg)
-    lease = reg.try_acquire("a")
+    lease = reg.acquire("a")
     weights = _slot_A(reg, lease)
     reg.unregister("a")
     assert "a" not in reg and not (reg.config.data_dir / "adapters" / "a").exists()
-    for call in (lambda: reg.get("a"), lambda: reg.try_acquire("a"), lambda: reg.unregister("a")):
+    for call in (lambda: reg.get("a"), lambda: reg.acquire("a"), lambda: reg.unregister("a")):
         with pytest.raises(AdapterError) as e:
             call()
         assert e.value.status == 404
-    assert reg.try_acquire("b") is None  # the in-flight request still owns the only slot
+    assert reg.acquire("b") is None  # the in-flight request still owns the only slot
     assert torch.equal(_slot_A(reg, lease), weights)
     reg.register("a", write_lora_files(tmp_path / "a2", seed=9))  # the id is free again at once
     reg.release(lease)  # last lease of the old "a": its slot is freed
-    lb = reg.try_acquire("b")
+    lb = reg.acquire("b")
     assert lb is not None and lb.slot == 0
     reg.release(lb)
-    la = reg.try_acquire("a")
+    la = reg.acquire("a")
     assert not torch.equal(_slot_A(reg, la), weights)  # the new "a", not the old one
     reg.release(la)
     assert [i.id for i in make_registry(tmp_path).list()] == ["b", "c", "a"]
@@ -315,8 +315,8 @@ def test_prefix_lease_uses_no_slot(tmp_path):
     reg = make_registry(tmp_path, max_loras=1)
     reg.register("p", write_prefix_files(tmp_path / "p", num_virtual_tokens=3))
     reg.register("l", write_lora_files(tmp_path / "l"))
-    ll = reg.try_acquire("l")
-    lp = reg.try_acquire("p")  # the only slot is held, a prefix still goes
+    ll = reg.acquire("l")
+    lp = reg.acquire("p")  # the only slot is held, a prefix still goes
     assert lp.slot == -1 and lp.kind == "prefix" and ll.kind == "lora" and ll.prefix_kv is None
     s = TINY_SPEC
     assert lp.prefix_kv.shape == (s.num_layers, 2, 3, s.num_kv_heads, s.head_dim)
@@ -348,7 +348,7 @@ def test_weights_vanishing_after_registration(tmp_path):
     reg.register("other", write_lora_files(tmp_path / "o"))  # pushes "ref" out of the host tier
     (src / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError) as e:
-        reg.try_acquire("ref")
+        reg.acquire("ref")
     assert e.value.status == 500 and "can no longer be loaded" in e.value.message
 
 
@@ -362,10 +362,10 @@ def test_concurrent_acquire_release(tmp_path):
     def worker(k: int) -> None:
         for j in range(60):
             n = names[(k + j) % len(names)]
-            lease = reg.try_acquire(n)
+            lease = reg.acquire(n)
             if lease is None:
                 continue
-            owner = reg._slots.owner[lease.slot]
+            owner = reg.residency._slots.owner[lease.slot]
             if owner.adapter_id != n or owner.refcount < 1:
                 seen_errors.append((n, owner.adapter_id))
             reg.release(lease)

@@ -1,11 +1,14 @@
-"""Scheduler and block manager on their own: no model, no torch tensors."""
+"""The scheduler on its own: no model, no torch tensors. A step is simulated as the engine runs it
+(`step`): chunks computed, a token appended to each sequence the batch samples."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.sampling_params import SamplingParams
-from loramux.engine.scheduler import Scheduler
+from loramux.engine.scheduler import ScheduledBatch, Scheduler
 from loramux.engine.sequence import Sequence
 
 
@@ -13,17 +16,27 @@ from loramux.engine.sequence import Sequence
 class FakeLease:
     adapter_id: str
     slot: int
+    version: int = 1
     prefix_kv: object = None
 
 
 class SlotPool:
-    """A stand-in registry with `n` slots: the scheduler only needs try_acquire/release."""
+    """A stand-in registry with `n` slots whose adapters in `loading` are not ready until `finish_loading`."""
 
     def __init__(self, n: int) -> None:
         self.free = list(range(n))
         self.held: dict[str, tuple[int, int]] = {}        # adapter -> (slot, refcount)
+        self.loading: set[str] = set()
+        self.prefetched: list[str] = []
+        self.acquires = 0
+
+    def prefetch(self, adapter_id: str) -> None:
+        self.prefetched.append(adapter_id)
 
     def try_acquire(self, adapter_id: str):
+        if adapter_id in self.loading:
+            return None
+        self.acquires += 1
         if adapter_id in self.held:
             slot, n = self.held[adapter_id]
             self.held[adapter_id] = (slot, n + 1)
@@ -43,32 +56,78 @@ class SlotPool:
             self.held[lease.adapter_id] = (slot, n - 1)
 
 
-def seq(name: str, n_prompt: int = 5, adapter: str | None = None) -> Sequence:
-    return Sequence(name, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=4), adapter_id=adapter)
+def seq(name: str, n_prompt: int = 5, adapter: str | None = None, max_tokens: int = 4) -> Sequence:
+    """A request whose prompt is its own (no prefix shared with another name's)."""
+    first = 1000 * (1 + sum(map(ord, name)))
+    return Sequence(name, list(range(first, first + n_prompt)), SamplingParams(max_tokens=max_tokens),
+                    adapter_id=adapter)
+
+
+def step(sched: Scheduler) -> ScheduledBatch:
+    """Schedule, then do what the runner and the engine do to the sequences (token 7 sampled)."""
+    batch = sched.schedule()
+    assert batch.num_tokens <= sched.max_num_batched_tokens
+    sampled = batch.sampled
+    for s, end in zip(batch.prefills, batch.chunk_ends):
+        s.num_computed_tokens = end
+    for s in batch.decodes:
+        s.num_computed_tokens = s.num_tokens
+    for s in sampled:
+        s.output_token_ids.append(7)
+        if len(s.output_token_ids) >= s.params.max_tokens:
+            sched.finish(s, "length")
+    return batch
 
 
 def test_new_requests_join_running_batch_and_finished_leave():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
     a = seq("a")
     sched.add(a)
-    assert sched.schedule().prefills == [a]
-    a.num_computed_tokens = a.num_tokens
-    a.output_token_ids.append(7)
+    assert step(sched).prefills == [a]
     b = seq("b")
     sched.add(b)
-    batch = sched.schedule()
+    batch = step(sched)
     assert batch.decodes == [a] and batch.prefills == [b]
     sched.finish(a, "stop")
     assert sched.running == [b]
 
 
-def test_token_budget_keeps_fifo_order():
-    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=12)
-    first, big, small = seq("first", 5), seq("big", 10), seq("small", 2)
-    for s in (first, big, small):
+def test_long_prompt_is_chunked_behind_the_decodes():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10)
+    streams = [seq(f"s{i}", 2, max_tokens=50) for i in range(3)]
+    for s in streams:
         sched.add(s)
-    assert sched.schedule().prefills == [first]      # `big` does not fit; `small` may not jump it
-    assert list(sched.waiting) == [big, small]
+    step(sched)                                      # 3 short prompts, 6 tokens
+    long = seq("long", 20)
+    sched.add(long)
+    ends = []
+    while not long.output_token_ids:
+        batch = step(sched)
+        assert batch.decodes == streams              # every stream decodes in every step, first
+        ends.append(batch.chunk_ends[0])
+        assert bool(long.output_token_ids) == (ends[-1] == 20)   # a token only from the last chunk
+    assert ends == [7, 14, 20]                       # 10 - 3 decodes per step
+    assert long.is_decoding
+
+
+def test_prefills_in_progress_go_before_new_admissions_in_arrival_order():
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=8)
+    first, second, third = seq("first", 12), seq("second", 13), seq("third", 3)
+    for s in (first, second, third):
+        sched.add(s)
+    batch = step(sched)
+    assert batch.prefills == [first] and batch.chunk_ends == [8]
+    batch = step(sched)
+    assert batch.prefills == [first, second] and batch.chunk_ends == [12, 4]
+    batch = step(sched)                              # first decodes; second continues; third waits its turn
+    assert batch.decodes == [first] and batch.prefills == [second] and batch.chunk_ends == [11]
+    batch = step(sched)
+    assert batch.decodes == [first] and batch.prefills == [second, third] and batch.chunk_ends == [13, 3]
+
+
+def test_budget_must_hold_one_decode_per_sequence():
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Scheduler(BlockManager(64, 4), max_num_seqs=16, max_num_batched_tokens=8)
 
 
 def test_requests_wait_for_an_adapter_slot_without_blocking_others():
@@ -77,49 +136,65 @@ def test_requests_wait_for_an_adapter_slot_without_blocking_others():
     x1, y, base, x2 = seq("x1", adapter="x"), seq("y", adapter="y"), seq("base"), seq("x2", adapter="x")
     for s in (x1, y, base, x2):
         sched.add(s)
-    batch = sched.schedule()
+    assert pool.prefetched == ["x", "y", "x"]        # loading starts when a request arrives
+    batch = step(sched)
     assert batch.prefills == [x1, base, x2]          # y waits for the only slot; nothing is evicted
     assert list(sched.waiting) == [y]
     sched.finish(x1, "stop")
-    assert sched.schedule().prefills == []           # x2 still holds the slot
+    assert step(sched).prefills == []                # x2 still holds the slot
     sched.finish(x2, "stop")
-    assert sched.schedule().prefills == [y]
+    assert step(sched).prefills == [y]
     sched.finish(y, "stop")
     sched.finish(base, "stop")
     assert pool.held == {} and sched.blocks.num_free == 64
 
 
+def test_a_loading_adapter_holds_up_nothing_and_its_lease_spans_every_chunk():
+    pool = SlotPool(4)
+    pool.loading.add("cold")
+    sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=8, adapters=pool)
+    cold, warm, base = seq("cold", 12, adapter="cold"), seq("warm", 3, adapter="warm"), seq("base", 3)
+    for s in (cold, warm, base):
+        sched.add(s)
+    assert step(sched).prefills == [warm, base]
+    assert step(sched).prefills == []                # still loading: nothing to admit
+    pool.loading.clear()
+    acquires = pool.acquires
+    ends = [step(sched).chunk_ends for _ in range(2)]
+    assert ends == [[6], [12]]                       # 8 - 2 decodes, then the rest
+    assert pool.acquires == acquires + 1 and cold.lease.adapter_id == "cold"   # leased once, across chunks
+
+
+def test_a_starved_request_gets_a_slot_once_patience_runs_out():
+    """Two slots kept busy by a stream of requests for two resident adapters: the request for a third
+    adapter is skipped at first, then requests behind it that name an adapter wait until it runs."""
+    pool = SlotPool(2)
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=64, adapters=pool, patience=3)
+    sched.add(seq("a0", adapter="a", max_tokens=3))
+    sched.add(seq("b0", adapter="b", max_tokens=3))
+    step(sched)
+    starved = seq("c", adapter="c", max_tokens=2)
+    sched.add(starved)
+    for i in range(1, 40):
+        for name in ("a", "b"):                      # a new request for each busy adapter every step
+            sched.add(seq(f"{name}{i}", adapter=name, max_tokens=3))
+        sched.add(seq(f"base{i}", max_tokens=1))
+        batch = step(sched)
+        if starved in batch.prefills:
+            break
+        assert any(s.adapter_id is None for s in batch.prefills)   # base-model requests never wait
+    else:
+        pytest.fail("the request for adapter c never ran")
+    assert starved.waits > 3
+
+
 def test_preemption_frees_blocks_and_requeues_newest():
-    blocks = BlockManager(5, 4)                      # 20 token slots in all
+    blocks = BlockManager(5, 4, enable_prefix_caching=False)   # 20 token slots in all
     sched = Scheduler(blocks, max_num_seqs=8, max_num_batched_tokens=64)
     a, b = seq("a", 8), seq("b", 8)
     sched.add(a)
     sched.add(b)
-    assert sched.schedule().prefills == [a, b]       # 2 blocks each, 1 left
-    for s in (a, b):
-        s.num_computed_tokens = s.num_tokens
-        s.output_token_ids.append(1)                 # token 9 needs a third block each
-    batch = sched.schedule()                         # a takes the last block; b is preempted
+    assert step(sched).prefills == [a, b]            # 2 blocks each, 1 left
+    batch = sched.schedule()                         # token 9 needs a third block each: a takes the last, b goes
     assert batch.decodes == [a] and list(sched.waiting) == [b]
     assert b.block_table == [] and b.num_computed_tokens == 0 and blocks.num_free == 2
-
-
-def test_prefix_blocks_are_shared_and_freed_with_the_last_user():
-    blocks = BlockManager(16, 4)
-    kv = object()
-    seqs = []
-    for name in ("p1", "p2"):
-        s = seq(name, 3)
-        s.num_prefix_tokens, s.prefix_key = 9, ("pfx", id(kv))   # 2 full shared blocks + 1 row private
-        assert blocks.can_allocate(s)
-        blocks.allocate(s)
-        seqs.append(s)
-    p1, p2 = seqs
-    assert p1.block_table[:2] == p2.block_table[:2]
-    assert p1.prefix_rows_written == 0 and p2.prefix_rows_written == 8
-    assert p1.block_table[2] != p2.block_table[2]
-    assert blocks.num_used == 2 + 2 * 1              # 12 logical tokens = 3 blocks each, 2 shared
-    blocks.free(p1)
-    assert blocks.num_used == 3 and ("pfx", id(kv)) in blocks.shared
-    blocks.free(p2)
-    assert blocks.num_used == 0 and blocks.shared == {}

@@ -1,0 +1,124 @@
+"""Adapters get ready off the caller's thread: `try_acquire` (the engine's call) never reads a file
+or writes a slot; a background thread does, started by `prefetch` when a request arrives. A tiny
+ModelSpec and synthetic adapters on disk, no model."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from loramux.adapters_registry import AdapterError, AdapterRegistry, LoraStacks, RegistryConfig
+from loramux.engine.config import EngineConfig
+from loramux.engine.models.spec import ModelSpec
+from loramux.server.bootstrap import build_registry
+from tests.adapter_factory import TINY_SPEC, write_lora_files, write_prefix_files
+
+
+def make_registry(tmp_path, **kw) -> AdapterRegistry:
+    cfg = RegistryConfig(data_dir=tmp_path / "data", **{"max_loras": 2, "max_lora_rank": 8, **kw})
+    return AdapterRegistry(TINY_SPEC, cfg, dtype=torch.float32, device=torch.device("cpu"), base_model_name="tiny")
+
+
+def wait_until(reg: AdapterRegistry, ready, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with reg._lock:
+        while not ready():
+            assert time.monotonic() < deadline, "background work did not finish"
+            reg.residency.wait(0.05)
+
+
+def cold(tmp_path, reg: AdapterRegistry, name: str, seed: int = 0):
+    """Register `name`, then push it out of the host tier (a one-entry host cache: register another)."""
+    reg.register(name, write_lora_files(tmp_path / name, seed=seed))
+    reg.register(f"{name}-other", write_lora_files(tmp_path / f"{name}-other", seed=seed + 100))
+    assert reg.get(name).tier == "disk"
+
+
+def test_try_acquire_starts_the_load_and_the_slot_copy_and_returns_at_once(tmp_path):
+    reg = make_registry(tmp_path, max_host_adapters=1)
+    cold(tmp_path, reg, "a")
+    loads, writes = reg.residency.loads, reg.residency.slot_writes
+    assert reg.try_acquire("a") is None                       # not ready: nothing read on this thread
+    wait_until(reg, lambda: reg.get("a").tier == "host")
+    assert reg.residency.loads == loads + 1
+    assert reg.try_acquire("a") is None                       # in host memory: now its slot is written
+    wait_until(reg, lambda: reg.get("a").tier == "device")
+    assert reg.residency.slot_writes == writes + 1
+    lease = reg.try_acquire("a")
+    assert lease is not None and reg.stacks.slot_rank[lease.slot] == 4
+    reg.release(lease)
+
+
+def test_prefetch_loads_before_anyone_asks(tmp_path):
+    reg = make_registry(tmp_path, max_host_adapters=1)
+    cold(tmp_path, reg, "a")
+    reg.prefetch("a")
+    reg.prefetch("unknown")                                   # left to try_acquire to refuse
+    wait_until(reg, lambda: reg.get("a").tier == "host")
+    with pytest.raises(AdapterError) as e:
+        reg.try_acquire("unknown")
+    assert e.value.status == 404
+
+
+def test_a_slot_being_written_is_nobodys_victim(tmp_path):
+    reg = make_registry(tmp_path, max_loras=1)
+    reg.register("a", write_lora_files(tmp_path / "a", seed=1))
+    reg.register("b", write_lora_files(tmp_path / "b", seed=2))
+    with reg._lock:                                           # a's copy cannot finish meanwhile
+        assert reg.try_acquire("a") is None                   # a's copy into the only slot starts
+        assert reg.try_acquire("b") is None
+    wait_until(reg, lambda: not reg.residency.pending(reg._live["a"]))
+    lease = reg.try_acquire("a")                              # b did not take a's slot while it was written
+    assert lease is not None and reg.get("b").tier == "host"
+    reg.release(lease)
+
+
+def test_a_failed_background_load_fails_the_request_that_asked(tmp_path):
+    reg = make_registry(tmp_path, max_host_adapters=1)
+    cold(tmp_path, reg, "a")
+    (reg.config.data_dir / "adapters" / "a" / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert reg.try_acquire("a") is None
+    wait_until(reg, lambda: not reg.residency.pending(reg._live["a"]))
+    with pytest.raises(AdapterError) as e:
+        reg.try_acquire("a")
+    assert e.value.status == 500 and "can no longer be loaded" in e.value.message
+    assert reg.try_acquire("a") is None                       # the next request tries again
+
+
+def test_unregistered_while_its_slot_is_written(tmp_path):
+    reg = make_registry(tmp_path, max_loras=1)
+    reg.register("a", write_lora_files(tmp_path / "a"))
+    reg.register("b", write_lora_files(tmp_path / "b", seed=3))
+    with reg._lock:                                           # a's copy cannot finish meanwhile
+        assert reg.try_acquire("a") is None
+        reg.unregister("a")
+    lease = reg.acquire("b")                                  # the slot came back once a's copy ended
+    assert lease is not None and lease.slot == 0
+    reg.release(lease)
+
+
+def test_a_new_registration_is_a_new_version(tmp_path):
+    reg = make_registry(tmp_path)
+    reg.register("a", write_lora_files(tmp_path / "a"))
+    reg.register("p", write_prefix_files(tmp_path / "p"))
+    first, prefix = reg.acquire("a"), reg.acquire("p")
+    reg.release(first)
+    reg.unregister("a")
+    reg.register("a", write_lora_files(tmp_path / "a2", seed=5))
+    second = reg.acquire("a")
+    assert len({first.version, second.version, prefix.version}) == 3
+    assert reg.acquire("a").version == second.version          # the same weights: the same version
+
+
+def test_slot_count_from_the_memory_budget(base_model_dir, tmp_path):
+    spec = ModelSpec.from_dir(base_model_dir)
+    one = LoraStacks.slot_nbytes(spec, 8, torch.float32)
+    assert one == spec.num_layers * 8 * 4 * sum(sum(spec.lora_dims(m)) for m in
+                                                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"))
+    budget = EngineConfig(base_model_dir, dtype="float32", max_lora_rank=8, max_lora_memory_bytes=3 * one + one // 2)
+    reg = build_registry(budget, tmp_path / "d1")
+    assert reg.stacks.num_slots == 3 and reg.slot_bytes == 3 * one
+    count = EngineConfig(base_model_dir, dtype="float32", max_lora_rank=8, max_lora_memory_bytes=3 * one, max_loras=5)
+    assert build_registry(count, tmp_path / "d2").stacks.num_slots == 5     # --max-loras wins
