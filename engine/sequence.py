@@ -24,6 +24,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]        # (token id, logprob), most likely first
+    rank: int | None = None             # 1 + how many tokens were more likely (prompt logprobs)
 
 
 @dataclass
@@ -49,7 +50,10 @@ class Sequence:
     lease: Any = None                   # adapter registry lease, held while the sequence runs
     prefix_key: Any = None              # identifies the prefix adapter's shared KV blocks
     prefix_rows_written: int = 0        # virtual-token rows already in the cache (shared blocks)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None     # a seeded request's own; else the engine's
+    matcher: Any = None                 # structured output: this sequence's grammar state (llguidance)
+    prompt_token_set: torch.Tensor | None = None  # distinct prompt ids (repetition_penalty), made once
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. scored so far
     finish_reason: str | None = None
     error: str | None = None            # why the sequence failed (finish_reason "error")
     error_status: int = 500
