@@ -31,7 +31,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [B, V] float32 (changed in place) -> one token per row, and its logprob entry."""
         params = [s.params for s in seqs]
-        if all(p.greedy and not p.shapes_logits and p.logprobs is None for p in params):
+        if all(p.greedy and not p.shapes_logits and p.logprobs is None and s.matcher is None
+               for p, s in zip(params, seqs)):
             return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         structured = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if structured:
