@@ -43,6 +43,7 @@ class StepOutput:
     ttft: float | None = None           # seconds from arrival to first token, on the first output
     error: str | None = None            # set when the request failed before producing tokens
     error_status: int = 500
+    prompt_logprobs: list[TokenLogprob] | None = None   # prompt tokens 1.. (params.prompt_logprobs), first output
 
 
 @dataclass

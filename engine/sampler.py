@@ -28,6 +28,7 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
         self._masks: GrammarMasks | None = None
 
+    @torch.inference_mode()          # the logits are the model's inference tensors, changed in place here
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [B, V] float32 (changed in place) -> one token per row, and its logprob entry."""
         params = [s.params for s in seqs]

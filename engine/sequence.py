@@ -22,7 +22,7 @@ class SequenceStatus(Enum):
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None               # None: an echoed prompt's first token (nothing predicts it)
     top: list[tuple[int, float]]        # (token id, logprob), most likely first
     rank: int | None = None             # 1 + how many tokens were more likely (prompt logprobs)
 

@@ -20,6 +20,10 @@ import torch
 
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 CACHE_SIZE = 256                     # compiled grammars kept (least recently used dropped first)
+# Between JSON tokens: one optional line break and some indentation, enough for compact and pretty-printed
+# JSON. Any-whitespace (JSON's own rule) lets a small model spin on blank lines until max_tokens instead of
+# closing the object, as SmolLM2 does with tool_choice "required".
+JSON_WHITESPACE = r"(\r?\n)?[ \t]{0,40}"
 
 
 class GrammarError(ValueError):
@@ -47,11 +51,12 @@ class Grammar:
 def _llguidance_text(spec: GrammarSpec) -> str:
     import llguidance
 
-    if spec.kind == "json_object":
-        return llguidance.grammar_from("json_schema", '{"type": "object"}')
+    if spec.kind in ("json_object", "json_schema"):
+        schema = '{"type": "object"}' if spec.kind == "json_object" else spec.text
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
     if spec.kind == "grammar":
         return llguidance.grammar_from("grammar", spec.text)      # Lark, or GBNF (llama.cpp / vLLM's EBNF)
-    if spec.kind in ("json_schema", "regex", "choice"):
+    if spec.kind in ("regex", "choice"):
         return llguidance.grammar_from(spec.kind, spec.text)
     raise GrammarError(f"unknown grammar kind {spec.kind!r}")
 
