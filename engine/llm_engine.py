@@ -124,8 +124,9 @@ class LLMEngine:
 
     def check_params(self, params: SamplingParams) -> None:
         """Raise ValueError when a request names a token id the model does not have."""
-        if any(t >= self.spec.vocab_size for t in (*params.logit_bias, *params.stop_token_ids)):
-            raise ValueError(f"token ids (logit_bias, stop_token_ids) must be in [0, {self.spec.vocab_size})")
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= self.spec.vocab_size for t in ids):
+                raise ValueError(f"{name} takes token ids in [0, {self.spec.vocab_size})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter_id: str | None = None, n: int = 1) -> list[Sequence]:
