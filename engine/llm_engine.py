@@ -19,7 +19,7 @@ from loramux.engine.models.llama import LlamaModel
 from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import resident_bytes, resolve_mode
-from loramux.engine.sampler import Sampler
+from loramux.engine.sampler import Sampler, score_prompt
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
 from loramux.engine.sequence import Sequence, TokenLogprob
@@ -164,6 +164,8 @@ class LLMEngine:
         self._record(batch)
         logits = self.runner.run(batch)
         seqs = batch.sequences
+        for seq, prompt_logits in self.runner.prompt_logits:     # prompt_logprobs: this step's prefill span
+            score_prompt(seq, prompt_logits)
         tokens, lps = self.sampler(logits, seqs)
         return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
 
@@ -192,8 +194,9 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
         delta = self.detokenizer.pop_delta(seq)
+        prompt_lps = seq.prompt_logprobs if ttft is not None and seq.params.prompt_logprobs is not None else None
         return StepOutput(seq.request_id, seq.index, token, delta, logprob, seq.is_finished, seq.finish_reason,
-                          len(seq.prompt_token_ids), len(seq.output_token_ids), ttft)
+                          len(seq.prompt_token_ids), len(seq.output_token_ids), ttft, prompt_logprobs=prompt_lps)
 
     def _finish_reason(self, seq: Sequence, token: int, grammar_done: bool = False) -> str | None:
         p = seq.params

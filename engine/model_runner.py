@@ -20,6 +20,9 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, device: torch.device,
                  lora_stacks: LoraSlots | None = None) -> None:
         self.model = model
+        # Set by each run: (sequence, logits [n, vocab]) of the prompt positions it scored (prompt_logprobs).
+        self.prompt_logits: list[tuple[Sequence, torch.Tensor]] = []
+        self._prompt_spans: list[tuple[Sequence, int]] = []
         self.kv = kv
         self.blocks = blocks
         self.device = device
@@ -54,6 +57,8 @@ class ModelRunner:
         token_slots: list[int] = []
         spans: list[PrefillSpan] = []
         logit_rows: list[int] = []
+        prompt_rows: list[int] = []
+        self._prompt_spans = []
         for seq in batch.prefills:
             if seq.num_computed_tokens < seq.num_prefix_tokens:
                 self._write_prefix(seq)
@@ -70,6 +75,10 @@ class ModelRunner:
                 mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos                    # (q, ctx)
                 spans.append(PrefillSpan(row, len(ids), torch.tensor(self._rows(seq, 0, end), device=dev), mask))
             logit_rows.append(len(ids) - 1)
+            scored = _prompt_positions(seq, start, end)
+            if scored:
+                prompt_rows.extend(row + q - start for q in scored)
+                self._prompt_spans.append((seq, len(scored)))
         decode_start = len(ids)
         for seq in batch.decodes:
             n = seq.num_tokens
@@ -83,7 +92,9 @@ class ModelRunner:
             self._decode_metadata(batch.decodes, attn)
         lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills)
         ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora)
-        rows = None if len(logit_rows) == len(ids) else torch.tensor(logit_rows, device=dev)   # None: every row
+        logit_rows += prompt_rows                    # after every sequence's sampling row
+        every = len(logit_rows) == len(ids) and logit_rows == list(range(len(ids)))
+        rows = None if every else torch.tensor(logit_rows, device=dev)   # None: every row, in order
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows
 
     def _decode_metadata(self, seqs: list[Sequence], attn: AttentionMetadata) -> None:
@@ -104,9 +115,25 @@ class ModelRunner:
         attn.decode_ctx = ctx
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Forward the batch; returns float32 logits [num_seqs, vocab] for each sequence's last token."""
+        """Forward the batch; returns float32 logits [num_seqs, vocab] for each sequence's last token.
+        The prompt positions scored for prompt_logprobs are left in `self.prompt_logits`."""
         input_ids, ctx, logit_rows = self.prepare(batch)
         logits = self.model(input_ids, ctx, logit_rows)
         for seq in batch.sequences:
             seq.num_computed_tokens = seq.num_tokens
-        return logits
+        num_seqs = len(batch.sequences)
+        self.prompt_logits, at = [], num_seqs
+        for seq, n in self._prompt_spans:
+            self.prompt_logits.append((seq, logits[at:at + n]))
+            at += n
+        return logits[:num_seqs] if self._prompt_spans else logits
+
+
+def _prompt_positions(seq: Sequence, start: int, end: int) -> list[int]:
+    """Logical positions in [start, end) whose logits score a prompt token not scored yet (the one
+    after each): a span of a prefill, so a prompt prefilled in chunks is scored chunk by chunk."""
+    if seq.params.prompt_logprobs is None:
+        return []
+    first = seq.num_prefix_tokens + len(seq.prompt_logprobs)          # predicts prompt token len(...) + 1
+    last = seq.num_prefix_tokens + len(seq.prompt_token_ids) - 1      # predicts the first output: not a prompt row
+    return list(range(max(start, first), min(end, last)))

@@ -165,3 +165,16 @@ def token_logprobs(logp: torch.Tensor, tokens: list[int], ks: list[int], ranks: 
     top_values = top.values.tolist() if top is not None else [[]] * len(tokens)
     return [TokenLogprob(tok, lp, list(zip(ids[:k], values[:k])), r)
             for tok, lp, ids, values, k, r in zip(tokens, chosen.tolist(), top_ids, top_values, ks, rank)]
+
+
+@torch.inference_mode()
+def score_prompt(seq: Sequence, logits: torch.Tensor, rows_at_once: int = 256) -> None:
+    """Append to `seq.prompt_logprobs` the entries of the prompt tokens these logits (of consecutive
+    positions, the next ones not scored yet) predict, with their ranks and top prompt_logprobs."""
+    k = seq.params.prompt_logprobs or 0
+    for at in range(0, logits.shape[0], rows_at_once):       # bounds the log_softmax copy of a long prompt
+        first = len(seq.prompt_logprobs) + 1
+        block = logits[at:at + rows_at_once]
+        targets = seq.prompt_token_ids[first:first + block.shape[0]]
+        seq.prompt_logprobs.extend(token_logprobs(torch.log_softmax(block, dim=-1), targets, [k] * len(targets),
+                                                  ranks=True))
