@@ -91,9 +91,11 @@ class GrammarCompiler:
         tokenizer = self._tokenizer()
         try:
             text = _llguidance_text(spec)
-        except (ValueError, TypeError, RuntimeError) as exc:
-            raise GrammarError(str(exc)) from None
-        error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
+            error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - client text; a Rust panic is a BaseException (pyo3)
+            raise GrammarError(str(exc) or type(exc).__name__) from None
         if error:
             raise GrammarError(error.strip())
         template = llguidance.LLMatcher(tokenizer, text, log_level=0)
