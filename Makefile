@@ -28,5 +28,10 @@ test: setup
 lint: setup
 	$(BIN)/python -m ruff check .
 
-bench: setup
+# The `bench` extra compiles llama.cpp (minutes), so only `make bench` installs it, after setup's torch.
+bench: setup $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks.run_all
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	touch $@

@@ -8,7 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench_kernels", "bench_engine", "bench_mixed", "bench_register", "bench_quantized", "bench_surface", "load_test"]
+MODULES = ["bench_kernels", "bench_engine", "bench_mixed", "bench_register", "bench_quantized", "bench_surface",
+           "load_test", "http_bench"]
 
 
 def main() -> int:
