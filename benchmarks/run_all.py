@@ -8,8 +8,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-MODULES = ["bench_kernels", "bench_engine", "bench_mixed", "bench_register", "bench_quantized", "load_test",
-           "http_bench", "bench_chunk_size", "bench_chunked_prefill", "bench_prefix_cache", "bench_adapter_cycling"]
+MODULES = ["bench_kernels", "bench_engine", "bench_mixed", "bench_register", "bench_quantized", "bench_surface",
+           "load_test", "http_bench", "bench_chunk_size", "bench_chunked_prefill", "bench_prefix_cache",
+           "bench_adapter_cycling"]
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ class Detokenizer:
 
     def update(self, seq: Sequence, final: bool = False) -> bool:
         """Append the new tokens' text to `seq.text`; True when a stop string was hit (the text is
-        then cut before it). `final`: the sequence ends here, flush an incomplete character too."""
+        then cut before it, or after it with include_stop_str_in_output). `final`: the sequence ends here, flush an incomplete character too."""
         ids = seq.output_token_ids
         prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
         new = self._decode(ids[seq.prefix_offset:])
@@ -30,10 +30,13 @@ class Detokenizer:
         searched_from = len(seq.text)
         seq.text += new[len(prefix):]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        hits = [seq.text.find(stop, max(0, searched_from - len(stop) + 1)) for stop in seq.params.stop]
-        hits = [at for at in hits if at >= 0]
+        if len(ids) < seq.params.min_tokens:         # stop strings count from min_tokens on (vLLM)
+            return False
+        hits = [(at, stop) for stop in seq.params.stop
+                if (at := seq.text.find(stop, max(0, searched_from - len(stop) + 1))) >= 0]
         if hits:
-            seq.text = seq.text[:min(hits)]
+            at, stop = min(hits)
+            seq.text = seq.text[:at + (len(stop) if seq.params.include_stop_str_in_output else 0)]
             return True
         return False
 

@@ -19,10 +19,11 @@ from loramux.engine.models.llama import LlamaModel
 from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import resident_bytes, resolve_mode
-from loramux.engine.sampler import logprobs_of, sample
+from loramux.engine.sampler import Sampler, score_prompt
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
 from loramux.engine.sequence import Sequence, TokenLogprob
+from loramux.engine.structured import GrammarCompiler, accept
 
 log = logging.getLogger("loramux.engine")
 
@@ -42,6 +43,7 @@ class StepOutput:
     ttft: float | None = None           # seconds from arrival to first token, on the first output
     error: str | None = None            # set when the request failed before producing tokens
     error_status: int = 500
+    prompt_logprobs: list[TokenLogprob] | None = None   # prompt tokens 1.. (params.prompt_logprobs), first output
 
 
 @dataclass
@@ -74,6 +76,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_ids()
+        self.sampler = Sampler(self.spec.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size)   # used by the server's threads
         self.stats = EngineStats()
 
     def _load_model(self) -> LlamaModel:
@@ -118,18 +122,22 @@ class LLMEngine:
                 + (f", {num_prefix_tokens} virtual prefix tokens" if num_prefix_tokens else "")
                 + "). Please reduce the length of the prompt or the completion.")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise ValueError when a request names a token id the model does not have."""
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            if any(t >= self.spec.vocab_size for t in ids):
+                raise ValueError(f"{name} takes token ids in [0, {self.spec.vocab_size})")
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter_id: str | None = None, n: int = 1) -> list[Sequence]:
         seqs = []
         for i in range(n):
             seq = Sequence(request_id, list(prompt_token_ids), params, adapter_id=adapter_id, index=i,
                            arrival_time=time.monotonic())
-            if not params.greedy:
-                seq.generator = torch.Generator(device="cpu")
-                if params.seed is not None:
-                    seq.generator.manual_seed(params.seed + i)
-                else:
-                    seq.generator.seed()
+            if not params.greedy and params.seed is not None:
+                seq.generator = torch.Generator(device="cpu").manual_seed(params.seed + i)
+            if params.grammar is not None:
+                seq.matcher = params.grammar.matcher()
             self.scheduler.add(seq)
             seqs.append(seq)
         return seqs
@@ -160,10 +168,11 @@ class LLMEngine:
         except BaseException:
             self.blocks.forget_step()        # what this step registered in the prefix cache was never written
             raise
+        for seq, prompt_logits in self.runner.prompt_logits:     # prompt_logprobs: this step's prefill spans
+            score_prompt(seq, prompt_logits)
         if not seqs:                         # only chunks of prompts still being prefilled
             return failed
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        lps = logprobs_of(logits, tokens, [s.params.logprobs for s in seqs])
+        tokens, lps = self.sampler(logits, seqs)
         return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
 
     def _failure(self, seq: Sequence) -> StepOutput:
@@ -185,17 +194,20 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         if logprob is not None:
             seq.output_logprobs.append(logprob)
-        reason = self._finish_reason(seq, token)
+        grammar_done = seq.matcher is not None and not accept(seq.matcher, token)
+        reason = self._finish_reason(seq, token, grammar_done)
         if reason is not None:
             self.scheduler.finish(seq, reason)
         delta = self.detokenizer.pop_delta(seq)
+        prompt_lps = seq.prompt_logprobs if ttft is not None and seq.params.prompt_logprobs is not None else None
         return StepOutput(seq.request_id, seq.index, token, delta, logprob, seq.is_finished, seq.finish_reason,
-                          len(seq.prompt_token_ids), len(seq.output_token_ids), ttft)
+                          len(seq.prompt_token_ids), len(seq.output_token_ids), ttft, prompt_logprobs=prompt_lps)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int, grammar_done: bool = False) -> str | None:
         p = seq.params
         # The stop token itself adds no text when it is special (skip_special_tokens drops it).
-        stop_token = (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids
+        stop_token = grammar_done or (len(seq.output_token_ids) > p.min_tokens and (
+            (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids))
         length = len(seq.output_token_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len
         if self.detokenizer.update(seq, final=stop_token or length) or stop_token:
             return "stop"

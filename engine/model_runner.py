@@ -20,6 +20,9 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, device: torch.device,
                  lora_stacks: LoraSlots | None = None) -> None:
         self.model = model
+        # Set by each run: (sequence, logits [n, vocab]) of the prompt positions it scored (prompt_logprobs).
+        self.prompt_logits: list[tuple[Sequence, torch.Tensor]] = []
+        self._prompt_spans: list[tuple[Sequence, int]] = []
         self.kv = kv
         self.blocks = blocks
         self.device = device
@@ -51,6 +54,8 @@ class ModelRunner:
         token_slots: list[int] = []
         spans: list[PrefillSpan] = []
         logit_rows: list[int] = []
+        prompt_rows: list[int] = []
+        self._prompt_spans = []
         for seq, end in zip(batch.prefills, batch.chunk_ends):
             if seq.num_computed_tokens < seq.num_prefix_tokens:
                 self._write_prefix(seq)
@@ -68,6 +73,10 @@ class ModelRunner:
                 spans.append(PrefillSpan(row, len(ids), torch.tensor(self._rows(seq, 0, end), device=dev), mask))
             if end == seq.num_tokens:                   # its prompt is done: this row gives its first token
                 logit_rows.append(len(ids) - 1)
+            scored = _prompt_positions(seq, start, end)
+            if scored:
+                prompt_rows.extend(row + q - start for q in scored)
+                self._prompt_spans.append((seq, len(scored)))
         decode_start = len(ids)
         for seq in batch.decodes:
             n = seq.num_tokens
@@ -81,8 +90,10 @@ class ModelRunner:
             self._decode_metadata(batch.decodes, attn)
         lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills)
         ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora)
-        rows = None if len(logit_rows) == len(ids) else torch.tensor(logit_rows, dtype=torch.long, device=dev)
-        return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows   # rows None: every row
+        logit_rows += prompt_rows                    # after every sampled sequence's row
+        every = logit_rows == list(range(len(ids)))
+        rows = None if every else torch.tensor(logit_rows, dtype=torch.long, device=dev)   # None: every row, in order
+        return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows
 
     def _decode_metadata(self, seqs: list[Sequence], attn: AttentionMetadata) -> None:
         """The KV blocks of each decode sequence's whole context, padded to the longest, and the
@@ -101,11 +112,27 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the batch; returns float32 logits [len(batch.sampled), vocab]: the last token of
-        each sequence that gets a token from this step, in `batch.sampled` order."""
+        each sequence that gets a token from this step, in `batch.sampled` order. The prompt positions
+        scored for prompt_logprobs are left in `self.prompt_logits`."""
         input_ids, ctx, logit_rows = self.prepare(batch)
         logits = self.model(input_ids, ctx, logit_rows)
         for seq, end in zip(batch.prefills, batch.chunk_ends):
             seq.num_computed_tokens = end
         for seq in batch.decodes:
             seq.num_computed_tokens = seq.num_tokens
-        return logits
+        num_sampled = len(batch.sampled)
+        self.prompt_logits, at = [], num_sampled
+        for seq, n in self._prompt_spans:
+            self.prompt_logits.append((seq, logits[at:at + n]))
+            at += n
+        return logits[:num_sampled] if self._prompt_spans else logits
+
+
+def _prompt_positions(seq: Sequence, start: int, end: int) -> list[int]:
+    """Logical positions in [start, end) whose logits score a prompt token not scored yet (the one
+    after each): a span of a prefill, so a prompt prefilled in chunks is scored chunk by chunk."""
+    if seq.params.prompt_logprobs is None:
+        return []
+    first = seq.num_prefix_tokens + len(seq.prompt_logprobs)          # predicts prompt token len(...) + 1
+    last = seq.num_prefix_tokens + len(seq.prompt_token_ids) - 1      # predicts the first output: not a prompt row
+    return list(range(max(start, first), min(end, last)))

@@ -22,8 +22,9 @@ class SequenceStatus(Enum):
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
+    logprob: float | None               # None: an echoed prompt's first token (nothing predicts it)
     top: list[tuple[int, float]]        # (token id, logprob), most likely first
+    rank: int | None = None             # 1 + how many tokens were more likely (prompt logprobs)
 
 
 @dataclass
@@ -53,6 +54,9 @@ class Sequence:
     waits: int = 0                      # scheduling passes skipped while its adapter was not ready
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    matcher: Any = None                 # structured output: this sequence's grammar state (llguidance)
+    prompt_token_set: torch.Tensor | None = None  # distinct prompt ids (repetition_penalty), made once
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. scored so far
     finish_reason: str | None = None
     error: str | None = None            # why the sequence failed (finish_reason "error")
     error_status: int = 500

@@ -17,8 +17,9 @@ from starlette.concurrency import run_in_threadpool
 
 from loramux.engine.async_engine import EngineDeadError, QueueFullError, RequestFailedError
 from loramux.engine.llm_engine import StepOutput
+from loramux.engine.sequence import TokenLogprob
 from loramux.server.errors import APIError
-from loramux.server.jobs import Job, build_jobs
+from loramux.server.jobs import Job, Prepared, build_jobs
 from loramux.server.openai_format import SSE_DONE, Choice, Responder, sse, sse_error
 from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
 from loramux.server.state import ServerState
@@ -32,40 +33,65 @@ async def run_request(state: ServerState, req: CompletionRequest | ChatCompletio
         model, adapter_id = await run_in_threadpool(state.resolve_mixture, req)
     else:
         model, adapter_id = state.resolve_model(req.adapter_id or req.model)
-    jobs = await build_jobs(state, req, adapter_id)
+    prep = await build_jobs(state, req, adapter_id)
     try:
         state.engine.check_accepting()
     except (QueueFullError, EngineDeadError) as exc:
         raise _engine_error(exc) from None
-    prompt_tokens = sum(len(j.prompt_token_ids) for j in jobs)
-    responder = Responder(state.tokenizer, isinstance(req, ChatCompletionRequest), model, prompt_tokens)
+    prompt_tokens = sum(len(j.prompt_token_ids) for j in prep.jobs)
+    responder = Responder(state.tokenizer, isinstance(req, ChatCompletionRequest), model, prompt_tokens,
+                          prep.tool_format)
     tracker = state.track(model, endpoint, prompt_tokens)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_stream(state, responder, jobs, adapter_id, tracker, include_usage, deadline),
+        return StreamingResponse(_stream(state, responder, prep, adapter_id, tracker, include_usage, deadline),
                                  media_type="text/event-stream")
-    work = asyncio.ensure_future(_collect(state, jobs, adapter_id, tracker, deadline))
+    work = asyncio.ensure_future(_collect(state, prep, adapter_id, tracker, deadline))
     if not await _finished_before_hangup(request, work):
         tracker.done("cancelled")
         return Response(status_code=499)     # nginx's "client closed request"; nobody reads it
     return JSONResponse(responder.response(work.result()))
 
 
-async def _collect(state: ServerState, jobs: list[Job], adapter_id: str | None, tracker,
+def _echoed(job: Job, out: StepOutput, want_logprobs: bool) -> tuple[str, list[TokenLogprob | None]]:
+    """echo: the prompt's text and (with logprobs) its tokens' entries, to lead a choice's first output."""
+    if job.prompt_text is None:
+        return "", []
+    entries: list[TokenLogprob | None] = []
+    if want_logprobs:
+        entries = [TokenLogprob(job.prompt_token_ids[0], None, []), *(out.prompt_logprobs or [])]
+    return job.prompt_text, entries
+
+
+def _first_of_choice(choices: dict[int, Choice], index: int) -> bool:
+    return index not in choices
+
+
+def _prompt_entries(out: StepOutput) -> list[TokenLogprob | None] | None:
+    """vLLM's prompt_logprobs of a choice: None for the first prompt token, then each one's entry."""
+    return None if out.prompt_logprobs is None else [None, *out.prompt_logprobs]
+
+
+async def _collect(state: ServerState, prep: Prepared, adapter_id: str | None, tracker,
                    deadline: float | None) -> dict[int, Choice]:
     """Run the jobs to the end and gather each choice (the non-streaming answer)."""
     choices: dict[int, Choice] = {}
     try:
-        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
+        async with aclosing(_merged(state, prep.jobs, adapter_id, deadline)) as outputs:
             async for job, out in outputs:
                 tracker.on_token(out)
-                c = choices.setdefault(job.first_index + out.index, Choice())
-                c.text += out.text_delta
-                c.completion_tokens = out.completion_tokens
-                if out.logprob is not None:
-                    c.logprobs.append(out.logprob)
+                index = job.first_index + out.index
+                if _first_of_choice(choices, index):
+                    c = choices[index] = Choice(prompt_logprobs=_prompt_entries(out))
+                    c.text, c.logprobs = _echoed(job, out, job.params.logprobs is not None)
+                c = choices[index]
+                if prep.generate:
+                    c.text += out.text_delta
+                    c.completion_tokens = out.completion_tokens
+                    if out.logprob is not None:
+                        c.logprobs.append(out.logprob)
                 if out.finished:
-                    c.finish_reason = out.finish_reason
+                    c.finish_reason = out.finish_reason if prep.generate else "length"
     except (QueueFullError, EngineDeadError, RequestFailedError) as exc:
         tracker.done("error")
         raise _engine_error(exc) from None
@@ -76,25 +102,37 @@ async def _collect(state: ServerState, jobs: list[Job], adapter_id: str | None, 
     return choices
 
 
-async def _stream(state: ServerState, r: Responder, jobs: list[Job], adapter_id: str | None, tracker,
+async def _stream(state: ServerState, r: Responder, prep: Prepared, adapter_id: str | None, tracker,
                   include_usage: bool, deadline: float | None = None) -> AsyncIterator[bytes]:
     choices: dict[int, Choice] = {}
     status = "cancelled"
+    whole_calls = r.tool_format is not None and r.tool_format.function is None   # "required": sent complete
     try:
         if r.chat:   # OpenAI's first chat chunk carries the role for every choice
-            for job in jobs:
+            for job in prep.jobs:
                 for i in range(job.n):
                     yield r.role_event(job.first_index + i)
         # aclosing: a client that hangs up closes this generator, and with it the engine requests.
-        async with aclosing(_merged(state, jobs, adapter_id, deadline)) as outputs:
+        async with aclosing(_merged(state, prep.jobs, adapter_id, deadline)) as outputs:
             async for job, out in outputs:
                 tracker.on_token(out)
                 index = job.first_index + out.index
+                text, entries, prompt_lps = "", [], None
+                if _first_of_choice(choices, index):
+                    text, entries = _echoed(job, out, job.params.logprobs is not None)
+                    prompt_lps = _prompt_entries(out)
                 c = choices.setdefault(index, Choice())
-                c.completion_tokens = out.completion_tokens
-                if out.text_delta or out.finished or out.logprob is not None:
-                    yield r.delta_event(index, out.text_delta, out.finish_reason if out.finished else None,
-                                        [out.logprob] if out.logprob is not None else [])
+                finish = (out.finish_reason if prep.generate else "length") if out.finished else None
+                if prep.generate:
+                    c.completion_tokens = out.completion_tokens
+                    text += out.text_delta
+                    entries += [out.logprob] if out.logprob is not None else []
+                if whole_calls:
+                    c.text += text
+                    if out.finished:
+                        yield r.tool_calls_event(index, c.text, finish)
+                elif text or out.finished or entries or prompt_lps is not None:
+                    yield r.delta_event(index, text, finish, entries, prompt_lps)
         if include_usage:
             yield r.usage_event(choices)
         yield sse(SSE_DONE)

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import anyio
 
 from loramux.engine.sampling_params import SamplingParams
+from loramux.engine.structured import Grammar, GrammarError
 from loramux.server.errors import APIError
 from loramux.server.protocol import MAX_CHOICES, ChatCompletionRequest, CompletionRequest
 from loramux.server.state import ServerState
+from loramux.server.tool_calls import ToolCallFormat
 
 # Prompts up to this many characters (ids) are prepared on the event loop: well under a millisecond,
 # less than handing them to a thread, and never queued behind another request's long preparation.
@@ -26,17 +28,30 @@ class Job:
     params: SamplingParams
     n: int
     first_index: int                 # choice index of this job's first choice in the response
+    prompt_text: str | None = None   # echo: the prompt as it leads the choices' text
+
+
+@dataclass
+class Prepared:
+    """A request as the engine runs it (jobs) and as the answer must be shaped."""
+    jobs: list[Job]
+    tool_format: ToolCallFormat | None = None    # forced tool calls: the answer becomes `tool_calls`
+    echo: bool = False                           # completions: the prompt leads each choice's text
+    generate: bool = True                        # False: max_tokens 0 with echo, the prompt alone
 
 
 def _sampling(state: ServerState, req, prompt_ids: list[int], max_tokens: int | None, logprobs: int | None,
-              num_prefix: int) -> SamplingParams:
+              num_prefix: int, grammar: Grammar | None) -> SamplingParams:
     limit = state.engine.engine.max_model_len - len(prompt_ids) - num_prefix
     try:
-        params = req.sampling_params(max_tokens if max_tokens is not None else max(limit, 1), logprobs)
+        params = req.sampling_params(max_tokens if max_tokens is not None else max(limit, 1), logprobs, grammar)
+        state.engine.engine.check_params(params)
         state.engine.engine.check_prompt(prompt_ids, params.max_tokens, num_prefix)
     except ValueError as exc:
         code = "context_length_exceeded" if "context length" in str(exc) else "invalid_value"
-        raise APIError(400, str(exc), param=_prompt_param(req), code=code) from None
+        field = str(exc).split(" ", 1)[0]
+        raise APIError(400, str(exc), param=field if field in type(req).model_fields else _prompt_param(req),
+                       code=code) from None
     return params
 
 
@@ -71,8 +86,8 @@ def _encode(state: ServerState, text: str, param: str, **kwargs) -> list[int]:
 def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest, max_tokens: int | None = None,
                     num_prefix: int = 0) -> list[int]:
     try:
-        text = state.tokenizer.apply_chat_template(req.template_messages(), tokenize=False,
-                                                   add_generation_prompt=True)
+        text = state.tokenizer.apply_chat_template(req.template_messages(), tools=req.template_tools(),
+                                                   tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # noqa: BLE001 - jinja templates raise on conversations they do not accept
         raise APIError(400, f"the messages do not fit the model's chat template: {exc}", param="messages",
                        code="invalid_value") from None
@@ -81,20 +96,42 @@ def chat_prompt_ids(state: ServerState, req: ChatCompletionRequest, max_tokens: 
 
 
 def _prepare(state: ServerState, req, prompts: list[str | list[int]], max_tokens: int | None, logprobs: int | None,
-             num_prefix: int) -> list[tuple[list[int], SamplingParams]]:
-    """Templating and tokenizing, one prompt after another so the first that does not fit stops the rest."""
+             num_prefix: int, grammar: Grammar | None) -> list[tuple[list[int], SamplingParams, str | None]]:
+    """Templating and tokenizing, one prompt after another so the first that does not fit stops the rest
+    (and, for echo, each prompt's text)."""
     if isinstance(req, ChatCompletionRequest):
         ids = chat_prompt_ids(state, req, max_tokens, num_prefix)
-        return [(ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix))]
+        return [(ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix, grammar), None)]
     out = []
     for prompt in prompts:
         ids = _encode(state, prompt, "prompt") if isinstance(prompt, str) else list(prompt)
-        out.append((ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix)))
+        text = (prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)) if req.echo else None
+        out.append((ids, _sampling(state, req, ids, max_tokens, logprobs, num_prefix, grammar), text))
     return out
 
 
+async def _grammar(state: ServerState, req) -> tuple[Grammar | None, ToolCallFormat | None]:
+    """The request's structured output compiled (once per spec: cached; in a prep thread, never on the
+    event loop or the engine thread), and its forced tool call; a 400 naming what is invalid."""
+    tool_format = req.forced_tool_call() if isinstance(req, ChatCompletionRequest) else None
+    asked = req.grammar_request()
+    if tool_format is not None and asked is not None:
+        raise APIError(400, f"a forced tool call and {asked[1]} cannot be combined", param=asked[1],
+                       code="invalid_value")
+    spec, param = (tool_format.grammar, "tools") if tool_format is not None else asked or (None, None)
+    if spec is None:
+        return None, None
+    compiler = state.engine.engine.grammars
+    try:
+        grammar = compiler.cached(spec) or await anyio.to_thread.run_sync(compiler.compile, spec,
+                                                                          limiter=state.prep_limiter)
+    except GrammarError as exc:
+        raise APIError(400, f"{param}: {exc}", param=param, code="invalid_value") from None
+    return grammar, tool_format
+
+
 async def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletionRequest, adapter_id: str | None
-                     ) -> list[Job]:
+                     ) -> Prepared:
     """One Job per prompt. What could take long (a chat template, tokenizing, a long list of ids) runs
     in the prep threads, after the checks that cost nothing: a hostile prompt never holds the event loop."""
     num_prefix = state.num_prefix_tokens(adapter_id)
@@ -106,7 +143,8 @@ async def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletion
         size = sum(len(m.content or "") for m in req.messages)
     else:
         prompts = req.prompts()
-        max_tokens, logprobs = req.max_tokens, req.logprobs
+        # max_tokens 0 (echo): one token is generated and dropped, as vLLM does.
+        max_tokens, logprobs = (1 if req.max_tokens == 0 else req.max_tokens), req.logprobs
         size = sum(len(p) for p in prompts)
     num_prompts = len(prompts) or 1
     if num_prompts * req.n > MAX_CHOICES:
@@ -114,9 +152,13 @@ async def build_jobs(state: ServerState, req: CompletionRequest | ChatCompletion
                        param="n", code="invalid_value")
     for prompt in prompts:
         _check_fits(state, req, prompt, max_tokens, num_prefix)
+    grammar, tool_format = await _grammar(state, req)
     if size <= PREPARE_INLINE_CHARS:
-        prepared = _prepare(state, req, prompts, max_tokens, logprobs, num_prefix)
+        prepared = _prepare(state, req, prompts, max_tokens, logprobs, num_prefix, grammar)
     else:
         prepared = await anyio.to_thread.run_sync(_prepare, state, req, prompts, max_tokens, logprobs, num_prefix,
-                                                  limiter=state.prep_limiter)
-    return [Job(f"{base}-{i}", ids, params, req.n, i * req.n) for i, (ids, params) in enumerate(prepared)]
+                                                  grammar, limiter=state.prep_limiter)
+    echo = isinstance(req, CompletionRequest) and req.echo
+    return Prepared([Job(f"{base}-{i}", ids, params, req.n, i * req.n, text)
+                     for i, (ids, params, text) in enumerate(prepared)],
+                    tool_format, echo, not (echo and req.max_tokens == 0))

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 from loramux.adapters_registry.mixtures import MAX_SOURCES
-from loramux.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from loramux.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from loramux.engine.structured import Grammar
+from loramux.server.structured_request import StructuredFields
+from loramux.server.tool_calls import ToolFields
 
 MAX_N = 16
 MAX_CHOICES = 128                     # prompts x n in one request: bounds what one request adds to the queue
 MAX_MESSAGES = 2048                   # OpenAI's own bound on `messages`
+MAX_STOP_TOKEN_IDS = 64
 _STRICT = ConfigDict(strict=True)
 
 
@@ -61,7 +65,23 @@ def _check_stop(value: Any) -> list[str]:
     return stops
 
 
-class _Common(MixtureFields):                   # `adapters` set: a per-request mixture on the base model
+def _check_logit_bias(value: Any) -> dict[int, float]:
+    """OpenAI's `logit_bias`: {"token id": bias} (JSON keys are strings), bias in [-100, 100]."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias takes an object of at most {MAX_LOGIT_BIAS} token ids")
+    out = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()) or len(key) > 9:
+            raise ValueError(f"logit_bias keys are token ids, not {key[:20]!r}")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ValueError("logit_bias values are numbers between -100 and 100")
+        out[int(key)] = float(bias)
+    return out
+
+
+class _Common(MixtureFields, StructuredFields):  # `adapters` set: a per-request mixture on the base model
     # Unknown OpenAI fields are tolerated, as OpenAI does, and ignored (never turned into objects).
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -76,21 +96,29 @@ class _Common(MixtureFields):                   # `adapters` set: a per-request 
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)   # torch generators take 64-bit seeds
     stop: Annotated[Any, PlainValidator(_check_stop, json_schema_input_type=str | list[str] | None)] = None
     ignore_eos: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    logit_bias: Annotated[Any, PlainValidator(_check_logit_bias, json_schema_input_type=dict[str, float] | None)] = None
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("presence and frequency penalties are not supported; send 0")
-        return v
-
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, grammar: Grammar | None = None) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, seed=self.seed, stop=list(self.stop or []),
-                              ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              top_k=self.top_k, min_p=self.min_p, seed=self.seed, stop=list(self.stop or []),
+                              stop_token_ids=list(self.stop_token_ids or []),
+                              include_stop_str_in_output=self.include_stop_str_in_output,
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                              presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias or {},
+                              logprobs=logprobs, prompt_logprobs=self.prompt_logprob_k(), grammar=grammar)
+
+    def prompt_logprob_k(self) -> int | None:
+        return self.prompt_logprobs
 
 
 def _token_ids(value: list) -> bool:
@@ -120,11 +148,23 @@ Prompt = Annotated[Any, PlainValidator(_check_prompt, json_schema_input_type=(
 
 class CompletionRequest(_Common):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)        # 0: only with echo (score the prompt, generate nothing)
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: Literal[False] = False
+    echo: bool = False
     suffix: None = None
     best_of: int | None = Field(None, ge=1, le=1)
+
+    def prompt_logprob_k(self) -> int | None:
+        """echo with logprobs scores the prompt too (its tokens' logprobs lead the choice's)."""
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
+
+    @model_validator(mode="after")
+    def _zero_tokens_with_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is allowed only with echo: true")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -157,19 +197,27 @@ class ChatMessage(BaseModel):
     content: Annotated[Any, PlainValidator(_check_content, json_schema_input_type=(
         str | list[ContentPart] | None))] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, max_length=128)   # an assistant's earlier calls
+    tool_call_id: str | None = None                                        # a tool message's answer to one
 
     def text(self) -> str:
         return self.content or ""
 
+    def template_message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls is not None:
+            msg["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        return msg
 
-class ChatCompletionRequest(_Common):
+
+class ChatCompletionRequest(_Common, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: None = None
 
-    def template_messages(self) -> list[dict[str, str]]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]

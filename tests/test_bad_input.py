@@ -94,8 +94,6 @@ def _focused(schema: dict, adapter: str) -> dict:
             if field in props:
                 props[field] = {"type": "integer", "minimum": 1, "maximum": 4}
                 body["required"] = sorted({*body.get("required", []), field})
-        for field in ("presence_penalty", "frequency_penalty"):
-            props[field] = {"type": "number", "enum": [0.0]}
     return schema
 
 
@@ -189,9 +187,13 @@ COMPLETION_CASES = {
     "top_p zero": _c(top_p=0),
     "top_k negative": _c(top_k=-1),
     "seed over int64": _c(seed=2**64),
-    "penalty": _c(presence_penalty=0.5),
+    "penalty": _c(presence_penalty=2.5),
     "best_of 2": _c(best_of=2),
-    "echo": _c(echo=True),
+    "max_tokens 0 without echo": _c(max_tokens=0),
+    "logit_bias key not an id": _c(logit_bias={"x": 1}),
+    "guided_regex invalid": _c(guided_regex="(unclosed"),
+    "response_format unknown type": _c(response_format={"type": "xml"}),
+    "two structured outputs": _c(guided_regex="a", guided_choice=["a"]),
     "stop five": _c(stop=["a", "b", "c", "d", "e"]),
     "stop empty string": _c(stop=[""]),
     # context window and empty prompts

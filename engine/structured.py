@@ -1,0 +1,180 @@
+"""Structured output with llguidance: grammars compiled once per spec, one matcher per sequence, and
+the token masks of a whole batch filled in one call and applied in one tensor op per step.
+
+llguidance over xgrammar (measured in benchmarks/results/bench_surface.md's notes): it has no
+dependencies (xgrammar pulls triton), compiles a JSON schema in about a millisecond (xgrammar ~50 ms
+for the same medium schema), words invalid schemas and regexes in plain sentences, and never lets a
+special token (`<|im_start|>`) into a JSON string. A compiled grammar is kept as a validated
+template matcher; each sequence gets its own `deep_copy()` (about a microsecond).
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+CACHE_SIZE = 256                     # compiled grammars kept (least recently used dropped first)
+# Between JSON tokens: one optional line break and some indentation, enough for compact and pretty-printed
+# JSON. Any-whitespace (JSON's own rule) lets a small model spin on blank lines until max_tokens instead of
+# closing the object, as SmolLM2 does with tool_choice "required".
+JSON_WHITESPACE = r"(\r?\n)?[ \t]{0,40}"
+
+
+class GrammarError(ValueError):
+    """A schema, regex, choice list or grammar llguidance refuses; the message says why."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What to constrain to: `kind` one of GRAMMAR_KINDS, `text` the schema (JSON text), regex,
+    choice list (JSON text) or grammar (Lark or GBNF)."""
+    kind: str
+    text: str
+
+
+class Grammar:
+    """A compiled grammar; `matcher()` is a fresh matcher at its start."""
+
+    def __init__(self, spec: GrammarSpec, template: Any) -> None:
+        self.spec, self._template = spec, template
+
+    def matcher(self) -> Any:
+        return self._template.deep_copy()
+
+
+def _llguidance_text(spec: GrammarSpec) -> str:
+    import llguidance
+
+    if spec.kind in ("json_object", "json_schema"):
+        schema = '{"type": "object"}' if spec.kind == "json_object" else spec.text
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
+    if spec.kind == "grammar":
+        return llguidance.grammar_from("grammar", spec.text)      # Lark, or GBNF (llama.cpp / vLLM's EBNF)
+    if spec.kind in ("regex", "choice"):
+        return llguidance.grammar_from(spec.kind, spec.text)
+    raise GrammarError(f"unknown grammar kind {spec.kind!r}")
+
+
+class GrammarCompiler:
+    """Compiles GrammarSpecs against the model's tokenizer, caching the results.
+
+    Thread-safe: the server compiles in its request-preparation threads (never on the event loop
+    or the engine thread). The llguidance tokenizer (~0.6 s to build) is made on first use.
+    """
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, cache_size: int = CACHE_SIZE) -> None:
+        self.hf_tokenizer, self.vocab_size, self.cache_size = hf_tokenizer, vocab_size, cache_size
+        self._lock = threading.Lock()
+        self._ll_tokenizer: Any = None
+        self._cache: OrderedDict[GrammarSpec, Grammar] = OrderedDict()
+
+    def cached(self, spec: GrammarSpec) -> Grammar | None:
+        with self._lock:
+            grammar = self._cache.get(spec)
+            if grammar is not None:
+                self._cache.move_to_end(spec)
+            return grammar
+
+    def compile(self, spec: GrammarSpec) -> Grammar:
+        """The compiled grammar (from the cache when it was compiled before); GrammarError if invalid."""
+        grammar = self.cached(spec)
+        if grammar is not None:
+            return grammar
+        import llguidance
+
+        tokenizer = self._tokenizer()
+        try:
+            text = _llguidance_text(spec)
+            error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - client text; a Rust panic is a BaseException (pyo3)
+            raise GrammarError(str(exc) or type(exc).__name__) from None
+        if error:
+            raise GrammarError(error.strip())
+        template = llguidance.LLMatcher(tokenizer, text, log_level=0)
+        if template.is_error():
+            raise GrammarError(template.get_error().strip())
+        grammar = Grammar(spec, template)
+        with self._lock:
+            self._cache[spec] = grammar
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def _tokenizer(self) -> Any:
+        with self._lock:
+            if self._ll_tokenizer is None:
+                import llguidance.hf
+
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size)
+            return self._ll_tokenizer
+
+
+class GrammarMasks:
+    """The engine side: fills the bitmasks of a batch's matchers (one parallel call) and applies them.
+
+    Applied with numpy's unpackbits and one masked_fill_ (eager, CPU): llguidance's own torch apply
+    goes through torch.compile (about 40 s on its first call on CPU).
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        import llguidance
+
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self._executor = llguidance.LLExecutor()
+
+    def apply(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> None:
+        """Set to -inf, in place, every logit of `logits[rows]` its row's matcher does not allow now."""
+        import llguidance.torch
+
+        bitmask = torch.empty(len(rows), self.words, dtype=torch.int32)
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, list(zip(matchers, range(len(rows)))), bitmask)
+        # The complement's bits, one byte per token: 1 where the token is not allowed.
+        banned = np.unpackbits((~bitmask).numpy().view(np.uint8), axis=-1, bitorder="little")
+        banned = torch.from_numpy(banned).view(torch.bool)[:, :logits.shape[1]]
+        if len(rows) == logits.shape[0]:
+            logits.masked_fill_(banned, float("-inf"))
+        else:
+            index = torch.tensor(rows)
+            logits[index] = logits[index].masked_fill_(banned, float("-inf"))
+
+
+def accept(matcher: Any, token: int) -> bool:
+    """Advance `matcher` past the sampled `token`; False when the grammar is complete (or broken)."""
+    matcher.consume_token(token)
+    return not (matcher.is_stopped() or matcher.is_error())
+
+
+def schema_text(schema: Any, strict: bool = False) -> str:
+    """A JSON schema (dict, or JSON text) as the text llguidance compiles. `strict` (OpenAI's
+    json_schema.strict, a strict function): objects with `properties` get `additionalProperties:
+    false` unless they say otherwise (vLLM's walk), so no key outside the schema is generated."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise GrammarError("a JSON schema must be an object")
+    if strict:
+        schema = _no_additional_properties(schema)
+    return json.dumps(schema, sort_keys=True)
+
+
+def _no_additional_properties(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_no_additional_properties(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _no_additional_properties(v) for k, v in node.items()}
+    if "additionalProperties" not in out and ("properties" in out or "patternProperties" in out):
+        out["additionalProperties"] = False
+    return out
