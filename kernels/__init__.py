@@ -25,6 +25,10 @@ Conventions (the engine integrator's checklist):
     projection. A raw (T,) slot tensor is accepted too, but is then re-grouped on every call.
   * When ``not mapping.any_lora`` both ops are free (shrink returns zeros, expand returns at once),
     but the engine may skip them outright.
+
+DoRA adapters scale the whole projection output, base and LoRA together, by a per-output factor
+of their own (``m / ||W + scale * B A||`` per row of W, fixed once the adapter is loaded):
+``lora_scale_rows`` after the expands, tokens of other adapters and of the base model by 1.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import torch
 from loramux.kernels import torch_ops
 from loramux.kernels.mapping import LoraMapping
 
-__all__ = ["LoraMapping", "add_lora_group", "lora_expand", "lora_shrink", "pick_strategy"]
+__all__ = ["LoraMapping", "add_lora_group", "lora_expand", "lora_scale_rows", "lora_shrink", "pick_strategy"]
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -84,6 +88,24 @@ def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
     _ops(x).add_lora_group(y, x, A_group, expands, mapping, strategy)
 
 
+def lora_scale_rows(y: torch.Tensor, factors: torch.Tensor, mapping: LoraMapping | torch.Tensor,
+                    y_offset: int = 0) -> None:
+    """Per-token scaling of a column slice of ``y`` by its adapter's row of factors, in place.
+
+    y (T, >= y_offset + d), factors (S, d) float32 (1 where an adapter scales nothing)::
+
+        for i in range(T):
+            s = slot[i]
+            if s >= 0:
+                y[i, y_offset:y_offset + d] *= factors[s]
+
+    The product is computed in float32 and rounded once to ``y``'s dtype; rows with slot -1 are
+    left untouched. DoRA: called on a fused projection's output after its expands, so the factor
+    scales the base output and the LoRA delta alike (peft's ``m / ||W + s B A|| * (x W^T + s x A^T B^T)``).
+    """
+    _dora_ops(y).lora_scale_rows(y, factors, mapping, y_offset)
+
+
 def pick_strategy(mapping: LoraMapping, stack: torch.Tensor) -> str:
     """How the ops run a step with this mapping on stacks laid out as ``stack`` (decided once per step)."""
     return _ops(stack).pick_strategy(mapping, stack)
@@ -94,4 +116,12 @@ def _ops(a: torch.Tensor):
         from loramux.kernels import triton_ops  # triton is imported only where it can run
 
         return triton_ops
+    return torch_ops
+
+
+def _dora_ops(a: torch.Tensor):
+    if a.is_cuda:
+        from loramux.kernels import triton_dora
+
+        return triton_dora
     return torch_ops

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from loramux.kernels.checks import check_operands, check_output
+from loramux.kernels.checks import check_operands, check_output, check_scale_rows
 from loramux.kernels.mapping import LoraMapping, as_mapping
 
 
@@ -61,6 +61,29 @@ def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
     G = A_group.shape[1] // expands[0][0].shape[2] if expands else 1
     for B, i, offset in expands:
         _expand(t[:, i::G], B, m, y, offset, strategy)
+
+
+def lora_scale_rows(y: torch.Tensor, factors: torch.Tensor, mapping: LoraMapping | torch.Tensor,
+                    y_offset: int = 0) -> None:
+    """:func:`loramux.kernels.lora_scale_rows` on the CPU path."""
+    m = as_mapping(mapping)
+    check_scale_rows(y, factors, m, y_offset)
+    scale_rows(y, factors, m, y_offset)
+
+
+def scale_rows(y: torch.Tensor, factors: torch.Tensor, m: LoraMapping, y_offset: int) -> None:
+    """The row scaling without argument checks (the step's plan checked its operands once): one
+    broadcast multiply for a single adapter, else one gathered multiply (T, d) of the LoRA rows."""
+    if not m.any_lora:
+        return
+    y_view = y[:, y_offset:y_offset + factors.shape[1]]  # (T, d) view: writes land in y
+    if m.single_slot is not None:
+        y_view.mul_(factors[m.single_slot])
+    elif m.all_lora:
+        y_view.mul_(factors.index_select(0, m.token_slots))
+    else:  # base-model rows stay untouched: scale only the LoRA rows (order / sorted_slots)
+        scaled = y_view.index_select(0, m.order) * factors.index_select(0, m.sorted_slots)   # float32
+        y_view.index_copy_(0, m.order, scaled.to(y.dtype))
 
 
 def pick_strategy(m: LoraMapping, stack: torch.Tensor) -> str:
