@@ -72,20 +72,24 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 
 def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
-                   expands: list[tuple[torch.Tensor, int, int]], mapping: LoraMapping, strategy: str) -> None:
+                   expands: list[tuple[torch.Tensor, int, int]], mapping: LoraMapping, strategy: str,
+                   factors: torch.Tensor | None = None) -> None:
     """One LoRA for a group of G projections that read the same ``x`` and write column slices of
     one fused output ``y`` (q/k/v, gate/up): one shrink, then one expand per listed module::
 
         t = lora_shrink(x, A_group, mapping, None)                    # (T, r * G)
         for B, i, y_offset in expands:                                # module i of the group
             lora_expand(t[:, i::G], B, mapping, y, y_offset)
+        if factors is not None:                                       # DoRA: (S, y.shape[1]) float32
+            lora_scale_rows(y, factors, mapping, 0)
 
     ``A_group`` (S, r * G, d_in) holds the modules' A side by side, rank-major (column j * G + i
-    of ``t`` is rank j of module i); each B (S, d_out_i, r). ``strategy`` comes from
+    of ``t`` is rank j of module i); each B (S, d_out_i, r). ``factors`` (a step with DoRA adapters)
+    scales each token's whole fused row, base output and LoRA alike, by its slot's row. ``strategy`` comes from
     :func:`pick_strategy`, called once per step: the engine's per-step plan validates the
     operands once and calls this for every layer with no further checks.
     """
-    _ops(x).add_lora_group(y, x, A_group, expands, mapping, strategy)
+    _ops(x).add_lora_group(y, x, A_group, expands, mapping, strategy, factors)
 
 
 def lora_scale_rows(y: torch.Tensor, factors: torch.Tensor, mapping: LoraMapping | torch.Tensor,

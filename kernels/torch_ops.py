@@ -54,13 +54,16 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 
 def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
-                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str) -> None:
+                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str,
+                   factors: torch.Tensor | None = None) -> None:
     """:func:`loramux.kernels.add_lora_group` on the CPU path, with the strategy the step's plan
     picked (:func:`pick_strategy`): no argument checks and no re-grouping per call."""
     t = _shrink(x, A_group, m, None, strategy)                      # (T, r * G)
     G = A_group.shape[1] // expands[0][0].shape[2] if expands else 1
     for B, i, offset in expands:
         _expand(t[:, i::G], B, m, y, offset, strategy)
+    if factors is not None:
+        scale_rows(y, factors, m, 0)
 
 
 def lora_scale_rows(y: torch.Tensor, factors: torch.Tensor, mapping: LoraMapping | torch.Tensor,

@@ -60,11 +60,13 @@ def make_lora_adapter(base_model_dir: Path, out_dir: Path, *, r: int = 8, alpha:
                       targets: Sequence[str] | str = ("q_proj", "v_proj"), rslora: bool = False,
                       rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
                       layers_to_transform: list[int] | None = None, seed: int = 0, b_std: float = 0.02,
-                      **lora_kwargs) -> Path:
+                      magnitude_std: float = 0.0, **lora_kwargs) -> Path:
     """Save a peft LoRA adapter of the embedded model with seeded random A and non-zero B.
 
     A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (peft's Kaiming-style scale), B ~ N(0, b_std): enough to
-    change greedy tokens, small enough to stay a plausible fine-tune. Extra kwargs go to LoraConfig.
+    change greedy tokens, small enough to stay a plausible fine-tune. Extra kwargs go to LoraConfig
+    (`use_dora=True`: peft sets each magnitude vector to the base weight's row norms, and
+    `magnitude_std` then scales its entries by 1 + N(0, magnitude_std), as training moves them).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -82,7 +84,23 @@ def make_lora_adapter(base_model_dir: Path, out_dir: Path, *, r: int = 8, alpha:
                 p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
             elif ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            elif ".lora_magnitude_vector." in name and magnitude_std:
+                p.mul_(1 + torch.randn(p.shape, generator=gen) * magnitude_std)
     return _save(model, out_dir)
+
+
+def strip_dora(dora_dir: Path, out_dir: Path) -> Path:
+    """The plain LoRA adapter with a DoRA adapter's A and B (use_dora off, magnitudes dropped)."""
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(dora_dir) / "adapter_config.json").read_text())
+    (out_dir / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    tensors = load_file(str(Path(dora_dir) / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "lora_magnitude_vector" not in k},
+              str(out_dir / "adapter_model.safetensors"))
+    return out_dir
 
 
 def make_prefix_adapter(base_model_dir: Path, out_dir: Path, *, num_virtual_tokens: int = 8,
