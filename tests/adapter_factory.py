@@ -137,15 +137,37 @@ def _lora_key(layer: int, module: str, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}.lora_{which}.weight"
 
 
+def _magnitude_key(layer: int, module: str) -> str:
+    return f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}.lora_magnitude_vector"
+
+
+def tiny_base(spec: ModelSpec = TINY_SPEC, seed: int = 0):
+    """A LlamaModel of `spec` with random dense projections: the base weights a registry's DoRA
+    factors are computed from, for unit tests without the real model."""
+    from loramux.engine.linear import DenseLinear
+    from loramux.engine.models.llama import PROJECTIONS, LlamaModel
+    from loramux.engine.models.spec import SHRINK_GROUPS
+
+    gen = torch.Generator().manual_seed(seed)
+    model = LlamaModel(spec, max_positions=16)
+    for layer in model.layers:
+        for attr, group in zip(PROJECTIONS, SHRINK_GROUPS):
+            d_in = spec.lora_dims(group[0])[0]
+            d_out = sum(spec.lora_dims(m)[1] for m in group)
+            setattr(layer, attr, DenseLinear(torch.randn(d_out, d_in, generator=gen) * d_in ** -0.5))
+    return model
+
+
 def write_lora_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, r: int = 4, alpha: float = 8,
                      targets: Iterable[str] = ("q_proj", "v_proj"), rslora: bool = False, seed: int = 0,
                      dtype: torch.dtype = torch.float32, config: dict | None = None,
                      tensors: dict[str, torch.Tensor] | None = None, drop: Iterable[str] = (),
-                     init: str = "unit") -> Path:
+                     init: str = "unit", dora: bool = False) -> Path:
     """A peft-format LoRA folder for `spec`, every layer adapted. `config` entries override
     adapter_config.json, `tensors` add/replace tensors, `drop` removes tensors by key. `init`:
     "unit" draws N(0, 1) weights; "served" scales them (A by 1/sqrt(d_in), B by 0.3) so that a
-    real model's answers change without turning to noise."""
+    real model's answers change without turning to noise. `dora`: a DoRA adapter, magnitudes
+    U(0.5, 1.5) (a real one's are row norms of the base weight it was trained on)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = list(targets)
@@ -157,11 +179,13 @@ def write_lora_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, r: int = 4, 
             a_std, b_std = (d_in ** -0.5, 0.3) if init == "served" else (1.0, 1.0)
             weights[_lora_key(layer, m, "A")] = (torch.randn(r, d_in, generator=gen) * a_std).to(dtype)
             weights[_lora_key(layer, m, "B")] = (torch.randn(d_out, r, generator=gen) * b_std).to(dtype)
+            if dora:
+                weights[_magnitude_key(layer, m)] = (0.5 + torch.rand(d_out, generator=gen)).to(dtype)
     weights.update(tensors or {})
     for key in drop:
         weights.pop(key)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": targets,
-           "bias": "none", "use_rslora": rslora, "use_dora": False, "modules_to_save": None,
+           "bias": "none", "use_rslora": rslora, "use_dora": dora, "modules_to_save": None,
            "rank_pattern": {}, "alpha_pattern": {}, "lora_dropout": 0.0, "fan_in_fan_out": False,
            "inference_mode": True, **(config or {})}
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg))
