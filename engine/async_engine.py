@@ -168,12 +168,15 @@ class AsyncEngine:
                     continue
                 failures = 0
                 done: set[str] = set()
+                by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
                 for out in outputs:
                     req = self._streams.get(out.request_id)
                     if req is not None:
-                        req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+                        by_loop.setdefault(req.loop, []).append((req.queue, out))
                         if out.finished:
                             done.add(out.request_id)
+                for loop, items in by_loop.items():     # one wake-up of the event loop per step
+                    loop.call_soon_threadsafe(_deliver, items)
                 for request_id in done:
                     if not self.engine.scheduler.find(request_id):   # all n choices finished
                         self._streams.pop(request_id, None)
@@ -182,3 +185,9 @@ class AsyncEngine:
             self.error = exc
             for req in self._streams.values():
                 req.loop.call_soon_threadsafe(req.queue.put_nowait, EngineDeadError(f"engine failed: {exc!r}"))
+
+
+def _deliver(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:
+    """(event loop) Hand one step's outputs to their requests' queues."""
+    for queue, out in items:
+        queue.put_nowait(out)

@@ -31,9 +31,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor           # [T] cache row where each new token's K/V is written
     prefills: list[PrefillSpan]
     decode_start: int                    # decode tokens are rows decode_start.. of the flat batch
-    decode_rows: torch.Tensor | None     # [B * ctx] cache rows of each decode sequence, padded to ctx
-    decode_mask: torch.Tensor | None     # [n_kv * B, 1, ctx] additive: 0 = attend, -inf = padding
-    decode_ctx: int = 0
+    decode_blocks: torch.Tensor | None   # [B * nb] KV blocks of each decode sequence, padded to nb blocks
+    decode_mask: torch.Tensor | None     # [n_kv * B, 1, nb * block_size] additive: 0 = attend, -inf = not its token
+    block_size: int = 0
 
 
 class KVCache:
@@ -79,7 +79,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCac
             vs = v_cache.index_select(1, span.context_slots).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
         out[span.start:span.end] = o[0].transpose(0, 1).reshape(span.end - span.start, nh * hd)
-    if meta.decode_rows is not None:
+    if meta.decode_blocks is not None:
         out[meta.decode_start:] = _decode(q[meta.decode_start:], k_cache, v_cache, meta, scale)
     return out
 
@@ -91,10 +91,11 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     Grouped-query heads become one batched matmul: the G query heads of a kv head are G rows
     against that head's keys, over n_kv * B (kv head, sequence) pairs."""
     B, nh, hd = q.shape
-    nkv, ctx = k_cache.shape[0], meta.decode_ctx
-    G = nh // nkv
-    keys = k_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
-    values = v_cache.index_select(1, meta.decode_rows).view(nkv * B, ctx, hd)
+    nkv, bs = k_cache.shape[0], meta.block_size
+    G, ctx = nh // nkv, meta.decode_mask.shape[-1]                               # ctx: whole blocks
+    # One gather of whole blocks per layer, straight into the batched-matmul layout.
+    keys = k_cache.view(nkv, -1, bs, hd).index_select(1, meta.decode_blocks).view(nkv * B, ctx, hd)
+    values = v_cache.view(nkv, -1, bs, hd).index_select(1, meta.decode_blocks).view(nkv * B, ctx, hd)
     qg = q.view(B, nkv, G, hd).transpose(0, 1).reshape(nkv * B, G, hd)           # (nkv*B, G, hd)
     mask = meta.decode_mask
     if q.dtype != torch.float32 and B <= SMALL_BF16_BATCH:

@@ -46,6 +46,8 @@ class Int4Linear(nn.Module):
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], out_features: int,
                  dense: torch.Tensor | None = None, dense_above: int = INT4_DENSE_ABOVE) -> None:
         super().__init__()
+        if len(parts) not in (1, 2):
+            raise ValueError("an int4 projection has one part (int4) or two (int8 in groups)")
         for i, (packed, scales_zeros) in enumerate(parts):
             self.register_buffer(f"packed{i}", packed)              # uint8 (d_out, d_in / 2), ATen's layout
             self.register_buffer(f"scales_zeros{i}", scales_zeros)  # bf16 (d_in / 32, d_out, 2)
@@ -79,15 +81,16 @@ class Int4Linear(nn.Module):
         return w.T.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.dense is not None and x.shape[0] > self.dense_above:
-            return F.linear(x.to(torch.bfloat16), self.dense).to(x.dtype)
-        xb = x.to(torch.bfloat16).contiguous()
-        y = None
-        for i in range(self.num_parts):
-            part = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                xb, getattr(self, f"packed{i}"), INT4_GROUP, getattr(self, f"scales_zeros{i}"))
-            y = part if y is None else y.add_(part)
-        return y.to(x.dtype)
+            y = F.linear(xb, self.dense)
+        else:
+            if not xb.is_contiguous():
+                xb = xb.contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed0, INT4_GROUP, self.scales_zeros0)
+            if self.num_parts == 2:
+                y.add_(torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed1, INT4_GROUP, self.scales_zeros1))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class Int8Linear(nn.Module):

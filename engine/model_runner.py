@@ -87,21 +87,19 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows
 
     def _decode_metadata(self, seqs: list[Sequence], attn: AttentionMetadata) -> None:
-        """Cache rows of each decode sequence's whole context, padded to the longest, and the
-        additive mask of the padding, in the layout paged_attention's decode path reads."""
+        """The KV blocks of each decode sequence's whole context, padded to the longest, and the
+        additive mask of every row that is not one of its tokens, in the layout paged_attention's
+        decode path reads."""
         bs = self.blocks.block_size
         lens = [s.num_tokens for s in seqs]
-        ctx = max(lens)
-        width = -(-ctx // bs)
-        tables = torch.tensor([s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs],
-                              dtype=torch.long)                                           # (B, blocks)
-        rows = (tables.unsqueeze(-1) * bs + torch.arange(bs)).view(len(seqs), -1)[:, :ctx]  # (B, ctx)
-        pad = torch.arange(ctx).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)            # (B, ctx)
+        width = -(-max(lens) // bs)
+        blocks = [b for s in seqs for b in s.block_table[:width] + [0] * (width - len(s.block_table[:width]))]
+        pad = torch.arange(width * bs).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)      # (B, width * bs)
         mask = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, float("-inf"))
-        mask = mask.unsqueeze(0).expand(self.num_kv_heads, -1, -1).reshape(-1, 1, ctx)     # (nkv * B, 1, ctx)
-        attn.decode_rows = rows.reshape(-1).to(self.device)
+        mask = mask.unsqueeze(0).expand(self.num_kv_heads, -1, -1).reshape(-1, 1, width * bs)  # (nkv * B, 1, ctx)
+        attn.decode_blocks = torch.tensor(blocks, device=self.device)
         attn.decode_mask = mask.to(self.device)
-        attn.decode_ctx = ctx
+        attn.block_size = bs
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Forward the batch; returns float32 logits [num_seqs, vocab] for each sequence's last token."""

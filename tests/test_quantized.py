@@ -1,11 +1,14 @@
-"""Quantized resident base (`EngineConfig.quantize` = int8 | nf4) against transformers + peft.
+"""bitsandbytes resident base (`EngineConfig.quantize` = bnb-int8 | bnb-nf4) against transformers + peft.
 
 The oracle loads the same checkpoint with `BitsAndBytesConfig` (load_in_8bit, or load_in_4bit with
 nf4 and compute dtype float32; everything else at transformers' defaults, lm_head and embeddings
 not quantized) and wraps it with peft for the LoRA and prefix adapters. Both sides then hold
 bit-identical quantized weights and run the same bitsandbytes CPU kernels (on AVX512-BF16 CPUs the
 nf4 kernel multiplies in bf16 whatever the compute dtype, on both sides), so what is left to
-differ is our attention/RoPE/norm arithmetic versus HF's, as in the float32 oracle test.
+differ is our attention/RoPE/norm arithmetic versus HF's, as in the float32 oracle test. Our q|k|v
+and gate|up projections are fused, one bitsandbytes module each: its quantized weight holds exactly
+the per-projection blocks transformers holds, since LLM.int8() quantizes row by row and nf4 blocks of
+64 never straddle rows (every d_in here is a multiple of 64).
 
 Tolerance: first-step logits within 1e-3 (max abs; logits here are O(20)). Measured on this
 machine: <= 1e-5 for base, LoRA and prefix, int8 and nf4 alike (the unquantized float32 engine
@@ -27,11 +30,11 @@ import torch
 
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
-from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import INT8_THRESHOLD
 from loramux.engine.sampling_params import SamplingParams
 from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import load_peft_model, make_adapters
+from tests.resident_storage import expected_weight_bytes
 
 NEW_TOKENS = 12
 LOGIT_TOL = 1e-3
@@ -52,12 +55,12 @@ VARIANTS = [None, "lora", "prefix"]            # None = the bare quantized base 
 def _bnb_config(mode: str):
     from transformers import BitsAndBytesConfig
 
-    if mode == "int8":
+    if mode == "bnb-int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
 
-@pytest.fixture(scope="module", params=["int8", "nf4"])
+@pytest.fixture(scope="module", params=["bnb-int8", "bnb-nf4"])
 def mode(request) -> str:
     return request.param
 
@@ -128,14 +131,17 @@ def _params() -> SamplingParams:
 def test_projections_are_quantized(engine, mode):
     import bitsandbytes as bnb
 
-    kind = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
-    layer = engine.model.layers[0]
-    for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.down_proj):
-        assert isinstance(proj, kind)
+    from loramux.engine.linear import DenseLinear
+
+    assert engine.quantize == mode
+    kind = bnb.nn.Linear8bitLt if mode == "bnb-int8" else bnb.nn.Linear4bit
+    for layer in engine.model.layers:
+        for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+            assert isinstance(proj, kind)
     # Like transformers' defaults: embeddings and the (tied) lm_head stay in the engine dtype.
-    assert type(engine.model.lm_head) is torch.nn.Linear
+    assert type(engine.model.lm_head) is DenseLinear
     assert engine.model.lm_head.weight.dtype == torch.float32
-    assert engine.model.lm_head.weight is engine.model.embed_tokens.weight
+    assert engine.model.lm_head.weight is engine.model.embed_tokens
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=["base", "lora", "prefix"])
@@ -215,7 +221,7 @@ def test_mixed_batch(engine, reference, tokenizer, mode):
     seqs = engine.generate([prompts[i] for _, i in jobs], _params(), [v for v, _ in jobs])
     assert engine.stats.batch_sizes[first_step] == len(jobs)      # all of them in the same steps
     assert all(len(s.output_token_ids) == NEW_TOKENS for s in seqs)
-    if mode == "nf4":
+    if mode == "bnb-nf4":
         for job, seq in zip(jobs, seqs):
             _check_parting_is_a_near_tie(engine, job, prompts[job[1]], seq.output_token_ids, reference[job][0])
 
@@ -237,36 +243,35 @@ def _check_parting_is_a_near_tie(engine: LLMEngine, job, prompt: list[int], got:
     assert top.values[0] - top.values[1] < NEAR_TIE, (job, j, top.values)
 
 
-def _expected_weight_bytes(spec: ModelSpec, mode: str) -> tuple[int, int]:
-    """float32 embeddings, lm_head (once if tied) and norms + the projections as `mode` stores them.
-    -> (bytes, number of projections)."""
-    d, ff, q, kv = spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim, \
-        spec.num_kv_heads * spec.head_dim
-    shapes = [(q, d), (kv, d), (kv, d), (d, q), (ff, d), (ff, d), (d, ff)]             # (out, in)
-    dense = 4 * (spec.vocab_size * d * (1 if spec.tie_word_embeddings else 2) + d * (2 * spec.num_layers + 1))
-    per_weight = {"none": lambda n, k: 4 * n * k,
-                  "int8": lambda n, k: n * k + 4 * n,                               # int8 + fp32 row scales
-                  "nf4": lambda n, k: n * k // 2 + 2 * n * k // 64}[mode]           # 2 per byte + bf16 absmax/64
-    return dense + spec.num_layers * sum(per_weight(n, k) for n, k in shapes), spec.num_layers * len(shapes)
-
-
 def test_weight_bytes_count_quantized_storage(engine, mode):
     """The served model: packed weights + their scales + full-precision embeddings and norms."""
-    expected, n_linears = _expected_weight_bytes(engine.spec, mode)
+    expected, n_linears = expected_weight_bytes(engine.spec, mode)
     # The only extra: a 16- or 256-entry codebook per linear.
     assert expected <= engine.weight_bytes <= expected + 1024 * n_linears
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "nf4"])
-def test_resident_bytes_on_a_tiny_untied_model(quantize):
-    from loramux.engine.models.llama import LlamaModel
-    from loramux.engine.quantize import quantize_model, resident_bytes
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from tests.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-untied"))
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4", "int8", "bnb-nf4", "bnb-int8"])
+def test_resident_bytes_on_a_tiny_untied_model(tiny_checkpoint, quantize):
+    """An ordinary (no GGUF) untied checkpoint loaded in each form: storage as expected, exactly for
+    our own modules, up to a codebook per linear for bitsandbytes'."""
+    from loramux.engine.models.loader import load_model
+    from loramux.engine.quantize import resident_bytes
     from tests.adapter_factory import TINY_SPEC
 
-    model = LlamaModel(TINY_SPEC, max_positions=64).eval()
-    assert quantize_model(model, quantize, torch.float32) == (0 if quantize == "none" else 7 * TINY_SPEC.num_layers)
-    expected, n_linears = _expected_weight_bytes(TINY_SPEC, quantize)
-    assert expected <= resident_bytes(model) <= expected + 1024 * n_linears * (quantize != "none")
+    model = load_model(TINY_SPEC, tiny_checkpoint, dtype=torch.float32, quantize=quantize, max_positions=64,
+                       device=torch.device("cpu"))
+    expected, n_linears = expected_weight_bytes(TINY_SPEC, quantize)
+    if quantize.startswith("bnb-"):
+        assert expected <= resident_bytes(model) <= expected + 1024 * n_linears
+    else:
+        assert resident_bytes(model) == expected
 
 
 def test_metrics_report_quantized_bytes(engine):
@@ -284,16 +289,21 @@ def test_metrics_report_quantized_bytes(engine):
 def test_config_and_cli_accept_only_known_modes(base_model_dir):
     import argparse
 
+    from loramux.engine.quantize import MODES
     from loramux.server.cli import add_serve_parser
 
     with pytest.raises(ValueError, match="quantize"):
-        EngineConfig(base_model_dir, quantize="int4")
+        EngineConfig(base_model_dir, quantize="int3")
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers(dest="command"))
-    assert parser.parse_args(["serve", "--quantize", "nf4"]).quantize == "nf4"
-    assert parser.parse_args(["serve"]).quantize == "none"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["serve", "--quantize", "fp8"])
+    for mode in ("auto", "none", "int4", "int8", "bnb-nf4", "bnb-int8"):
+        assert mode in MODES
+        assert parser.parse_args(["serve", "--quantize", mode]).quantize == mode
+        assert EngineConfig(base_model_dir, quantize=mode).quantize == mode
+    assert parser.parse_args(["serve"]).quantize == EngineConfig(base_model_dir).quantize == "auto"
+    for bad in ("fp8", "int3", "nf4"):           # nf4 is bnb-nf4 now: no silent alias
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--quantize", bad])
 
 
 def test_no_per_call_bnb_warnings(engine, tokenizer, caplog):

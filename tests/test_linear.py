@@ -1,0 +1,131 @@
+"""engine.linear's quantized projections against float64 on random inputs, at batch sizes on both
+sides of Int4Linear's dense-copy threshold, within bounds derived from the roundings each performs;
+and exactly where bf16 can hold the weights (which pins the layouts)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loramux.engine.linear import (
+    INT4_DENSE_ABOVE,
+    INT4_GROUP,
+    Int4Linear,
+    Int8Linear,
+    int8_groups_as_int4_parts,
+)
+
+U = 2.0 ** -8        # bf16 unit roundoff: 8 significant bits, round to nearest
+U32 = 2.0 ** -24     # float32's
+BATCHES = (1, 5, 17, 64)   # rows; above INT4_DENSE_ABOVE (16) Int4Linear takes its bf16 dense copy
+N_OUT, K_IN = 96, 576      # 96 = a full and a partial block of the AVX512 kernel's 64 columns; 576 = hidden size
+
+
+def _bound(x: torch.Tensor, magnitude: torch.Tensor, bf16_roundings: int) -> torch.Tensor:
+    """Elementwise bound on |y - x @ W.T| (float64) for a kernel that rounds `bf16_roundings` times
+    to bf16, each time relative to a quantity bounded by |x| @ magnitude.T, and otherwise
+    dequantizes and accumulates in float32 over K:
+
+        |y - ref| <= (r * 2^-8 + (K + 2) * 2^-24) * 1.01 * (|x| @ M.T)
+
+    M is the elementwise magnitude of the dequantization's terms (|q - 8| * |scale| + |zero| for
+    int4: scale and zero are rounded separately, so a cancelling sum is not a bound), r counts the
+    bf16 roundings (activations, scales/zeros, weights, outputs), K + 2 the float32 ones (FMA
+    accumulation over K, the dequantizing FMA, the final cast), and 1.01 the second-order terms
+    (r^2 * 2^-16 / 2 relative, < 1% for r <= 4). ATen's int4/int8 CPU kernels dequantize and
+    accumulate in float32 on every x86 path (AVX512, AVX2, scalar), and so does the bf16 GEMM of a
+    dense copy, so this holds on any x86-64 CPU."""
+    K = x.shape[-1]
+    return (bf16_roundings * U + (K + 2) * U32) * 1.01 * (x.double().abs() @ magnitude.T)
+
+
+def _random_int4(gen: torch.Generator, n: int = N_OUT, k: int = K_IN):
+    """Codes, scales and zeros like a GGUF Q4_1 file's (scales not bf16-representable, zeros of
+    both signs and of the scale's size times a few)."""
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scale = torch.rand(n, k // INT4_GROUP, generator=gen) * 0.02 + 0.001
+    zero = torch.randn(n, k // INT4_GROUP, generator=gen) * 0.05
+    return codes, scale, zero
+
+
+def _per_group(t: torch.Tensor) -> torch.Tensor:
+    """(N, K / 32) -> (N, K), each group's value repeated over its 32 input features."""
+    return t.repeat_interleave(INT4_GROUP, dim=1)
+
+
+@pytest.mark.parametrize("rows", BATCHES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_int4_linear_matches_float64(rows, dtype):
+    """r = 3: activations, scale/zero (int4 kernel) or the dequantized weight (dense copy), output."""
+    gen = torch.Generator().manual_seed(rows)
+    codes, scale, zero = _random_int4(gen)
+    lin = Int4Linear.from_codes(codes, scale, zero)
+    assert lin.dense is not None and lin.dense_above == INT4_DENSE_ABOVE
+    q = codes.double() - 8
+    weight = q * _per_group(scale.double()) + _per_group(zero.double())
+    magnitude = q.abs() * _per_group(scale.double()) + _per_group(zero.double().abs())
+    x = torch.randn(rows, K_IN, generator=gen).to(dtype)
+    y = lin(x)
+    assert y.dtype == dtype and y.shape == (rows, N_OUT)
+    err = (y.double() - x.double() @ weight.T).abs()
+    bound = _bound(x, magnitude, bf16_roundings=3)
+    assert (err <= bound).all(), (err / bound).max().item()
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["parts", "with-dense-copy"])
+@pytest.mark.parametrize("rows", BATCHES)
+def test_int8_groups_as_int4_parts_matches_float64(rows, dense):
+    """The lm_head's form: GGUF Q8_0 (q int8, d per group of 32) as two int4 parts.
+
+    Parts path, r = 4: activations, d (one relative rounding shared by 16d, d and 8d, powers of two
+    apart), each part's output, their bf16 sum; M = the parts' magnitudes |hi - 8| * 16|d| and
+    |lo - 8| * |d| + 8|d|. With the loader's dense copy (bf16 of the weight) above 16 rows, r = 3."""
+    gen = torch.Generator().manual_seed(100 + rows)
+    q = torch.randint(-128, 128, (N_OUT, K_IN), generator=gen, dtype=torch.int16).to(torch.int8)
+    d = torch.rand(N_OUT, K_IN // INT4_GROUP, generator=gen) * 0.004 + 0.0005
+    lin = int8_groups_as_int4_parts(q, d)
+    weight = q.double() * _per_group(d.double())
+    if dense:
+        lin.dense = weight.to(torch.bfloat16)
+    u = q.to(torch.int16) + 128
+    hi, lo, dd = (u >> 4).double(), (u & 15).double(), _per_group(d.double())
+    magnitude = (hi - 8).abs() * 16 * dd + (lo - 8).abs() * dd + 8 * dd
+    x = torch.randn(rows, K_IN, generator=gen).to(torch.bfloat16)
+    err = (lin(x).double() - x.double() @ weight.T).abs()
+    bound = _bound(x, magnitude, bf16_roundings=4)
+    assert (err <= bound).all(), (err / bound).max().item()
+
+
+def test_int4_forms_are_exact_where_bf16_holds_the_weights():
+    """With power-of-two scales every weight is a bf16 number and one-hot rows pick single weights:
+    no rounding is left, so the output must be the weight itself, bit for bit. This pins the
+    layouts (nibble order, groups, scale and zero per group, the -8 offset, the hi/lo split)."""
+    gen = torch.Generator().manual_seed(7)
+    eye = torch.eye(K_IN, dtype=torch.bfloat16)
+    scale = 2.0 ** -torch.randint(3, 10, (N_OUT, K_IN // INT4_GROUP), generator=gen).float()
+    codes = torch.randint(0, 16, (N_OUT, K_IN), generator=gen, dtype=torch.uint8)
+    zero = torch.randint(-8, 9, scale.shape, generator=gen).float() * scale              # w = (q - 8 + k) * 2^-e
+    int4 = Int4Linear.from_codes(codes, scale, zero, keep_dense=False)
+    weight = (codes.float() - 8) * _per_group(scale) + _per_group(zero)
+    assert torch.equal(int4(eye).float(), weight.T)
+    q = torch.randint(-128, 128, (N_OUT, K_IN), generator=gen, dtype=torch.int16).to(torch.int8)
+    head = int8_groups_as_int4_parts(q, scale)                                           # |q| <= 128: 8 bits
+    assert torch.equal(head(eye).float(), (q.float() * _per_group(scale)).T)
+
+
+@pytest.mark.parametrize("rows", BATCHES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_int8_linear_matches_float64(rows, dtype):
+    """Per-channel int8 (`--quantize int8`), against its own q * scale in float64. bf16: r = 2, the
+    scale (cast to the activations' dtype) and the output; float32: r = 0."""
+    gen = torch.Generator().manual_seed(200 + rows)
+    w = torch.randn(N_OUT, K_IN, generator=gen) * 0.05
+    lin = Int8Linear(w)
+    assert lin.q.dtype == torch.int8
+    assert ((lin.q.float() * lin.scale[:, None] - w).abs() <= lin.scale[:, None] * (0.5 + 1e-3)).all()
+    weight = lin.q.double() * lin.scale.double()[:, None]
+    x = torch.randn(rows, K_IN, generator=gen).to(dtype)
+    y = lin(x)
+    assert y.dtype == dtype
+    err = (y.double() - x.double() @ weight.T).abs()
+    bound = _bound(x, weight.abs(), bf16_roundings=2 if dtype == torch.bfloat16 else 0)
+    assert (err <= bound).all(), (err / bound).max().item()
