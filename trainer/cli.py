@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import fields
 
-from loramux.trainer.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig, describe_defaults
+from loramux.trainer.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig, defaults_table
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -42,18 +42,17 @@ def _configure(p: argparse.ArgumentParser) -> None:
                       help="comma-separated module names, or all-linear (default)")
 
     prefix = p.add_argument_group("prefix tuning")
-    prefix.add_argument("--num-virtual-tokens", type=int, default=None,
-                        help=f"default {describe_defaults('num_virtual_tokens').removeprefix('prefix ')}")
+    prefix.add_argument("--num-virtual-tokens", type=int, default=None, help="default: per method (below)")
     prefix.add_argument("--prefix-projection", action="store_true", help="train the prefix through an MLP")
     prefix.add_argument("--prefix-hidden-size", type=int, default=None, help="MLP width (default: model width)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=None, help=f"default per method: {describe_defaults('lr')}")
+    opt.add_argument("--lr", type=float, default=None, help="default: per method (below)")
     opt.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     opt.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"], help="default %(default)s")
     opt.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"], help="default %(default)s")
     opt.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-ratio")
-    opt.add_argument("--epochs", type=float, default=None, help=f"default per method: {describe_defaults('epochs')}")
+    opt.add_argument("--epochs", type=float, default=None, help="default: per method (below)")
     opt.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
     opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="default %(default)s")
     opt.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="default %(default)s")
@@ -79,6 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "train",
         help="train a LoRA / QLoRA / DoRA / prefix adapter on JSONL data",
         description="Train a LoRA, QLoRA, DoRA or prefix-tuning adapter and optionally register it with a server.",
+        epilog=defaults_table(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure(p)
     return p
@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer ...`: the same options as `loramux train ...`."""
-    parser = argparse.ArgumentParser(prog="python -m trainer")
+    parser = argparse.ArgumentParser(prog="python -m trainer", epilog=defaults_table(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(parser)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,6 +1,7 @@
 """What a training run is asked to do: one validated dataclass shared by the CLI and the Python API."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 class MethodDefaults:
     """What a method trains with unless told otherwise."""
     lr: float
-    epochs: float
+    epochs: float           # passes over the data, ...
+    min_steps: int          # ... or more on small data: at least this many optimizer steps
     num_virtual_tokens: int | None = None  # prefix tuning only
 
 
@@ -22,18 +24,21 @@ class MethodDefaults:
 # the virtual tokens' keys and values, which need a much larger step and more passes to move the
 # answers (lr 1e-2 over 3 epochs left it at 0/10 on the 40-example task).
 METHOD_DEFAULTS = {
-    "lora": MethodDefaults(lr=1e-3, epochs=3.0),
-    "qlora": MethodDefaults(lr=1e-3, epochs=3.0),
-    "dora": MethodDefaults(lr=1e-3, epochs=3.0),
-    "prefix": MethodDefaults(lr=3e-2, epochs=10.0, num_virtual_tokens=32),
+    "lora": MethodDefaults(lr=1e-3, epochs=3.0, min_steps=60),
+    "qlora": MethodDefaults(lr=1e-3, epochs=3.0, min_steps=60),
+    "dora": MethodDefaults(lr=1e-3, epochs=3.0, min_steps=60),
+    "prefix": MethodDefaults(lr=3e-2, epochs=10.0, min_steps=100, num_virtual_tokens=32),
 }
 METHODS = tuple(METHOD_DEFAULTS)
 
 
-def describe_defaults(name: str) -> str:
-    """'lora 0.001, qlora 0.001, ...': a per-method default for --help."""
-    return ", ".join(f"{m} {getattr(d, name):g}" for m, d in METHOD_DEFAULTS.items()
-                     if getattr(d, name) is not None)
+def defaults_table() -> str:
+    """METHOD_DEFAULTS as the table `loramux train --help` ends with."""
+    rows = [f"  {'method':<8}{'lr':<8}{'epochs':<8}{'min steps':<11}virtual tokens"]
+    for m, d in METHOD_DEFAULTS.items():
+        rows.append(f"  {m:<8}{d.lr:<8g}{d.epochs:<8g}{d.min_steps:<11}{d.num_virtual_tokens or '-'}")
+    return "per-method defaults (used when --lr / --epochs / --num-virtual-tokens are not given; with the\n" \
+           "default epochs a run takes at least `min steps` optimizer steps):\n" + "\n".join(rows)
 
 
 @dataclass
@@ -59,7 +64,7 @@ class TrainConfig:
     schedule: str = "linear"
     warmup_ratio: float = 0.05
     warmup_steps: int | None = None  # overrides warmup_ratio
-    epochs: float | None = None  # None -> METHOD_DEFAULTS[method]
+    epochs: float | None = None  # None -> METHOD_DEFAULTS[method]: its epochs, or its min_steps if more
     max_steps: int | None = None  # overrides epochs
     batch_size: int = 8
     grad_accum: int = 1
@@ -91,7 +96,7 @@ class TrainConfig:
         defaults = METHOD_DEFAULTS.get(self.method)
         if defaults is None:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("lr", "epochs", "num_virtual_tokens"):
+        for name in ("lr", "num_virtual_tokens"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(defaults, name))
         self._check()
@@ -114,7 +119,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps must be >= 0")
-        need(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        need(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
@@ -126,6 +131,15 @@ class TrainConfig:
              "prefix tuning does not work with gradient checkpointing (peft refuses it)")
         need(self.data != self.out, "out must not be the data file")
         need(self.out.name not in ("", "/"), f"out must name a folder, got {self.out}")
+
+    def total_steps(self, num_examples: int) -> int:
+        """Optimizer steps of the run: max_steps, else `epochs` passes over `num_examples`; with the
+        method's default epochs, at least its min_steps (a few dozen examples take a few steps an epoch)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        defaults = METHOD_DEFAULTS[self.method]
+        steps = math.ceil((self.epochs or defaults.epochs) * num_examples / (self.batch_size * self.grad_accum))
+        return max(1, steps if self.epochs is not None else max(steps, defaults.min_steps))
 
     def to_dict(self) -> dict:
         """JSON-ready copy for metrics.json."""
