@@ -88,17 +88,25 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
             scale: float) -> torch.Tensor:
     """One new token per sequence against its whole context: q [B, nh, hd] -> [B, nh * hd].
 
-    Grouped-query heads become one batched matmul: the G query heads of a kv head are G rows
-    against that head's keys, over n_kv * B (kv head, sequence) pairs."""
+    In 16-bit, grouped-query heads become one batched matmul: the G query heads of a kv head are G
+    rows against that head's keys, over n_kv * B (kv head, sequence) pairs (SDPA's CPU kernels are
+    several times slower at these shapes in bf16). Float32 takes SDPA, transformers' arithmetic."""
     B, nh, hd = q.shape
     nkv, bs = k_cache.shape[0], meta.block_size
     G, ctx = nh // nkv, meta.decode_mask.shape[-1]                               # ctx: whole blocks
     # One gather of whole blocks per layer, straight into the batched-matmul layout.
     keys = k_cache.view(nkv, -1, bs, hd).index_select(1, meta.decode_blocks).view(nkv * B, ctx, hd)
     values = v_cache.view(nkv, -1, bs, hd).index_select(1, meta.decode_blocks).view(nkv * B, ctx, hd)
+    if q.dtype == torch.float32:
+        # float32 is the exact mode: SDPA, as transformers computes it (padding adds exact zeros), so a
+        # quantized base that rounds its inputs sees the very values transformers' run does.
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys.view(nkv, B, ctx, hd).transpose(0, 1), values.view(nkv, B, ctx, hd).transpose(0, 1),
+            attn_mask=meta.decode_mask.view(nkv, B, 1, 1, ctx)[0], scale=scale, enable_gqa=True)  # (B, nh, 1, hd)
+        return o.view(B, nh * hd)
     qg = q.view(B, nkv, G, hd).transpose(0, 1).reshape(nkv * B, G, hd)           # (nkv*B, G, hd)
     mask = meta.decode_mask
-    if q.dtype != torch.float32 and B <= SMALL_BF16_BATCH:
+    if B <= SMALL_BF16_BATCH:
         # bf16 batched matmuls this small take a slow path (~3x float32's); the casts cost less.
         qg, keys, values, mask = qg.float(), keys.float(), values.float(), mask.float()
     scores = torch.baddbmm(mask, qg, keys.transpose(1, 2), alpha=scale)          # (nkv*B, G, ctx)

@@ -115,17 +115,18 @@ def test_int4_forms_are_exact_where_bf16_holds_the_weights():
 @pytest.mark.parametrize("rows", BATCHES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_int8_linear_matches_float64(rows, dtype):
-    """Per-channel int8 (`--quantize int8`), against its own q * scale in float64. bf16: r = 2, the
-    scale (cast to the activations' dtype) and the output; float32: r = 0."""
+    """Per-channel int8 (`--quantize int8`), against its own q * scale in float64 (the scale is held
+    in bf16, so the product is exact). r = 2, the activations and the output, rounded to bf16 for
+    float32 inputs too: ATen's kernel is vectorised for 16-bit inputs only."""
     gen = torch.Generator().manual_seed(200 + rows)
     w = torch.randn(N_OUT, K_IN, generator=gen) * 0.05
     lin = Int8Linear(w)
     assert lin.q.dtype == torch.int8
-    assert ((lin.q.float() * lin.scale[:, None] - w).abs() <= lin.scale[:, None] * (0.5 + 1e-3)).all()
+    assert ((lin.q.float() * lin.scale.float()[:, None] - w).abs() <= lin.scale.float()[:, None] * 0.5).all()
     weight = lin.q.double() * lin.scale.double()[:, None]
     x = torch.randn(rows, K_IN, generator=gen).to(dtype)
     y = lin(x)
     assert y.dtype == dtype
     err = (y.double() - x.double() @ weight.T).abs()
-    bound = _bound(x, weight.abs(), bf16_roundings=2 if dtype == torch.bfloat16 else 0)
+    bound = _bound(x, weight.abs(), bf16_roundings=2)
     assert (err <= bound).all(), (err / bound).max().item()

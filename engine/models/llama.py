@@ -57,7 +57,7 @@ class RotaryEmbedding:
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)                                  # (P, hd)
         self.cos = emb.cos()
-        # rotate_half(x) * sin == roll(x, hd/2) * (sin with its first half negated)
+        # rotate_half(x) * sin == roll(x, hd/2) * (sin with its first half negated), product for product
         self.sin_signed = emb.sin() * torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2))).to(device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +66,9 @@ class RotaryEmbedding:
 
     @staticmethod
     def rotate(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """x: [T, heads, hd] -> rotated: HF's x * cos + rotate_half(x) * sin, in three calls."""
-        return torch.addcmul(x * ctx.cos, torch.roll(x, x.shape[-1] // 2, dims=-1), ctx.sin)
+        """x: [T, heads, hd] -> rotated: HF's x * cos + rotate_half(x) * sin, rounding for rounding
+        (two products, then a sum: no fused multiply-add, so float32 results match transformers')."""
+        return x * ctx.cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * ctx.sin
 
 
 class DecoderLayer(nn.Module):
