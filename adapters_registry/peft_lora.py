@@ -168,10 +168,10 @@ def inspect_lora(config: dict, header: dict[str, TensorInfo], spec: ModelSpec, m
                                             f"got {list(info.shape)} (adapter made for another base model, "
                                             f"or rank differs from its config)")
     missing = sorted(set(expected) - set(header))
-    if dora and any(k.endswith("lora_magnitude_vector") for k in missing):
+    magnitudes = [k for k in missing if k.endswith("lora_magnitude_vector")]
+    if magnitudes:
         raise AdapterError(BAD_REQUEST, f"DoRA adapter (use_dora) without the magnitude vectors of "
-                                        f"{sum(k.endswith('lora_magnitude_vector') for k in missing)} module(s), "
-                                        f"e.g. {next(k for k in missing if k.endswith('lora_magnitude_vector'))}")
+                                        f"{len(magnitudes)} module(s), e.g. {magnitudes[0]}")
     if missing:
         raise AdapterError(BAD_REQUEST, f"weights missing for {len(missing)} targeted tensor(s), "
                                         f"e.g. {missing[0]} (incomplete adapter file)")
