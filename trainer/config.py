@@ -18,11 +18,12 @@ class MethodDefaults:
     num_virtual_tokens: int | None = None  # prefix tuning only
 
 
-# Each method's defaults learn a small made-up mapping (tests/data/codeword_*.jsonl, 109 examples, and a
-# 40-example variant asked in held-out phrasings) from scratch; measurements in trainer/DEFAULTS.md.
-# Small adapters on small data want a larger step than full fine-tuning. Prefix tuning trains only
-# the virtual tokens' keys and values, which need a much larger step and more passes to move the
-# answers (lr 1e-2 over 3 epochs left it at 0/10 on the 40-example task).
+# Each method's defaults learn a small made-up mapping from scratch: tests/data/codeword_*.jsonl (109
+# examples) and benchmarks/data/capitals_*.jsonl (40, answers asked in a held-out phrasing); see
+# `python -m benchmarks.train_defaults` and results/train_defaults.json. Small adapters on small data
+# want a larger step than full fine-tuning, and tens of steps however few the examples (3 epochs of
+# 40 are 15 steps: LoRA 3/10). Prefix tuning trains only the virtual tokens' keys and values: a much
+# larger step and more of them (lr 1e-2, 16 tokens, 3 epochs: 0/10; lr 3e-2, 32 tokens, 100 steps: 10/10).
 METHOD_DEFAULTS = {
     "lora": MethodDefaults(lr=1e-3, epochs=3.0, min_steps=60),
     "qlora": MethodDefaults(lr=1e-3, epochs=3.0, min_steps=60),
