@@ -159,6 +159,13 @@ class MixtureCache:
         if record.kind != "lora":
             raise AdapterError(BAD_REQUEST, f"adapter {adapter_id!r} is {record.kind} tuning: only LoRA adapters "
                                             f"can be merged", param="adapters")
+        if getattr(record.manifest, "use_dora", False):
+            # peft's add_weighted_adapter merges A and B only: the result takes the first source's config
+            # and magnitudes re-initialized to the base's row norms, so every source's trained DoRA
+            # magnitudes would be silently dropped.
+            raise AdapterError(BAD_REQUEST, f"adapter {adapter_id!r} is a DoRA adapter: merges combine LoRA "
+                                            f"A and B only and would drop its magnitude vectors, so DoRA "
+                                            f"adapters cannot be mixed", param="adapters")
         if record.recipe is not None:
             raise AdapterError(BAD_REQUEST, f"adapter {adapter_id!r} is itself a per-request mixture: save it under "
                                             f"a name first (POST /v1/adapters with `mixture`)", param="adapters")

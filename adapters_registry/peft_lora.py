@@ -6,11 +6,14 @@ peft computes, per adapted module, `y = base(x) + scale * B(A(x))` with
 `lora_alpha`. Saved keys look like
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` with A [r, d_in], B [d_out, r].
 Everything that would make peft compute something else is refused here, by name.
+
+DoRA (`use_dora`) adds, per module, `...<module>.lora_magnitude_vector` m [d_out]: peft then computes
+`m / ||W + scale * B A||_row * (x W^T + scale * x A^T B^T)` (adapters_registry/dora.py).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +29,6 @@ KEY_PREFIX = "base_model.model."
 # LoraConfig options that change what the adapter computes (variants, extra trainable pieces) or
 # that assume base weights other than ours. Any truthy value is refused, naming the option.
 _UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA (use_dora) is not supported",
     "lora_bias": "LoRA bias terms (lora_bias) are not supported",
     "modules_to_save": "modules_to_save (fully trained extra modules) is not supported",
     "trainable_token_indices": "trainable_token_indices (trained embedding rows) is not supported",
@@ -44,7 +46,7 @@ _UNSUPPORTED_OPTIONS = {
 _KNOWN_OPTIONS = {
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout",
-    "fan_in_fan_out", "bias", "use_rslora", "init_lora_weights", "layers_to_transform", "layers_pattern",
+    "fan_in_fan_out", "bias", "use_rslora", "use_dora", "init_lora_weights", "layers_to_transform", "layers_pattern",
     "rank_pattern", "alpha_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
     *_UNSUPPORTED_OPTIONS,
@@ -72,21 +74,30 @@ class LoraManifest:
     targets: tuple[str, ...]
     modules: tuple[LoraModule, ...]
     kind: str = "lora"
+    use_dora: bool = False  # a DoRA adapter: every module also has a magnitude vector
 
 
 @dataclass(frozen=True)
 class LoraWeights:
-    """Parsed weights on the host: per (layer, module), A [r, d_in] and B [d_out, r], file dtype."""
+    """Parsed weights on the host: per (layer, module), A [r, d_in] and B [d_out, r], file dtype.
+    DoRA: also the magnitudes m [d_out] (file dtype) and, once the base weights are known, the
+    factors m / ||W + scale * B A|| [d_out] float32 the slots hold (see adapters_registry.dora)."""
     manifest: LoraManifest
     A: dict[tuple[int, str], torch.Tensor]
     B: dict[tuple[int, str], torch.Tensor]
+    magnitude: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    dora_factors: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.A, self.B) for t in d.values())
+        return sum(t.numel() * t.element_size()
+                   for d in (self.A, self.B, self.magnitude, self.dora_factors) for t in d.values())
 
 
 def weight_key(layer: int, module: str, which: str) -> str:
+    """Saved name of lora_A / lora_B ("A", "B"), or of DoRA's magnitude vector ("magnitude")."""
+    if which == "magnitude":
+        return f"{KEY_PREFIX}{module_key(layer, module)}.lora_magnitude_vector"
     return f"{KEY_PREFIX}{module_key(layer, module)}.lora_{which}.weight"
 
 
@@ -128,6 +139,7 @@ def inspect_lora(config: dict, header: dict[str, TensorInfo], spec: ModelSpec, m
     r = _positive_int(config.get("r", 8), "r")
     alpha = _finite_number(config.get("lora_alpha", 8), "lora_alpha")
     rslora = bool(config.get("use_rslora", False))
+    dora = bool(config.get("use_dora", False))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
 
     modules = []
@@ -146,6 +158,8 @@ def inspect_lora(config: dict, header: dict[str, TensorInfo], spec: ModelSpec, m
         d_in, d_out = spec.lora_dims(m.module)
         expected[weight_key(m.layer, m.module, "A")] = (m.rank, d_in)
         expected[weight_key(m.layer, m.module, "B")] = (d_out, m.rank)
+        if dora:
+            expected[weight_key(m.layer, m.module, "magnitude")] = (d_out,)
     for name, info in header.items():
         if name not in expected:
             raise AdapterError(BAD_REQUEST, _explain_unexpected(name, spec.num_layers))
@@ -154,19 +168,23 @@ def inspect_lora(config: dict, header: dict[str, TensorInfo], spec: ModelSpec, m
                                             f"got {list(info.shape)} (adapter made for another base model, "
                                             f"or rank differs from its config)")
     missing = sorted(set(expected) - set(header))
+    magnitudes = [k for k in missing if k.endswith("lora_magnitude_vector")]
+    if magnitudes:
+        raise AdapterError(BAD_REQUEST, f"DoRA adapter (use_dora) without the magnitude vectors of "
+                                        f"{len(magnitudes)} module(s), e.g. {magnitudes[0]}")
     if missing:
         raise AdapterError(BAD_REQUEST, f"weights missing for {len(missing)} targeted tensor(s), "
                                         f"e.g. {missing[0]} (incomplete adapter file)")
     return LoraManifest(
         rank=max(m.rank for m in modules), alpha=alpha, use_rslora=rslora,
         targets=tuple(t for t in LORA_TARGETS if any(m.module == t for m in modules)),
-        modules=tuple(modules),
+        modules=tuple(modules), use_dora=dora,
     )
 
 
 def _explain_unexpected(name: str, num_layers: int) -> str:
     if "lora_magnitude_vector" in name:
-        return f"tensor {name} is a DoRA magnitude vector; DoRA is not supported"
+        return f"tensor {name} is a DoRA magnitude vector, but the config does not set use_dora"
     if "lora_embedding" in name or "embed_tokens" in name or "lm_head" in name:
         return f"tensor {name} adapts the embeddings or LM head; loramux applies LoRA only to projections"
     if name.startswith(KEY_PREFIX) and ".lora_" in name:
@@ -179,10 +197,10 @@ def _explain_unexpected(name: str, num_layers: int) -> str:
 
 
 def load_lora(weights_path: Path, manifest: LoraManifest) -> LoraWeights:
-    """Read the weights the manifest names (CPU, file dtype), refusing NaN/Inf."""
-    keys = {(m.layer, m.module): (weight_key(m.layer, m.module, "A"), weight_key(m.layer, m.module, "B"))
-            for m in manifest.modules}
-    tensors = read_tensors(weights_path, [k for pair in keys.values() for k in pair])
-    return LoraWeights(manifest,
-                       A={lm: tensors[a] for lm, (a, _) in keys.items()},
-                       B={lm: tensors[b] for lm, (_, b) in keys.items()})
+    """Read the weights the manifest names (CPU, file dtype), refusing NaN/Inf. A DoRA adapter's
+    factors need the base weights too: the registry adds them (adapters_registry.dora)."""
+    parts = ("A", "B", "magnitude") if manifest.use_dora else ("A", "B")
+    keys = {(m.layer, m.module): [weight_key(m.layer, m.module, p) for p in parts] for m in manifest.modules}
+    tensors = read_tensors(weights_path, [k for names in keys.values() for k in names])
+    pick = {p: {lm: tensors[names[i]] for lm, names in keys.items()} for i, p in enumerate(parts)}
+    return LoraWeights(manifest, A=pick["A"], B=pick["B"], magnitude=pick.get("magnitude", {}))

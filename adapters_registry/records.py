@@ -32,6 +32,7 @@ class AdapterInfo:
     use_rslora: bool
     source: str                  # folder served from
     mixture: dict | None = None  # a per-request mixture's recipe (see mixtures.py); None otherwise
+    use_dora: bool = False       # a DoRA adapter (LoRA with magnitude vectors)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
+from loramux.engine.lora_slots import BaseWeights
 from loramux.engine.models.spec import ModelSpec
 
 from .adapter_files import WEIGHTS_FILE
 from .catalog import Catalog
 from .config import RegistryConfig
 from .datadir_lock import claim_data_dir
+from .dora import with_dora_factors
 from .errors import BAD_REQUEST, CONFLICT, INTERNAL, NOT_FOUND, AdapterError
 from .formats import Manifest, Weights, inspect_adapter, load_adapter
 from .ids import validate_adapter_id
@@ -55,7 +57,13 @@ class AdapterRegistry:
         self._versions = itertools.count(1)
         self.residency = Residency(self.stacks, config.max_host_adapters, self._lock, self._reload, self._drop)
         self.mixtures = MixtureCache(self, self.catalog.data_dir / "mixtures")
+        self._base: BaseWeights | None = None  # the engine's model, once attached (DoRA reads it)
         self._restore()
+
+    def attach_base(self, base: BaseWeights) -> None:
+        """The base weights DoRA adapters' factors are computed from (the engine's model). Attach it
+        before registering DoRA adapters; until then they are refused."""
+        self._base = base
 
     @property
     def slot_bytes(self) -> int:
@@ -141,7 +149,7 @@ class AdapterRegistry:
         try:
             folder = staged or source
             manifest = self._inspect(folder, label)
-            weights = load_adapter(folder, manifest, self.spec, dtype=self.dtype, device=self.device, label=label)
+            weights = self._load(folder, manifest, label)
             size = (folder / WEIGHTS_FILE).stat().st_size
             with self._lock:
                 self._check_free(adapter_id)
@@ -220,7 +228,7 @@ class AdapterRegistry:
             id=r.adapter_id, type=m.kind, rank=m.rank, alpha=m.alpha, targets=m.targets,
             size_bytes=r.size_bytes, tier=tier, last_used=r.last_used, requests_served=r.requests_served,
             active_leases=r.refcount, num_virtual_tokens=getattr(m, "num_virtual_tokens", 0),
-            use_rslora=getattr(m, "use_rslora", False), source=str(r.folder),
+            use_rslora=getattr(m, "use_rslora", False), use_dora=getattr(m, "use_dora", False), source=str(r.folder),
             mixture=r.recipe.to_dict() if r.recipe is not None else None,
         )
 
@@ -276,10 +284,21 @@ class AdapterRegistry:
             manifest = self._inspect(record.folder, str(record.folder))
             if manifest != record.manifest:
                 raise AdapterError(INTERNAL, "its files changed on disk since registration")
-            return load_adapter(record.folder, manifest, self.spec, dtype=self.dtype, device=self.device)
+            return self._load(record.folder, manifest, str(record.folder))
         except (AdapterError, OSError) as e:
             raise AdapterError(INTERNAL, f"adapter {record.adapter_id!r} can no longer be loaded: "
                                          f"{getattr(e, 'message', e)}") from None
+
+    def _load(self, folder: Path, manifest: Manifest, label: str) -> Weights:
+        """Read an inspected adapter's weights (outside the lock); a DoRA adapter's factors are
+        computed here, once per read from disk, never on the engine's step path."""
+        weights = load_adapter(folder, manifest, self.spec, dtype=self.dtype, device=self.device, label=label)
+        if not getattr(manifest, "use_dora", False):
+            return weights
+        if self._base is None:
+            raise AdapterError(INTERNAL, f"adapter at {label}: DoRA needs the base model's weights, and none "
+                                         f"are attached to this registry")
+        return with_dora_factors(weights, self._base, self.spec)
 
     def _host_put(self, record: AdapterRecord, weights: Weights) -> None:
         self.residency.put(record, weights)

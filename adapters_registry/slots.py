@@ -28,6 +28,7 @@ import torch
 
 from loramux.engine.models.spec import LORA_TARGETS, SHRINK_GROUPS, ModelSpec
 
+from .dora_slots import DoraFactors
 from .peft_lora import LoraWeights
 
 T = TypeVar("T")
@@ -56,10 +57,12 @@ class LoraStacks:
         # Target modules of the adapter in each slot: a step skips the modules none of its adapters has.
         self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
         self._views: dict[tuple, torch.Tensor] = {}
+        self.dora = DoraFactors(spec, num_slots, device)  # DoRA adapters' factors, per slot
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in (*self.A_rows, *self.B) for t in layer.values())
+        return (sum(t.numel() * t.element_size() for layer in (*self.A_rows, *self.B) for t in layer.values())
+                + self.dora.nbytes)
 
     @staticmethod
     def slot_nbytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> int:
@@ -110,11 +113,13 @@ class LoraStacks:
                 b[:, r:].zero_()
         self.slot_rank[slot] = weights.manifest.rank
         self.slot_modules[slot] = frozenset(module for _, module in scales)
+        self.dora.write(slot, weights)
 
     def clear(self, slot: int) -> None:
         """Mark `slot` empty (its tensors are overwritten by the next write)."""
         self.slot_rank[slot] = 0
         self.slot_modules[slot] = frozenset()
+        self.dora.clear(slot)
 
 
 class SlotTable(Generic[T]):

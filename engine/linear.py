@@ -35,6 +35,10 @@ class DenseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
+    def dequantized(self) -> torch.Tensor:
+        """float32 (d_out, d_in): the weight this projection multiplies by."""
+        return self.weight.float()
+
 
 class Int4Linear(nn.Module):
     """y = sum over parts of int4mm(x, part), in bf16; the output is cast back to x's dtype."""
@@ -63,6 +67,18 @@ class Int4Linear(nn.Module):
         part = pack_int4(codes, scale, zero)
         dense = dequantize_int4(codes, scale, zero).to(torch.bfloat16) if keep_dense else None
         return cls([part], codes.shape[0], dense)
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 (d_out, d_in): the bf16 dense copy the large steps multiply by; without one, the
+        int4 kernel's own weights read back through it (identity input: exact up to its bf16 output)."""
+        if self.dense is not None:
+            return self.dense.float()
+        packed0 = self.packed0                                      # (d_out, d_in / 2)
+        eye = torch.eye(packed0.shape[1] * 2, dtype=torch.bfloat16, device=packed0.device)
+        w = sum(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, getattr(self, f"packed{i}"), INT4_GROUP,
+                                                            getattr(self, f"scales_zeros{i}")).float()
+                for i in range(self.num_parts))
+        return w.T.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
@@ -98,6 +114,10 @@ class Int8Linear(nn.Module):
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         y = torch._weight_int8pack_mm(xb.contiguous(), self.q, self.scale)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 (d_out, d_in): q * scale, row by row."""
+        return self.q.float() * self.scale.unsqueeze(1)
 
 
 def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,9 @@ class LoraStep:
     # per shrink group: (module, its index in the group, its column offset in the fused output) for
     # the modules some adapter of the step targets; groups no adapter targets are skipped
     expands: tuple[tuple[tuple[str, int, int], ...], ...]
+    # per shrink group: whether an adapter of the step has DoRA modules there (its fused output is
+    # then scaled by each token's slot's factors after the expands; never otherwise)
+    dora: tuple[bool, ...]
 
     @classmethod
     def build(cls, token_slots: list[int], slots: LoraSlots | None, spec: ModelSpec, device: torch.device,
@@ -42,15 +45,19 @@ class LoraStep:
         expands = tuple(tuple((m, i, off) for i, (m, off) in enumerate(zip(group, spec.group_offsets(group)))
                               if m in modules) for group in SHRINK_GROUPS)
         strategy = kernels.pick_strategy(mapping, slots.shrink_A(0, SHRINK_GROUPS[0], rank))
-        return cls(slots, mapping, rank, strategy, expands)
+        dora_groups = frozenset().union(*(slots.dora.slot_groups[s] for s in used))
+        dora = tuple(g in dora_groups for g in range(len(SHRINK_GROUPS)))
+        return cls(slots, mapping, rank, strategy, expands, dora)
 
     def add(self, x: torch.Tensor, y: torch.Tensor, layer: int, group: int) -> None:
         """y[:, slice of module m] += scale * (x A_m[slot]^T) B_m[slot]^T, per token, for the modules
-        of SHRINK_GROUPS[group] the step's adapters target (y is the group's fused output)."""
+        of SHRINK_GROUPS[group] the step's adapters target (y is the group's fused output); then, in
+        a group where some adapter of the step has DoRA, y[i] *= its slot's factors (1 for others)."""
         expands = self.expands[group]
         if not expands:
             return
         r, slots = self.rank, self.slots
         kernels.add_lora_group(y, x, slots.shrink_A(layer, SHRINK_GROUPS[group], r),
                                [(slots.expand_B(layer, m, r), i, off) for m, i, off in expands],
-                               self.mapping, self.strategy)
+                               self.mapping, self.strategy,
+                               slots.dora.factors(layer, group) if self.dora[group] else None)

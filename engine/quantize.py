@@ -111,6 +111,39 @@ def _bnb(mode: str, weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Modu
     return q
 
 
+@torch.no_grad()
+def dequantize_projection(proj: nn.Module) -> torch.Tensor:
+    """float32 (d_out, d_in): the weight a projection of any resident form multiplies by, as it holds
+    it (for DoRA's weight norm, which peft also takes of the dequantized weight)."""
+    if hasattr(proj, "dequantized"):                      # engine.linear modules
+        return proj.dequantized()
+    bnb = _import_bnb()
+    weight = proj.weight
+    if isinstance(proj, bnb.nn.Linear8bitLt):             # LLM.int8(): int8 rows, one absmax each
+        scb = proj.state.SCB if proj.state.SCB is not None else weight.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scb).float()
+    state = weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        return _dequantize_nf4_cpu_packed(weight.data, state)
+    return bnb.functional.dequantize_4bit(weight.data, state).float()
+
+
+def _dequantize_nf4_cpu_packed(packed: torch.Tensor, state) -> torch.Tensor:
+    """nf4 weights in the layout bitsandbytes (0.50) repacks them to for its AVX512-BF16 CPU kernel
+    (`_convert_weight_packed_for_cpu`): (N, K / 2) bytes in blocks of 32 rows, low nibbles the first
+    16 rows' codes... as its inverse reads them, and absmax (K / blocksize, N) in bf16. bnb's own
+    `dequantize_4bit` reads this layout as the original one and returns garbage (so does peft's
+    DoRA on such a base). tests/test_dora_quantized.py checks this against the kernel's output."""
+    N, K = state.shape
+    block_n = 32
+    nibbles = packed.reshape(-1, block_n)
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)                         # (N K / 64, 64)
+    codes = codes.reshape(N // block_n, K // 2, block_n, 2).transpose(1, 2).reshape(N, K)
+    values = state.code.float()[codes.long()]                                         # (N, K)
+    absmax = state.absmax.float().T                                                   # (N, K / blocksize)
+    return (values.reshape(N, -1, state.blocksize) * absmax.unsqueeze(-1)).reshape(N, K)
+
+
 def _quant_tensors(module: nn.Module):
     """Tensors a bitsandbytes linear holds besides its parameters (scales, codebooks)."""
     weight = getattr(module, "weight", None)

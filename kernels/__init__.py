@@ -25,6 +25,10 @@ Conventions (the engine integrator's checklist):
     projection. A raw (T,) slot tensor is accepted too, but is then re-grouped on every call.
   * When ``not mapping.any_lora`` both ops are free (shrink returns zeros, expand returns at once),
     but the engine may skip them outright.
+
+DoRA adapters scale the whole projection output, base and LoRA together, by a per-output factor
+of their own (``m / ||W + scale * B A||`` per row of W, fixed once the adapter is loaded):
+``lora_scale_rows`` after the expands, tokens of other adapters and of the base model by 1.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import torch
 from loramux.kernels import torch_ops
 from loramux.kernels.mapping import LoraMapping
 
-__all__ = ["LoraMapping", "add_lora_group", "lora_expand", "lora_shrink", "pick_strategy"]
+__all__ = ["LoraMapping", "add_lora_group", "lora_expand", "lora_scale_rows", "lora_shrink", "pick_strategy"]
 
 
 def lora_shrink(x: torch.Tensor, A_stack: torch.Tensor, mapping: LoraMapping | torch.Tensor,
@@ -68,20 +72,42 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 
 def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
-                   expands: list[tuple[torch.Tensor, int, int]], mapping: LoraMapping, strategy: str) -> None:
+                   expands: list[tuple[torch.Tensor, int, int]], mapping: LoraMapping, strategy: str,
+                   factors: torch.Tensor | None = None) -> None:
     """One LoRA for a group of G projections that read the same ``x`` and write column slices of
     one fused output ``y`` (q/k/v, gate/up): one shrink, then one expand per listed module::
 
         t = lora_shrink(x, A_group, mapping, None)                    # (T, r * G)
         for B, i, y_offset in expands:                                # module i of the group
             lora_expand(t[:, i::G], B, mapping, y, y_offset)
+        if factors is not None:                                       # DoRA: (S, y.shape[1]) float32
+            lora_scale_rows(y, factors, mapping, 0)
 
     ``A_group`` (S, r * G, d_in) holds the modules' A side by side, rank-major (column j * G + i
-    of ``t`` is rank j of module i); each B (S, d_out_i, r). ``strategy`` comes from
+    of ``t`` is rank j of module i); each B (S, d_out_i, r). ``factors`` (a step with DoRA adapters)
+    scales each token's whole fused row, base output and LoRA alike, by its slot's row. ``strategy`` comes from
     :func:`pick_strategy`, called once per step: the engine's per-step plan validates the
     operands once and calls this for every layer with no further checks.
     """
-    _ops(x).add_lora_group(y, x, A_group, expands, mapping, strategy)
+    _ops(x).add_lora_group(y, x, A_group, expands, mapping, strategy, factors)
+
+
+def lora_scale_rows(y: torch.Tensor, factors: torch.Tensor, mapping: LoraMapping | torch.Tensor,
+                    y_offset: int = 0) -> None:
+    """Per-token scaling of a column slice of ``y`` by its adapter's row of factors, in place.
+
+    y (T, >= y_offset + d), factors (S, d) float32 (1 where an adapter scales nothing)::
+
+        for i in range(T):
+            s = slot[i]
+            if s >= 0:
+                y[i, y_offset:y_offset + d] *= factors[s]
+
+    The product is computed in float32 and rounded once to ``y``'s dtype; rows with slot -1 are
+    left untouched. DoRA: called on a fused projection's output after its expands, so the factor
+    scales the base output and the LoRA delta alike (peft's ``m / ||W + s B A|| * (x W^T + s x A^T B^T)``).
+    """
+    _dora_ops(y).lora_scale_rows(y, factors, mapping, y_offset)
 
 
 def pick_strategy(mapping: LoraMapping, stack: torch.Tensor) -> str:
@@ -94,4 +120,12 @@ def _ops(a: torch.Tensor):
         from loramux.kernels import triton_ops  # triton is imported only where it can run
 
         return triton_ops
+    return torch_ops
+
+
+def _dora_ops(a: torch.Tensor):
+    if a.is_cuda:
+        from loramux.kernels import triton_dora
+
+        return triton_dora
     return torch_ops

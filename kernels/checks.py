@@ -27,3 +27,16 @@ def check_output(y: torch.Tensor, t: torch.Tensor, y_offset: int, d_out: int) ->
                          f"for {t.shape[0]} tokens")
     if y.dtype != t.dtype or y.device != t.device:
         raise TypeError(f"y is {y.dtype} on {y.device}, t is {t.dtype} on {t.device}")
+
+
+def check_scale_rows(y: torch.Tensor, factors: torch.Tensor, m: LoraMapping, y_offset: int) -> None:
+    """A row scaling: factors (S, d) float32 for the d columns of y (T, .) at y_offset, same device."""
+    if y.dim() != 2 or factors.dim() != 2:
+        raise ValueError(f"expected a 2-D y and 2-D factors, got {tuple(y.shape)} and {tuple(factors.shape)}")
+    if factors.dtype != torch.float32:
+        raise TypeError(f"factors must be float32, got {factors.dtype}")
+    if y.device != factors.device or m.device != y.device:
+        raise ValueError(f"y on {y.device}, factors on {factors.device}, mapping on {m.device}")
+    if not 0 <= y_offset <= y.shape[1] - factors.shape[1]:
+        raise ValueError(f"y {tuple(y.shape)} cannot take {factors.shape[1]} columns at offset {y_offset}")
+    m.check(y.shape[0], factors.shape[0])

@@ -1,7 +1,8 @@
 """Plain float64 per-token reference of the LoRA ops: the oracle the tests compare against.
 
 Deliberately the most literal reading of the semantics written in the public API
-(:func:`loramux.kernels.lora_shrink`, :func:`loramux.kernels.lora_expand`): one token at a time,
+(:func:`loramux.kernels.lora_shrink`, :func:`loramux.kernels.lora_expand`,
+:func:`loramux.kernels.lora_scale_rows`): one token at a time,
 float64 throughout, never used on a serving path. The loops run in numpy: tiny single-threaded
 matvecs, immune to the thread-pool stalls that hundreds of tiny multi-threaded torch ops hit on a
 busy 2-core machine. Same arguments as the ops, but it returns float64 results instead of writing
@@ -42,4 +43,14 @@ def expand_ref(t: torch.Tensor, B_stack: torch.Tensor, mapping, y: torch.Tensor,
     for i, s in enumerate(_slots(mapping)):
         if s >= 0:
             out[i, y_offset:y_offset + d_out] += b64[s] @ t64[i]
+    return torch.from_numpy(out)
+
+
+def scale_rows_ref(y: torch.Tensor, factors: torch.Tensor, mapping, y_offset: int = 0) -> torch.Tensor:
+    """:func:`loramux.kernels.lora_scale_rows`, returning the new y in float64 (y is not modified)."""
+    f64, out = _f64(factors), _f64(y)
+    d = factors.shape[1]
+    for i, s in enumerate(_slots(mapping)):
+        if s >= 0:
+            out[i, y_offset:y_offset + d] *= f64[s]
     return torch.from_numpy(out)

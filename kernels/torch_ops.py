@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from loramux.kernels.checks import check_operands, check_output
+from loramux.kernels.checks import check_operands, check_output, check_scale_rows
 from loramux.kernels.mapping import LoraMapping, as_mapping
 
 
@@ -54,13 +54,39 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 
 def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
-                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str) -> None:
+                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str,
+                   factors: torch.Tensor | None = None) -> None:
     """:func:`loramux.kernels.add_lora_group` on the CPU path, with the strategy the step's plan
     picked (:func:`pick_strategy`): no argument checks and no re-grouping per call."""
     t = _shrink(x, A_group, m, None, strategy)                      # (T, r * G)
     G = A_group.shape[1] // expands[0][0].shape[2] if expands else 1
     for B, i, offset in expands:
         _expand(t[:, i::G], B, m, y, offset, strategy)
+    if factors is not None:
+        scale_rows(y, factors, m, 0)
+
+
+def lora_scale_rows(y: torch.Tensor, factors: torch.Tensor, mapping: LoraMapping | torch.Tensor,
+                    y_offset: int = 0) -> None:
+    """:func:`loramux.kernels.lora_scale_rows` on the CPU path."""
+    m = as_mapping(mapping)
+    check_scale_rows(y, factors, m, y_offset)
+    scale_rows(y, factors, m, y_offset)
+
+
+def scale_rows(y: torch.Tensor, factors: torch.Tensor, m: LoraMapping, y_offset: int) -> None:
+    """The row scaling without argument checks (the step's plan checked its operands once): one
+    broadcast multiply for a single adapter, else one gathered multiply (T, d) of the LoRA rows."""
+    if not m.any_lora:
+        return
+    y_view = y[:, y_offset:y_offset + factors.shape[1]]  # (T, d) view: writes land in y
+    if m.single_slot is not None:
+        y_view.mul_(factors[m.single_slot])
+    elif m.all_lora:
+        y_view.mul_(factors.index_select(0, m.token_slots))
+    else:  # base-model rows stay untouched: scale only the LoRA rows (order / sorted_slots)
+        scaled = y_view.index_select(0, m.order) * factors.index_select(0, m.sorted_slots)   # float32
+        y_view.index_copy_(0, m.order, scaled.to(y.dtype))
 
 
 def pick_strategy(m: LoraMapping, stack: torch.Tensor) -> str:

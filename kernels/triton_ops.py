@@ -301,13 +301,19 @@ def lora_expand(t: torch.Tensor, B_stack: torch.Tensor, mapping: LoraMapping | t
 
 
 def add_lora_group(y: torch.Tensor, x: torch.Tensor, A_group: torch.Tensor,
-                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str) -> None:
+                   expands: list[tuple[torch.Tensor, int, int]], m: LoraMapping, strategy: str,
+                   factors: torch.Tensor | None = None) -> None:
     """:func:`loramux.kernels.add_lora_group` on the GPU path: one shrink for the group, one expand
-    per module into its column slice (``strategy`` is the CPU path's; the mapping picks SGMV/BGMV)."""
+    per module into its column slice (``strategy`` is the CPU path's; the mapping picks SGMV/BGMV),
+    then DoRA's row scaling when ``factors`` are given."""
     t = lora_shrink(x, A_group, m, None)
     G = A_group.shape[1] // expands[0][0].shape[2] if expands else 1
     for B, i, offset in expands:
         lora_expand(t[:, i::G], B, m, y, offset)
+    if factors is not None:
+        from loramux.kernels.triton_dora import lora_scale_rows  # imports this module: not at the top
+
+        lora_scale_rows(y, factors, m, 0)
 
 
 def pick_strategy(m: LoraMapping, stack: torch.Tensor) -> str:

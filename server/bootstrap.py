@@ -76,8 +76,11 @@ def build_state(cfg: ServeConfig) -> ServerState:
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     model_dir = resolve_model(cfg.model_dir)
     econf = cfg.engine_config(model_dir)
-    registry = _build_registry(cfg, econf, model_name(model_dir))
-    engine = LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks)
+    registry = build_registry(econf, _data_dir(cfg), model_name(model_dir), allowed_roots=tuple(cfg.allowed_roots),
+                              max_upload_bytes=cfg.max_upload_bytes)
+    engine = _engine(econf, registry)
+    if cfg.adapters_dir is not None:
+        registry.preload_dir(cfg.adapters_dir)
     log.info("memory: base weights %.1f MiB (quantize=%s), KV cache %.1f MiB (%d blocks of %d tokens), "
              "adapter slots %.1f MiB (%d slots of %.1f MiB at rank %d)", engine.weight_bytes / 2**20, engine.quantize,
              engine.kv.nbytes / 2**20, engine.blocks.num_blocks, econf.block_size, registry.slot_bytes / 2**20,
@@ -91,12 +94,12 @@ def build_state(cfg: ServeConfig) -> ServerState:
                        data_dir_lock=data_dir_lock)
 
 
-def _build_registry(cfg: ServeConfig, econf: EngineConfig, base_name: str) -> AdapterRegistry:
-    registry = build_registry(econf, _data_dir(cfg), base_name,
-                              allowed_roots=tuple(cfg.allowed_roots), max_upload_bytes=cfg.max_upload_bytes)
-    if cfg.adapters_dir is not None:
-        registry.preload_dir(cfg.adapters_dir)
-    return registry
+def _engine(econf: EngineConfig, registry: AdapterRegistry) -> LLMEngine:
+    """The engine reading `registry`'s slots; the registry reads the engine's base weights (DoRA), so
+    adapters are registered only after this."""
+    engine = LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks)
+    registry.attach_base(engine.model)
+    return engine
 
 
 def _data_dir(cfg: ServeConfig) -> Path:
@@ -119,6 +122,7 @@ def build_engine(econf: EngineConfig, data_dir: Path, adapters: dict[str, Path] 
                  ) -> tuple[LLMEngine, AdapterRegistry]:
     """An engine serving adapters from a fresh registry, with `adapters` (id -> peft folder) registered."""
     registry = build_registry(econf, data_dir)
+    engine = _engine(econf, registry)
     for adapter_id, path in (adapters or {}).items():
         registry.register(adapter_id, path)
-    return LLMEngine(econf, adapters=registry, lora_stacks=registry.stacks), registry
+    return engine, registry

@@ -60,11 +60,13 @@ def make_lora_adapter(base_model_dir: Path, out_dir: Path, *, r: int = 8, alpha:
                       targets: Sequence[str] | str = ("q_proj", "v_proj"), rslora: bool = False,
                       rank_pattern: dict | None = None, alpha_pattern: dict | None = None,
                       layers_to_transform: list[int] | None = None, seed: int = 0, b_std: float = 0.02,
-                      **lora_kwargs) -> Path:
+                      magnitude_std: float = 0.0, **lora_kwargs) -> Path:
     """Save a peft LoRA adapter of the embedded model with seeded random A and non-zero B.
 
     A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (peft's Kaiming-style scale), B ~ N(0, b_std): enough to
-    change greedy tokens, small enough to stay a plausible fine-tune. Extra kwargs go to LoraConfig.
+    change greedy tokens, small enough to stay a plausible fine-tune. Extra kwargs go to LoraConfig
+    (`use_dora=True`: peft sets each magnitude vector to the base weight's row norms, and
+    `magnitude_std` then scales its entries by 1 + N(0, magnitude_std), as training moves them).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -82,7 +84,23 @@ def make_lora_adapter(base_model_dir: Path, out_dir: Path, *, r: int = 8, alpha:
                 p.copy_(torch.rand(p.shape, generator=gen) * 2 * bound - bound)
             elif ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            elif ".lora_magnitude_vector." in name and magnitude_std:
+                p.mul_(1 + torch.randn(p.shape, generator=gen) * magnitude_std)
     return _save(model, out_dir)
+
+
+def strip_dora(dora_dir: Path, out_dir: Path) -> Path:
+    """The plain LoRA adapter with a DoRA adapter's A and B (use_dora off, magnitudes dropped)."""
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(dora_dir) / "adapter_config.json").read_text())
+    (out_dir / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    tensors = load_file(str(Path(dora_dir) / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "lora_magnitude_vector" not in k},
+              str(out_dir / "adapter_model.safetensors"))
+    return out_dir
 
 
 def make_prefix_adapter(base_model_dir: Path, out_dir: Path, *, num_virtual_tokens: int = 8,
@@ -119,15 +137,37 @@ def _lora_key(layer: int, module: str, which: str) -> str:
     return f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}.lora_{which}.weight"
 
 
+def _magnitude_key(layer: int, module: str) -> str:
+    return f"base_model.model.model.layers.{layer}.{_PARENT[module]}.{module}.lora_magnitude_vector"
+
+
+def tiny_base(spec: ModelSpec = TINY_SPEC, seed: int = 0):
+    """A LlamaModel of `spec` with random dense projections: the base weights a registry's DoRA
+    factors are computed from, for unit tests without the real model."""
+    from loramux.engine.linear import DenseLinear
+    from loramux.engine.models.llama import PROJECTIONS, LlamaModel
+    from loramux.engine.models.spec import SHRINK_GROUPS
+
+    gen = torch.Generator().manual_seed(seed)
+    model = LlamaModel(spec, max_positions=16)
+    for layer in model.layers:
+        for attr, group in zip(PROJECTIONS, SHRINK_GROUPS):
+            d_in = spec.lora_dims(group[0])[0]
+            d_out = sum(spec.lora_dims(m)[1] for m in group)
+            setattr(layer, attr, DenseLinear(torch.randn(d_out, d_in, generator=gen) * d_in ** -0.5))
+    return model
+
+
 def write_lora_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, r: int = 4, alpha: float = 8,
                      targets: Iterable[str] = ("q_proj", "v_proj"), rslora: bool = False, seed: int = 0,
                      dtype: torch.dtype = torch.float32, config: dict | None = None,
                      tensors: dict[str, torch.Tensor] | None = None, drop: Iterable[str] = (),
-                     init: str = "unit") -> Path:
+                     init: str = "unit", dora: bool = False) -> Path:
     """A peft-format LoRA folder for `spec`, every layer adapted. `config` entries override
     adapter_config.json, `tensors` add/replace tensors, `drop` removes tensors by key. `init`:
     "unit" draws N(0, 1) weights; "served" scales them (A by 1/sqrt(d_in), B by 0.3) so that a
-    real model's answers change without turning to noise."""
+    real model's answers change without turning to noise. `dora`: a DoRA adapter, magnitudes
+    U(0.5, 1.5) (a real one's are row norms of the base weight it was trained on)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = list(targets)
@@ -139,11 +179,13 @@ def write_lora_files(out_dir: Path, spec: ModelSpec = TINY_SPEC, *, r: int = 4, 
             a_std, b_std = (d_in ** -0.5, 0.3) if init == "served" else (1.0, 1.0)
             weights[_lora_key(layer, m, "A")] = (torch.randn(r, d_in, generator=gen) * a_std).to(dtype)
             weights[_lora_key(layer, m, "B")] = (torch.randn(d_out, r, generator=gen) * b_std).to(dtype)
+            if dora:
+                weights[_magnitude_key(layer, m)] = (0.5 + torch.rand(d_out, generator=gen)).to(dtype)
     weights.update(tensors or {})
     for key in drop:
         weights.pop(key)
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": targets,
-           "bias": "none", "use_rslora": rslora, "use_dora": False, "modules_to_save": None,
+           "bias": "none", "use_rslora": rslora, "use_dora": dora, "modules_to_save": None,
            "rank_pattern": {}, "alpha_pattern": {}, "lora_dropout": 0.0, "fan_in_fan_out": False,
            "inference_mode": True, **(config or {})}
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg))

@@ -4,7 +4,7 @@ a. The GGUF's own codes (engine.gguf_weights) dequantize to the converted float3
    weights bit for bit: serving them serves the very weights our float32 oracle runs.
 b. The kernels (Int4Linear, int8_groups_as_int4_parts, Int8Linear) against float64: tests/test_linear.py.
 c. The engine (bf16, int4) against transformers + peft in float32 on the converted checkpoint, for
-   the base model, a LoRA and a prefix adapter, alone and in one mixed batch: logits within a bound
+   the base model, a LoRA, a DoRA and a prefix adapter, alone and in one mixed batch: logits within a bound
    measured from transformers' own bf16 run, and greedy tokens identical to float32's.
 d. `--quantize auto` picks int4 for this model in bf16 only.
 """
@@ -59,11 +59,14 @@ PROMPTS = ["1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", "100, 101, 102, 103, 104, 1
 NEW_TOKENS = 16
 ADAPTERS = {
     "lora": {"kind": "lora", "r": 16, "alpha": 32, "targets": "all-linear", "seed": 2, "b_std": 0.04},
+    # DoRA: its factors come from the weights the engine holds (the bf16 dense copies of the codes).
+    "dora": {"kind": "lora", "r": 16, "alpha": 32, "targets": "all-linear", "seed": 3, "b_std": 0.04,
+             "magnitude_std": 0.02, "use_dora": True},
     # std 0.2: a prefix that moves the logits by ~5 (far beyond the bound) and keeps the counting
     # confident; peft's default N(0, 1) prompt embeddings make this model's output noise.
     "prefix": {"kind": "prefix", "num_virtual_tokens": 6, "prefix_projection": False, "seed": 6, "std": 0.2},
 }
-VARIANTS = [None, "lora", "prefix"]            # None = the bare base model
+VARIANTS = [None, "lora", "dora", "prefix"]    # None = the bare base model
 JOBS = [(v, i) for v in VARIANTS for i in range(len(PROMPTS))]
 # The bound's floor, for the record: it would only matter if transformers' bf16 run came out nearly
 # exact, which 30 bf16 layers do not (measured 0.4-0.9 logits).
@@ -132,12 +135,14 @@ def reference(base_model_dir, hf_model_fp32, adapter_dirs, tokenizer) -> dict:
     from tests.adapter_factory import load_peft_model
 
     lora = load_peft_model(base_model_dir, adapter_dirs["lora"])
+    dora = load_peft_model(base_model_dir, adapter_dirs["dora"])
     prefix = load_peft_model(base_model_dir, adapter_dirs["prefix"])
     ref = {}
     for i, prompt in enumerate(PROMPTS):
         ids = tokenizer(prompt)["input_ids"]
         ref[None, i] = _hf_greedy(hf_model_fp32, ids)
         ref["lora", i] = _hf_greedy(lora, ids)
+        ref["dora", i] = _hf_greedy(dora, ids)
         ref["prefix", i] = _hf_greedy(hf_model_fp32, ids, _prefix_cache(prefix, torch.float32))
     return ref
 
@@ -164,13 +169,17 @@ def bf16_deviation(base_model_dir, adapter_dirs, tokenizer, reference) -> dict:
     from tests.adapter_factory import load_peft_model
 
     base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.bfloat16).eval()
-    model = PeftModel.from_pretrained(base, str(adapter_dirs["lora"]), autocast_adapter_dtype=False).eval()
+    model = PeftModel.from_pretrained(base, str(adapter_dirs["lora"]), adapter_name="lora",
+                                      autocast_adapter_dtype=False)
+    model.load_adapter(str(adapter_dirs["dora"]), adapter_name="dora", autocast_adapter_dtype=False)
+    model.eval()
     prefix = load_peft_model(base_model_dir, adapter_dirs["prefix"])
     dev = {}
     for job in JOBS:
         variant, i = job
         ids, (path, ref_logits) = tokenizer(PROMPTS[i])["input_ids"], reference[job]
-        if variant == "lora":
+        if variant in ("lora", "dora"):
+            model.set_adapter(variant)
             logits = _hf_along(model, ids, path)
         else:
             with model.disable_adapter():

@@ -176,7 +176,6 @@ def _pickle_save(base_model_dir, out_dir):
 
 
 REAL_REFUSALS = {
-    "dora": (lambda d, o: make_lora_adapter(d, o, r=2, use_dora=True), "DoRA"),
     "embed": (lambda d, o: make_lora_adapter(d, o, r=2, targets=("embed_tokens", "q_proj")), "embed_tokens"),
     "modules_to_save": (lambda d, o: make_lora_adapter(d, o, r=2, modules_to_save=["lm_head"]), "modules_to_save"),
     "pattern-rank": (lambda d, o: make_lora_adapter(d, o, r=2, rank_pattern={"layers.3.self_attn.v_proj": 32}),

@@ -1,6 +1,7 @@
 """Real training runs on the embedded SmolLM2-135M (CPU): LoRA learns the codeword task, the saved
-adapter reloads in peft with identical logits and answers held-out prompts; prefix tuning and QLoRA
-learn too; the CLI trains and registers. Each run happens once per module (fixtures)."""
+adapter reloads in peft with identical logits and answers held-out prompts; QLoRA learns too; the
+CLI trains and registers. Prefix tuning and DoRA: tests/test_trainer_methods.py. Each run happens
+once per module (fixtures)."""
 from __future__ import annotations
 
 import json
@@ -111,22 +112,7 @@ def test_adapter_answers_heldout_prompts_and_base_does_not(lora_run, reloaded):
     assert exact_match(base, records) <= 0.1, base
 
 
-# ---- prefix tuning and QLoRA ------------------------------------------------------------------
-
-def test_prefix_tuning_beats_the_base_model_on_heldout(tmp_path, base_model_dir):
-    from peft import PeftModel
-
-    result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "prefix", method="prefix",
-                               num_virtual_tokens=8, max_steps=16, batch_size=8, max_seq_len=64, progress=False))
-    assert result.final_eval_loss < 0.5 * result.base_eval_loss, (result.eval_losses, result.base_eval_loss)
-    config = json.loads((tmp_path / "prefix" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 8
-
-    reloaded = PeftModel.from_pretrained(fresh_base(base_model_dir), tmp_path / "prefix").eval()
-    enc = result.tokenizer([heldout()[0]["prompt"]], return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**enc).logits, result.model(**enc).logits, atol=1e-4, rtol=0)
-
+# ---- QLoRA ------------------------------------------------------------------
 
 def test_qlora_trains_and_saves_a_loadable_adapter(tmp_path, base_model_dir):
     """With val data the base model is evaluated first: that eval must not break 4-bit backprop."""
@@ -219,30 +205,3 @@ def test_trained_lora_is_served_without_restart(lora_run, server, client):
     base = serve_answers(client, "SmolLM2-135M-Instruct", prompts)
     assert exact_match(tuned, records) >= 0.8, tuned
     assert exact_match(base, records) <= 0.1, base
-
-
-def test_trained_prefix_adapter_is_served_as_peft_runs_it(tmp_path, base_model_dir, server, client):
-    """Weaker bar for prefix tuning: it must learn (eval loss) and the server must run it as peft does."""
-    from peft import PeftModel
-
-    from loramux.trainer import register_adapter
-
-    result = train(TrainConfig(data=TRAIN, val_data=HELDOUT, out=tmp_path / "prefix-cw", method="prefix",
-                               num_virtual_tokens=8, max_steps=12, batch_size=8, max_seq_len=64, progress=False))
-    assert result.final_eval_loss < 0.5 * result.base_eval_loss
-    register_adapter(server.url, "prefix-codeword", result.out_dir)
-    prompts = [r["prompt"] for r in heldout()[:3]]
-    reloaded = PeftModel.from_pretrained(fresh_base(base_model_dir), result.out_dir).eval()
-    expected = []
-    for p in prompts:
-        ids = result.tokenizer(p, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            for _ in range(8):
-                nxt = reloaded(input_ids=ids).logits[0, -1].argmax()
-                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        expected.append(ids[0, -8:].tolist())
-    served = [client.completions.create(model="prefix-codeword", prompt=p, max_tokens=8, temperature=0,
-                                        extra_body={"ignore_eos": True}).choices[0]
-              for p in prompts]
-    for choice, exp in zip(served, expected):
-        assert choice.text == result.tokenizer.decode(exp, skip_special_tokens=True)

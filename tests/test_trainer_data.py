@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -153,8 +154,33 @@ def test_config_rejects_bad_options(tmp_path, bad):
         TrainConfig(data=tmp_path / "d.jsonl", out=tmp_path / "o", **bad)
 
 
-def test_method_default_learning_rates(tmp_path):
-    assert TrainConfig(data="d", out=tmp_path / "o", method="prefix").lr > TrainConfig(data="d", out=tmp_path / "o").lr
+def test_method_defaults_and_run_length(tmp_path, capsys):
+    """Each method's defaults come from one table (METHOD_DEFAULTS), shown at the end of --help; the
+    default epochs stretch to the method's min_steps on small data, explicit epochs or steps do not."""
+    import argparse
+
+    from loramux.trainer.cli import add_parser
+    from loramux.trainer.config import METHOD_DEFAULTS, METHODS
+
+    def config(**kw) -> TrainConfig:
+        return TrainConfig(data="d", out=tmp_path / "o", **kw)
+
+    assert set(METHODS) == {"lora", "qlora", "dora", "prefix"}
+    for method, d in METHOD_DEFAULTS.items():
+        c = config(method=method)
+        assert (c.lr, c.num_virtual_tokens) == (d.lr, d.num_virtual_tokens)
+        assert c.total_steps(40) == d.min_steps                         # 40 examples: a few steps an epoch
+        assert c.total_steps(10_000) == math.ceil(d.epochs * 10_000 / 8)
+    assert config(method="prefix").lr > config().lr
+    assert config(epochs=1).total_steps(40) == 5 and config(max_steps=7).total_steps(40) == 7
+    assert config(batch_size=4, grad_accum=2, epochs=2).total_steps(41) == 11
+    parser = argparse.ArgumentParser(prog="loramux")
+    add_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    table = capsys.readouterr().out.split("per-method defaults")[1]
+    for method, d in METHOD_DEFAULTS.items():
+        assert f"{method:<8}{d.lr:<8g}{d.epochs:<8g}{d.min_steps:<11}" in table
 
 
 def test_split_and_collate(tokenizer, tmp_path):

@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import fields
 
-from loramux.trainer.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig
+from loramux.trainer.config import METHODS, PRECISIONS, SCHEDULES, TrainConfig, defaults_table
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
@@ -26,14 +26,15 @@ def _configure(p: argparse.ArgumentParser) -> None:
     io = p.add_argument_group("data and output")
     io.add_argument("--data", required=True, help="training JSONL: {prompt, completion} or {messages} records")
     io.add_argument("--out", required=True, help="adapter folder to create (peft format + metrics.json)")
-    io.add_argument("--method", choices=METHODS, default=d["method"], help="adapter kind (default %(default)s)")
+    io.add_argument("--method", choices=METHODS, default=d["method"],
+                    help="adapter kind (default %(default)s); dora = LoRA with DoRA's magnitude vectors")
     io.add_argument("--base", default=None, help="local HF model folder (default: embedded SmolLM2-135M-Instruct)")
     io.add_argument("--val-data", default=None, help="validation JSONL (eval loss)")
     io.add_argument("--val-split", type=float, default=d["val_split"], help="hold out this fraction of --data")
     io.add_argument("--eval-every", type=int, default=None, help="eval every N steps (default: at the end)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
-    lora = p.add_argument_group("lora / qlora")
+    lora = p.add_argument_group("lora / qlora / dora")
     lora.add_argument("-r", "--rank", type=int, default=d["rank"], help="default %(default)s")
     lora.add_argument("--alpha", type=float, default=d["alpha"], help="default %(default)s")
     lora.add_argument("--dropout", type=float, default=d["dropout"], help="default %(default)s")
@@ -41,17 +42,17 @@ def _configure(p: argparse.ArgumentParser) -> None:
                       help="comma-separated module names, or all-linear (default)")
 
     prefix = p.add_argument_group("prefix tuning")
-    prefix.add_argument("--num-virtual-tokens", type=int, default=d["num_virtual_tokens"], help="default %(default)s")
+    prefix.add_argument("--num-virtual-tokens", type=int, default=None, help="default: per method (below)")
     prefix.add_argument("--prefix-projection", action="store_true", help="train the prefix through an MLP")
     prefix.add_argument("--prefix-hidden-size", type=int, default=None, help="MLP width (default: model width)")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--lr", type=float, default=None, help="default: 1e-3 lora/qlora, 1e-2 prefix")
+    opt.add_argument("--lr", type=float, default=None, help="default: per method (below)")
     opt.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     opt.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"], help="default %(default)s")
     opt.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"], help="default %(default)s")
     opt.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-ratio")
-    opt.add_argument("--epochs", type=float, default=d["epochs"], help="default %(default)s")
+    opt.add_argument("--epochs", type=float, default=None, help="default: per method (below)")
     opt.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
     opt.add_argument("--batch-size", type=int, default=d["batch_size"], help="default %(default)s")
     opt.add_argument("--grad-accum", type=int, default=d["grad_accum"], help="default %(default)s")
@@ -75,8 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add `train` to a `parser.add_subparsers()` object; the parsed args' `func(args)` returns the exit code."""
     p = subparsers.add_parser(
         "train",
-        help="train a LoRA / QLoRA / prefix adapter on JSONL data",
-        description="Train a LoRA, QLoRA or prefix-tuning adapter and optionally register it with a server.",
+        help="train a LoRA / QLoRA / DoRA / prefix adapter on JSONL data",
+        description="Train a LoRA, QLoRA, DoRA or prefix-tuning adapter and optionally register it with a server.",
+        epilog=defaults_table(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _configure(p)
     return p
@@ -123,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer ...`: the same options as `loramux train ...`."""
-    parser = argparse.ArgumentParser(prog="python -m trainer")
+    parser = argparse.ArgumentParser(prog="python -m trainer", epilog=defaults_table(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(parser)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -6,7 +6,6 @@ Our own loop instead of HF Trainer: about a screen of code whose every step a te
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Iterator
@@ -116,8 +115,7 @@ def train(config: TrainConfig) -> TrainResult:
             with model.disable_adapter():
                 base_eval_loss = evaluate(model, val_ex, config.batch_size, pad_id, autocast)
 
-        per_step = config.batch_size * config.grad_accum
-        total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(train_ex) / per_step))
+        total_steps = config.total_steps(len(train_ex))
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         sched_name, warmup = _schedule(config, total_steps)

@@ -30,7 +30,7 @@ def use_bf16(config: TrainConfig) -> bool:
 
 
 def load_base(base_dir: Path, config: TrainConfig, bf16: bool):
-    """The frozen base model: float32 for lora/prefix, nf4 4-bit weights for qlora."""
+    """The frozen base model: float32 for lora/dora/prefix, nf4 4-bit weights for qlora."""
     from transformers import AutoModelForCausalLM
 
     if config.method != "qlora":
@@ -75,7 +75,8 @@ def _keep_4bit_weights_trainable(model) -> None:
 
 
 def peft_config(config: TrainConfig):
-    """The peft config for the method: LoRA on the target linears, or prefix tuning."""
+    """The peft config for the method: LoRA (DoRA: with magnitude vectors) on the target linears, or
+    prefix tuning."""
     from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     if config.method == "prefix":
@@ -99,6 +100,7 @@ def peft_config(config: TrainConfig):
         lora_dropout=config.dropout,
         target_modules=targets if isinstance(targets, str) else list(targets),
         bias="none",
+        use_dora=config.method == "dora",
     )
 
 

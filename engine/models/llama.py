@@ -20,8 +20,10 @@ from torch import nn
 from loramux.engine.attention import AttentionMetadata, KVCache, paged_attention
 from loramux.engine.lora_step import LoraStep
 from loramux.engine.models.spec import ModelSpec
+from loramux.engine.quantize import dequantize_projection
 
 QKV, O, GATE_UP, DOWN = range(4)          # indices of SHRINK_GROUPS, one per fused projection
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # DecoderLayer attribute of each
 
 
 @dataclass
@@ -123,6 +125,11 @@ class LlamaModel(nn.Module):
         self.lm_head: nn.Module | None = None                  # d -> vocab
         self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, max_positions, device)
         self.requires_grad_(False)
+
+    def dequantized_weight(self, layer: int, group: int) -> torch.Tensor:
+        """engine.lora_slots.BaseWeights: float32 (d_out, d_in) of layer `layer`'s fused projection
+        number `group` (QKV, O, GATE_UP, DOWN), as its resident form multiplies by it."""
+        return dequantize_projection(getattr(self.layers[layer], PROJECTIONS[group]))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, logit_rows: torch.Tensor | None) -> torch.Tensor:
