@@ -19,6 +19,7 @@ from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams
 from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import load_peft_model, make_adapters, strip_dora
+from tests.engine_steps import ready_batch
 from tests.hf_reference import greedy_no_cache
 
 NEW_TOKENS = 16
@@ -46,7 +47,10 @@ def adapter_dirs(base_model_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def engine_and_registry(base_model_dir, adapter_dirs, tmp_path_factory):
-    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4, max_lora_rank=16)
+    # Every request of the mixed test runs in the same steps: a token budget above all their prompts
+    # (chunked prefill has its own tests).
+    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4, max_lora_rank=16,
+                         max_num_batched_tokens=1024)
     return build_engine(econf, tmp_path_factory.mktemp("dora-data"), adapter_dirs)
 
 
@@ -101,7 +105,7 @@ def test_dora_alone_matches_peft(engine, peft_reference, tokenizer, name):
         prompt = tokenizer(PROMPTS[i])["input_ids"]
         tokens, ref_logits = peft_reference[name, i]
         seq = engine.add_request(f"alone-{name}-{i}", prompt, SamplingParams(max_tokens=1, temperature=0), name)[0]
-        logits = engine.runner.run(engine.scheduler.schedule())[0]
+        logits = engine.runner.run(ready_batch(engine))[0]
         engine.abort(seq.request_id)
         assert (logits - ref_logits).abs().max().item() < LOGIT_TOL, (name, i)
         assert engine.generate([prompt], _params(), [name])[0].output_token_ids == tokens, (name, i)
@@ -122,7 +126,7 @@ def test_mixed_batch_matches_peft(engine, peft_reference, tokenizer):
                                                                          (None, 1), ("lora-qv", 0), (None, 2)]
     seqs = [engine.add_request(f"mix-{k}", tokenizer(PROMPTS[i])["input_ids"], _params(), name)[0]
             for k, (name, i) in enumerate(jobs)]
-    batch = engine.scheduler.schedule()
+    batch = ready_batch(engine)
     assert len(batch.sequences) == len(jobs)
     plan = engine.runner.prepare(batch)[1].lora
     assert plan.dora == (True, True, True, True)               # every fused projection has a DoRA module
@@ -142,6 +146,6 @@ def test_steps_without_dora_skip_the_scaling(engine, tokenizer):
     with a DoRA adapter on q/v only scales just the fused q|k|v output."""
     for name, expected in (("lora-qv", (False,) * 4), ("dora-qv-r8", (True, False, False, False))):
         seq = engine.add_request(f"plan-{name}", tokenizer(PROMPTS[0])["input_ids"], _params(), name)[0]
-        plan = engine.runner.prepare(engine.scheduler.schedule())[1].lora
+        plan = engine.runner.prepare(ready_batch(engine))[1].lora
         engine.abort(seq.request_id)
         assert plan.dora == expected, name

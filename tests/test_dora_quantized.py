@@ -29,6 +29,7 @@ from loramux.engine.quantize import dequantize_projection, make_projection
 from loramux.engine.sampling_params import SamplingParams
 from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import make_adapters
+from tests.engine_steps import ready_batch
 from tests.test_dora_engine import DORA, PROMPTS
 
 LOGIT_TOL = 1e-3
@@ -90,7 +91,7 @@ def _dora_layers(peft_model, adapter: str) -> dict:
 def _first_logits(engine, jobs, prompts) -> list[torch.Tensor]:
     seqs = [engine.add_request(f"q-{k}", prompts[i], SamplingParams(max_tokens=1, temperature=0), a)[0]
             for k, (a, i) in enumerate(jobs)]
-    batch = engine.scheduler.schedule()
+    batch = ready_batch(engine)
     assert len(batch.sequences) == len(jobs)
     rows = dict(zip((id(s) for s in batch.sequences), engine.runner.run(batch)))
     for seq in seqs:

@@ -39,7 +39,10 @@ def adapter_dirs(base_model_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def engine(base_model_dir, adapter_dirs, tmp_path_factory) -> LLMEngine:
-    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4, max_lora_rank=16)
+    # Every request of the mixed test runs in the same steps: a token budget above all their prompts
+    # (chunked prefill has its own tests).
+    econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4, max_lora_rank=16,
+                         max_num_batched_tokens=1024)
     return build_engine(econf, tmp_path_factory.mktemp("oracle-data"), adapter_dirs)[0]
 
 

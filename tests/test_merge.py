@@ -39,6 +39,7 @@ from tests.adapter_factory import (
     write_lora_files,
     write_prefix_files,
 )
+from tests.engine_steps import ready_batch
 
 NEW_TOKENS = 12
 PROMPT = "The capital of France is"
@@ -217,7 +218,7 @@ def engine_results(engine, tokenizer) -> dict:
     assert registry.merges_computed == len(DENSITY)
     seqs = {m: engine.add_request(f"logits-{m}", prompt, SamplingParams(max_tokens=1, temperature=0), mix_id)[0]
             for m, mix_id in ids.items()}
-    batch = engine.scheduler.schedule()
+    batch = ready_batch(engine)
     assert len(batch.sequences) == len(seqs)
     logits = engine.runner.run(batch)
     first = {m: logits[batch.sequences.index(seq)] for m, seq in seqs.items()}
@@ -303,7 +304,7 @@ def test_saved_mixture_survives_restart_and_stale_mixtures_go(tiny_registry, tmp
     mix_id = reg.mixture(r)
     reg.save_mixture("saved", r)
     assert reg.merges_computed == 1                                # saving reused the cached merge
-    merged = reg._host.get(reg._live[mix_id])
+    merged = reg.residency.host.get(reg._live[mix_id])
     reg.unregister("a")                                            # a source gone: its mixtures go too
     assert mix_id not in reg and "saved" in reg
     restarted = _tiny_registry(reg.config.data_dir)

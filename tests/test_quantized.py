@@ -34,6 +34,7 @@ from loramux.engine.quantize import INT8_THRESHOLD
 from loramux.engine.sampling_params import SamplingParams
 from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import load_peft_model, make_adapters
+from tests.engine_steps import ready_batch
 from tests.resident_storage import expected_weight_bytes
 
 NEW_TOKENS = 12
@@ -150,7 +151,7 @@ def test_alone_matches_transformers_bnb(engine, reference, tokenizer, variant):
         ids = tokenizer(prompt)["input_ids"]
         tokens, ref_logits = reference[variant, i]
         seq = engine.add_request(f"logits-{variant}-{i}", ids, SamplingParams(max_tokens=1, temperature=0), variant)[0]
-        logits = engine.runner.run(engine.scheduler.schedule())[0]
+        logits = engine.runner.run(ready_batch(engine))[0]
         engine.abort(seq.request_id)
         diff = (logits - ref_logits).abs().max().item()
         assert diff < LOGIT_TOL, (variant, i, diff)
@@ -165,7 +166,7 @@ def _first_step_logits(engine: LLMEngine, jobs: list, prompts: list[list[int]]) 
     """Prefill `jobs` (variant, prompt index) together in one step; their last-position logits."""
     seqs = [engine.add_request(f"step-{k}-{v}-{i}", prompts[i], SamplingParams(max_tokens=1, temperature=0), v)[0]
             for k, (v, i) in enumerate(jobs)]
-    batch = engine.scheduler.schedule()
+    batch = ready_batch(engine)
     assert len(batch.sequences) == len(jobs)
     rows = dict(zip((id(s) for s in batch.sequences), engine.runner.run(batch)))
     for seq in seqs:
