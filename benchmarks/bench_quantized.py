@@ -82,7 +82,8 @@ def run(dtype: str = "bfloat16", tokens: int = 64, batches: tuple[int, ...] = (1
     rows = []
     for mode in modes:
         t0 = time.perf_counter()
-        engine = LLMEngine(EngineConfig(model_dir, dtype=dtype, quantize=mode, kv_cache_bytes=256 << 20))
+        engine = LLMEngine(EngineConfig(model_dir, dtype=dtype, quantize=mode, kv_cache_bytes=256 << 20,
+                                        max_num_batched_tokens=max(window, 80)))   # a window per step
         row = {"quantize": mode, "load_s": round(time.perf_counter() - t0, 1), "weight_bytes": engine.weight_bytes,
                "weight_mib": round(engine.weight_bytes / 2**20, 1)}
         ppl, scored = perplexity(engine, text, window)

@@ -20,7 +20,6 @@ from benchmarks.common import write_results
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import resolve_model
-from loramux.engine.sampler import logprobs_of, sample
 from loramux.engine.sampling_params import SamplingParams
 
 PARTS = ("schedule", "prepare", "forward", "sample", "outputs")
@@ -34,12 +33,13 @@ def timed_step(engine: LLMEngine, acc: dict[str, float]) -> None:
     input_ids, ctx, rows = engine.runner.prepare(batch)
     t.append(time.perf_counter())
     logits = engine.model(input_ids, ctx, rows)
-    for seq in batch.sequences:
+    for seq, end in zip(batch.prefills, batch.chunk_ends):
+        seq.num_computed_tokens = end
+    for seq in batch.decodes:
         seq.num_computed_tokens = seq.num_tokens
     t.append(time.perf_counter())
-    seqs = batch.sequences
-    tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-    lps = logprobs_of(logits, tokens, [s.params.logprobs for s in seqs])
+    seqs = batch.sampled
+    tokens, lps = engine.sampler(logits, seqs)
     t.append(time.perf_counter())
     for seq, tok, lp in zip(seqs, tokens, lps):
         engine._append(seq, tok, lp)
