@@ -11,13 +11,15 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+LOAD_AT_START = os.getloadavg()   # the machine before this benchmark ran (quiet means < ~0.3 on 2 cores)
 
 
 def machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "load_avg": os.getloadavg()}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "load_avg_at_start": LOAD_AT_START,
+            "load_avg_at_end": os.getloadavg()}   # the end's includes the benchmark's own load
 
 
 def write_results(name: str, payload: dict, command: str | None = None) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def run(task: str, method: str, overrides: dict) -> dict:
             "final_train_loss": round(sum(result.train_losses[-5:]) / 5, 4),
             "eval_loss": round(result.final_eval_loss, 4), "base_eval_loss": round(result.base_eval_loss, 4),
             "exact_match": f"{hits}/{len(records)}", "answers": answers[:3],
-            "seconds": round(time.perf_counter() - t0), "load_avg": machine()["load_avg"]}
+            "seconds": round(time.perf_counter() - t0), "load_avg": os.getloadavg()}
 
 
 def main() -> None:
@@ -72,7 +73,7 @@ def main() -> None:
     out = RESULTS / "train_defaults.json"
     rows = json.loads(out.read_text())["runs"] if out.exists() else []
     m = machine()
-    out.write_text(json.dumps({"machine": {k: v for k, v in m.items() if k != "load_avg"},
+    out.write_text(json.dumps({"machine": {k: v for k, v in m.items() if not k.startswith("load_avg")},
                                "runs": [*rows, row]}, indent=2) + "\n")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,6 +29,7 @@ class _StubEngine:
         self.scheduler = self
         self.running: list[_Seq] = []
         self.waiting: list[_Seq] = []
+        self.stats = SimpleNamespace(steps=0)
 
     def add_request(self, request_id, prompt, params, adapter_id=None, n=1):
         if prompt == [667]:
@@ -47,6 +49,7 @@ class _StubEngine:
     def step(self) -> list[StepOutput]:
         if any(s.poison for s in self.running):
             raise RuntimeError("poisoned batch")
+        self.stats.steps += 1
         outs = []
         for s in list(self.running):
             s.left -= 1
