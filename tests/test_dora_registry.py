@@ -48,7 +48,7 @@ def test_factors_fill_the_slot_and_a_lora_adapter_resets_it(tmp_path):
     dora = write_lora_files(tmp_path / "d", r=4, alpha=8, targets=TARGETS, dora=True, init="served")
     info = reg.register("d", dora)
     assert info.use_dora and info.type == "lora" and reg.get("d").to_dict()["use_dora"] is True
-    lease = reg.try_acquire("d")
+    lease = reg.acquire("d")
     slots = reg.stacks.dora
     assert slots.slot_groups[lease.slot] == {0, 2, 3}          # q|k|v, gate|up, down: o_proj is not targeted
     for layer in range(TINY_SPEC.num_layers):
@@ -64,7 +64,7 @@ def test_factors_fill_the_slot_and_a_lora_adapter_resets_it(tmp_path):
                     assert torch.equal(cols, torch.ones_like(cols)), (layer, module)
     reg.release(lease)
     reg.register("l", write_lora_files(tmp_path / "l", r=4, alpha=8, targets=TARGETS, init="served"))
-    lease = reg.try_acquire("l")                               # one slot: the LoRA adapter evicts the DoRA one
+    lease = reg.acquire("l")                                   # one slot: the LoRA adapter evicts the DoRA one
     assert slots.slot_groups[lease.slot] == frozenset() and not reg.get("l").use_dora
     for layer in range(TINY_SPEC.num_layers):
         for g in range(len(SHRINK_GROUPS)):
