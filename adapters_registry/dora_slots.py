@@ -17,10 +17,14 @@ from loramux.engine.models.spec import SHRINK_GROUPS, ModelSpec
 from .peft_lora import LoraWeights
 
 
+def _fused_widths(spec: ModelSpec) -> list[int]:
+    return [spec.group_offsets(g)[-1] + spec.lora_dims(g[-1])[1] for g in SHRINK_GROUPS]
+
+
 class DoraFactors:
     def __init__(self, spec: ModelSpec, num_slots: int, device: torch.device):
         self.spec = spec
-        widths = [spec.group_offsets(g)[-1] + spec.lora_dims(g[-1])[1] for g in SHRINK_GROUPS]
+        widths = _fused_widths(spec)
         self._factors = [[torch.ones(num_slots, w, dtype=torch.float32, device=device) for w in widths]
                          for _ in range(spec.num_layers)]
         # Groups (indices of SHRINK_GROUPS) with DoRA modules of the adapter in each slot: a step
@@ -31,6 +35,11 @@ class DoraFactors:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self._factors for t in layer)
+
+    @staticmethod
+    def slot_nbytes(spec: ModelSpec) -> int:
+        """Bytes of one slot's factors: a float32 row per layer and fused projection."""
+        return spec.num_layers * sum(_fused_widths(spec)) * 4
 
     def factors(self, layer: int, group: int) -> torch.Tensor:
         """(S, d_group) float32: per slot, the factors of the fused output of SHRINK_GROUPS[group]."""

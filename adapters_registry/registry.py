@@ -261,7 +261,7 @@ class AdapterRegistry:
             while True:
                 lease = self.try_acquire(adapter_id)
                 record = self._get_live(adapter_id)
-                if lease is not None or not self.residency.pending(record):
+                if lease is not None or not (self.residency.pending(record) or self.residency.writing):
                     return lease
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"adapter {adapter_id!r} was not ready within {timeout} s")

@@ -84,6 +84,11 @@ class Residency:
         """Whether background work for `record` is under way (waiting on it ends)."""
         return record.loading or record.placing
 
+    @property
+    def writing(self) -> bool:
+        """Whether some slot is being written: it may come free (its adapter retired) when that ends."""
+        return any(owner is not None and owner.placing for owner in self._slots.owner)
+
     def wait(self, timeout: float) -> None:
         self._ready.wait(timeout)
 

@@ -66,9 +66,11 @@ class LoraStacks:
 
     @staticmethod
     def slot_nbytes(spec: ModelSpec, max_rank: int, dtype: torch.dtype) -> int:
-        """Bytes of one slot: A and B at rank `max_rank` for all 7 targets of every layer."""
+        """Bytes of one slot: A and B at rank `max_rank` for all 7 targets of every layer, and its
+        DoRA factors."""
         per_rank = sum(sum(spec.lora_dims(m)) for m in LORA_TARGETS)            # d_in + d_out per module
-        return spec.num_layers * per_rank * max_rank * torch.empty((), dtype=dtype).element_size()
+        return (spec.num_layers * per_rank * max_rank * torch.empty((), dtype=dtype).element_size()
+                + DoraFactors.slot_nbytes(spec))
 
     @classmethod
     def count_for(cls, spec: ModelSpec, max_rank: int, dtype: torch.dtype, memory_bytes: int) -> int:

@@ -114,9 +114,12 @@ def test_a_new_registration_is_a_new_version(tmp_path):
 def test_slot_count_from_the_memory_budget(base_model_dir, tmp_path):
     spec = ModelSpec.from_dir(base_model_dir)
     one = LoraStacks.slot_nbytes(spec, 8, torch.float32)
-    assert one == spec.num_layers * 8 * 4 * sum(sum(spec.lora_dims(m)) for m in
-                                                ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"))
+    lora_bytes = spec.num_layers * 8 * 4 * sum(sum(spec.lora_dims(m)) for m in
+                                               ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"))
+    fused_outputs = ((spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim    # q|k|v
+                     + spec.hidden_size + 2 * spec.intermediate_size + spec.hidden_size)   # o, gate|up, down
+    assert one == lora_bytes + spec.num_layers * fused_outputs * 4      # + float32 DoRA factors
     budget = EngineConfig(base_model_dir, dtype="float32", max_lora_rank=8, max_lora_memory_bytes=3 * one + one // 2)
     reg = build_registry(budget, tmp_path / "d1")
     assert reg.stacks.num_slots == 3 and reg.slot_bytes == 3 * one

@@ -1,4 +1,4 @@
-"""200 adapters registered over HTTP on a server with 8 device slots: every answer exact.
+"""200 adapters registered over HTTP on a server with far fewer device slots: every answer exact.
 
 Each adapter's answer in a mixed, concurrent load must equal its answer when it runs alone.
 """
@@ -14,7 +14,7 @@ from tests.adapter_factory import write_small_lora
 NUM_ADAPTERS = 200
 
 
-def test_200_adapters_through_http_with_8_slots(server, client, base_model_dir):
+def test_200_adapters_through_http_with_fewer_slots(server, client, base_model_dir):
     spec = ModelSpec.from_dir(base_model_dir)
     ids = [f"bulk-{i:03d}" for i in range(NUM_ADAPTERS)]
     for i, adapter_id in enumerate(ids):
@@ -39,7 +39,11 @@ def test_200_adapters_through_http_with_8_slots(server, client, base_model_dir):
                                          max_tokens=4, temperature=0).choices[0].text
         assert sum(text != base for text in alone.values()) > NUM_ADAPTERS // 2
         tiers = {a["id"]: a["tier"] for a in httpx.get(f"{server.url}/v1/adapters").json()["data"]}
-        assert sum(tiers[i] == "device" for i in ids) <= 8
+        metrics = httpx.get(f"{server.url}/metrics").text
+        slots = int(float(next(line.split()[-1] for line in metrics.splitlines()
+                               if line.startswith("loramux_adapter_slots "))))
+        assert slots < NUM_ADAPTERS // 4
+        assert sum(tiers[i] == "device" for i in ids) <= slots
     finally:
         for adapter_id in ids:
             httpx.delete(f"{server.url}/v1/adapters/{adapter_id}")
