@@ -18,7 +18,7 @@ from loramux.server.state import ServerState
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        state.engine.start()
+        # The engine's step loop is run by the host: `loramux serve` on its main thread (server/cli.py).
         # What startup built (model, tokenizer, modules) leaves the collector's scans: a request body
         # that makes many lists then costs collections over its own objects, not over the whole process.
         gc.freeze()

@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -109,12 +111,22 @@ def serve(args: argparse.Namespace) -> int:
     except DataDirBusy as e:
         logging.getLogger("loramux.server").error("%s", e)
         return 2
-    # On SIGTERM uvicorn stops accepting, lets in-flight responses finish (up to the graceful
-    # timeout), runs the lifespan shutdown (the engine drains), then raises the signal again so the
-    # default action kills the process (exit -15). A drained server has stopped cleanly: with this
-    # handler in place the re-raised signal is a no-op and the process exits 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=60)
+    # The engine's steps run on this, the main thread (OpenMP is 2-3x faster there: engine/async_engine.py),
+    # the HTTP server on another. On SIGTERM or SIGINT (delivered here) uvicorn stops accepting, lets
+    # in-flight responses finish (up to the graceful timeout) and runs the lifespan shutdown, which
+    # waits for the engine to drain; then `run` returns and the process exits 0.
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=60))
+    http = threading.Thread(target=server.run, name="loramux-http")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    while not server.started:          # e.g. the port is taken: uvicorn logs why and its thread ends
+        if not http.is_alive():
+            return 1
+        time.sleep(0.05)
+    state.engine.run()
+    http.join()
     return 0
 
 
