@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.bench_engine import make_prompts
 from benchmarks.common import write_results
+from loramux.engine.cpu_threads import claim_intra_op_threads
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import resolve_model
@@ -151,6 +152,7 @@ def main() -> None:
     args = ap.parse_args()
     targets = tuple(args.targets.split(","))
     torch.set_num_threads(2)
+    claim_intra_op_threads()   # the background adapter loads run on one thread, as in `loramux serve`
     result = run(args.dtype, args.requests, args.tokens, args.rounds, args.rank, targets, args.dora)
     print(result)
     name = f"mixed_{args.dtype}" if (args.rank, targets) == (RANK, TARGETS) else \

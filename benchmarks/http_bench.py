@@ -21,8 +21,8 @@ peft folders and converted to GGUF for llama.cpp by its own convert_lora_to_gguf
   loaded at scale 0 (`--lora-scaled FILE:0`); a request picks its adapter with llama-server's
   per-request field `"lora": [{"id": k, "scale": 1.0}]`. llama-server decodes in one step only the
   slots whose LoRA set equals that of the first busy slot, so requests for different adapters are
-  served group after group, never in one batch. Requests send `"cache_prompt": false`: loramux
-  has no prompt cache, so both prefill every prompt.
+  served group after group, never in one batch. Requests send `"cache_prompt": false` and every
+  prompt is distinct (so loramux's prefix cache never hits either): both prefill every prompt.
 Results go to benchmarks/results/http.json. With --url it drives a server you started (adapters:
 for loramux the first N non-base models of /v1/models, for llama-server the first N of
 /lora-adapters) and only prints.

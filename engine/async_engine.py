@@ -8,8 +8,9 @@ Which thread matters on a CPU: OpenMP parallel regions started from the process'
 2-3x faster than the same regions started from any other thread (measured here with torch's
 libgomp: a 2-thread bf16 1x576x1536 matmul 60 µs vs 116-140 µs, a batch-1 decode step 13 ms vs
 25-30 ms; with one thread both are alike). So `loramux serve` runs the step loop on its main thread
-(`run`) and the HTTP server beside it; `start` runs it on a thread of its own, for hosts whose
-main thread is taken (Ray replicas, tests).
+(`run`, which also gives every other thread one torch thread: engine/cpu_threads.py) and the HTTP
+server beside it; `start` runs it on a thread of its own, for hosts whose main thread is taken (Ray
+replicas, tests).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from loramux.engine.cpu_threads import claim_intra_op_threads
 from loramux.engine.llm_engine import LLMEngine, StepOutput
 from loramux.engine.sampling_params import SamplingParams
 
@@ -75,6 +77,7 @@ class AsyncEngine:
         """Run the step loop on the calling thread (the main thread: see the module docstring) until
         `shutdown` and every request in flight has finished."""
         self._looping = True
+        claim_intra_op_threads()
         self._run()
 
     def shutdown(self, timeout: float = 30.0) -> None:
