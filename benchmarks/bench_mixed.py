@@ -30,8 +30,8 @@ import torch
 
 from benchmarks.bench_engine import make_prompts
 from benchmarks.common import write_results
-from loramux.engine.cpu_threads import claim_intra_op_threads
 from loramux.engine.config import EngineConfig
+from loramux.engine.cpu_threads import claim_intra_op_threads
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.model_source import resolve_model
 from loramux.engine.models.spec import ModelSpec
