@@ -3,7 +3,10 @@
 waits for the adapters those requests name."""
 from __future__ import annotations
 
+import torch
+
 from loramux.engine.llm_engine import LLMEngine
+from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import ScheduledBatch
 
 
@@ -16,3 +19,16 @@ def ready_batch(engine: LLMEngine) -> ScheduledBatch:
         assert lease is not None, f"no free slot for {name!r}"
         registry.release(lease)
     return engine.scheduler.schedule()
+
+
+def first_step_logits(engine: LLMEngine, jobs: list[tuple[str | None, int]],
+                      prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Prefill `jobs` (adapter or None, prompt index) together in one step; their last-position logits."""
+    seqs = [engine.add_request(f"step-{k}-{a}-{i}", prompts[i], SamplingParams(max_tokens=1, temperature=0), a)[0]
+            for k, (a, i) in enumerate(jobs)]
+    batch = ready_batch(engine)
+    assert len(batch.sequences) == len(jobs)
+    rows = dict(zip((id(s) for s in batch.sequences), engine.runner.run(batch)))
+    for seq in seqs:
+        engine.abort(seq.request_id)
+    return [rows[id(s)] for s in seqs]

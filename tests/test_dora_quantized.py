@@ -29,7 +29,7 @@ from loramux.engine.quantize import dequantize_projection, make_projection
 from loramux.engine.sampling_params import SamplingParams
 from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import make_adapters
-from tests.engine_steps import ready_batch
+from tests.engine_steps import first_step_logits
 from tests.test_dora_engine import DORA, PROMPTS
 
 LOGIT_TOL = 1e-3
@@ -88,23 +88,12 @@ def _dora_layers(peft_model, adapter: str) -> dict:
     return out
 
 
-def _first_logits(engine, jobs, prompts) -> list[torch.Tensor]:
-    seqs = [engine.add_request(f"q-{k}", prompts[i], SamplingParams(max_tokens=1, temperature=0), a)[0]
-            for k, (a, i) in enumerate(jobs)]
-    batch = ready_batch(engine)
-    assert len(batch.sequences) == len(jobs)
-    rows = dict(zip((id(s) for s in batch.sequences), engine.runner.run(batch)))
-    for seq in seqs:
-        engine.abort(seq.request_id)
-    return [rows[id(s)] for s in seqs]
-
-
 def _check_same_or_near_tie(engine, adapter, prompt: list[int], got: list[int], ref: list[int]) -> None:
     """Greedy tokens equal peft's, or part from them where the two best logits are within NF4_TOL."""
     if got == ref:
         return
     j = next(k for k, (a, b) in enumerate(zip(got, ref)) if a != b)
-    (logits,) = _first_logits(engine, [(adapter, 0)], [prompt + ref[:j]])
+    (logits,) = first_step_logits(engine, [(adapter, 0)], [prompt + ref[:j]])
     top = logits.topk(2)
     assert set(top.indices.tolist()) == {got[j], ref[j]} and top.values[0] - top.values[1] < NF4_TOL, (adapter, j)
 
@@ -158,7 +147,7 @@ def test_nf4_matches_peft_on_bitsandbytes(base_model_dir, adapter_dirs, tokenize
                 with model.disable_adapter():
                     base_logits = _hf_greedy(model, ids)[1]
                 assert (ref_logits - base_logits).abs().max() > 3 * NF4_TOL, (name, i)  # the adapter's effect
-                (logits,) = _first_logits(engine, [(name, i)], prompts)
+                (logits,) = first_step_logits(engine, [(name, i)], prompts)
                 assert (logits - ref_logits).abs().max().item() < NF4_TOL, (name, i)
                 out = engine.generate([ids], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True),
                                       [name])[0]
@@ -168,7 +157,7 @@ def test_nf4_matches_peft_on_bitsandbytes(base_model_dir, adapter_dirs, tokenize
     # Mixed with plain LoRA and base requests: each row as the same request next to one base request
     # (the step's LoRA then takes the embedding bag, as in the mixed step; see tests/test_quantized.py).
     jobs = [(a, i) for a in (*ADAPTERS, "lora", None) for i in range(len(prompts))]
-    mixed = _first_logits(engine, jobs, prompts)
+    mixed = first_step_logits(engine, jobs, prompts)
     for job, row in zip(jobs, mixed):
-        alone = _first_logits(engine, [job] + [(None, job[1])] * (job[0] is not None), prompts)[0]
+        alone = first_step_logits(engine, [job] + [(None, job[1])] * (job[0] is not None), prompts)[0]
         assert (row - alone).abs().max().item() < LOGIT_TOL, job

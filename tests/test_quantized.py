@@ -34,7 +34,7 @@ from loramux.engine.quantize import INT8_THRESHOLD
 from loramux.engine.sampling_params import SamplingParams
 from loramux.server.bootstrap import build_engine
 from tests.adapter_factory import load_peft_model, make_adapters
-from tests.engine_steps import ready_batch
+from tests.engine_steps import first_step_logits, ready_batch
 from tests.resident_storage import expected_weight_bytes
 
 NEW_TOKENS = 12
@@ -162,18 +162,6 @@ def test_alone_matches_transformers_bnb(engine, reference, tokenizer, variant):
             "the adapter must change the output, or this test proves nothing"
 
 
-def _first_step_logits(engine: LLMEngine, jobs: list, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """Prefill `jobs` (variant, prompt index) together in one step; their last-position logits."""
-    seqs = [engine.add_request(f"step-{k}-{v}-{i}", prompts[i], SamplingParams(max_tokens=1, temperature=0), v)[0]
-            for k, (v, i) in enumerate(jobs)]
-    batch = ready_batch(engine)
-    assert len(batch.sequences) == len(jobs)
-    rows = dict(zip((id(s) for s in batch.sequences), engine.runner.run(batch)))
-    for seq in seqs:
-        engine.abort(seq.request_id)
-    return [rows[id(s)] for s in seqs]
-
-
 def test_mixed_batch(engine, reference, tokenizer, mode):
     """Base, LoRA and prefix requests (3 prompts each) in the same steps on the quantized base.
 
@@ -206,9 +194,9 @@ def test_mixed_batch(engine, reference, tokenizer, mode):
         m.state.threshold = 0.0
     try:
         # A LoRA request next to one base request: its LoRA goes through the bag, as in the mixed batch.
-        alone = [_first_step_logits(engine, [job] + [(None, job[1])] * (job[0] == "lora"), prompts)[0]
+        alone = [first_step_logits(engine, [job] + [(None, job[1])] * (job[0] == "lora"), prompts)[0]
                  for job in jobs]
-        mixed = _first_step_logits(engine, jobs, prompts)
+        mixed = first_step_logits(engine, jobs, prompts)
     finally:
         for m in int8:
             m.state.threshold = INT8_THRESHOLD
@@ -238,7 +226,7 @@ def _check_parting_is_a_near_tie(engine: LLMEngine, job, prompt: list[int], got:
     if got == ref:
         return
     j = next(k for k, (a, b) in enumerate(zip(got, ref)) if a != b)
-    logits = _first_step_logits(engine, [(job[0], 0)], [prompt + ref[:j]])[0]   # the lone run at the parting
+    logits = first_step_logits(engine, [(job[0], 0)], [prompt + ref[:j]])[0]   # the lone run at the parting
     top = logits.topk(2)
     assert set(top.indices.tolist()) == {got[j], ref[j]}, (job, j)
     assert top.values[0] - top.values[1] < NEAR_TIE, (job, j, top.values)
