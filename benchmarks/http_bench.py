@@ -240,7 +240,7 @@ def main() -> None:
                "adapter": {"peft": "LoRA r=16 alpha=32 on " + "/".join(LORA_TARGETS) + ", B ~ N(0, 0.05)",
                            "count": n_adapters},
                "servers": servers}
-    print(write_results("http", payload, command))
+    print(write_results("http" if args.server == "both" else f"http_{args.server}", payload, command))
 
 
 if __name__ == "__main__":
