@@ -12,21 +12,19 @@ import contextlib
 import importlib.metadata
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from loramux.engine.model_source import cache_root
+from tests.server_process import ServerProcess, free_port
 
 # CPU only (no GPU backend is on by default), one static binary; no web UI (its prebuilt assets
 # would be downloaded from the Hugging Face hub) and no TLS (loopback only).
@@ -123,37 +121,7 @@ def llama_server_args(gguf: Path, *, threads: int, parallel: int, loras: Sequenc
     return args + (["--alias", alias] if alias else [])
 
 
-@dataclass
-class LlamaServer:
-    """A running llama-server process and its log."""
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(server: LlamaServer, timeout: float) -> LlamaServer:
+def wait_healthy(server: ServerProcess, timeout: float) -> ServerProcess:
     """Wait for GET /health to answer 200 (503 while the model loads), or raise with the log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -168,18 +136,18 @@ def wait_healthy(server: LlamaServer, timeout: float) -> LlamaServer:
 
 
 def start_llama_server(gguf: Path, log_dir: Path, *, threads: int, parallel: int, loras: Sequence[Path] = (),
-                       alias: str | None = None, timeout: float = 120) -> LlamaServer:
+                       alias: str | None = None, timeout: float = 120) -> ServerProcess:
     """llama-server on a free loopback port (see `llama_server_args`); stop it with `.stop()`."""
     port = free_port()
     log_path = Path(log_dir) / f"llama-server-{port}.log"
     cmd = [str(llama_server_binary()), "--host", "127.0.0.1", "--port", str(port),
            *llama_server_args(gguf, threads=threads, parallel=parallel, loras=loras, alias=alias)]
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return wait_healthy(LlamaServer(proc, port, log_path), timeout)
+    return wait_healthy(ServerProcess(proc, port, log_path, Path(log_dir)), timeout)
 
 
 @contextlib.contextmanager
-def llama_server(gguf: Path, log_dir: Path, **kw) -> Iterator[LlamaServer]:
+def llama_server(gguf: Path, log_dir: Path, **kw) -> Iterator[ServerProcess]:
     server = start_llama_server(gguf, log_dir, **kw)
     try:
         yield server
