@@ -12,20 +12,20 @@ import torch
 
 from loramux.trainer import TrainConfig, register_adapter, train
 from loramux.trainer.config import METHOD_DEFAULTS
-from tests.test_trainer import CODEWORD_LORA, HELDOUT, TRAIN, exact_match, fresh_base, heldout, serve_answers
+from tests.test_trainer import (  # noqa: F401 (one_thread: the same autouse fixture here)
+    CODEWORD_LORA,
+    HELDOUT,
+    TRAIN,
+    exact_match,
+    fresh_base,
+    heldout,
+    one_thread,
+    serve_answers,
+)
 
 # The prefix method's own defaults but for the number of steps (3 epochs of the 109 examples).
 CODEWORD_PREFIX = {"method": "prefix", "max_steps": 41, "batch_size": 8, "max_seq_len": 64, "seed": 0}
 BASE_MODEL = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a CPU shared with other jobs two spinning OpenMP threads run ~10x slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
