@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from loramux import kernels
+from loramux.kernels import ops as kernels
 from loramux.kernels import torch_ops
 from loramux.kernels.mapping import LoraMapping
 

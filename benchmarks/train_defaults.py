@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, machine
-from loramux.trainer import TrainConfig, train
+from loramux.trainer.api import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"codeword": (ROOT / "tests/data/codeword_train.jsonl", ROOT / "tests/data/codeword_heldout.jsonl"),

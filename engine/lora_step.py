@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loramux import kernels
 from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.models.spec import SHRINK_GROUPS, ModelSpec
+from loramux.kernels import ops as kernels
 
 
 @dataclass(frozen=True)

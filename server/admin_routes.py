@@ -15,7 +15,7 @@ import pydantic_core
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from loramux.adapters_registry import AdapterError
+from loramux.adapters_registry.errors import AdapterError
 from loramux.adapters_registry.mixtures import MixtureRecipe
 from loramux.server.admin_protocol import RegisterByPath, RegisterMixture, VllmLoad, VllmUnload, body_doc
 from loramux.server.auth import check_admin_key

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from loramux.adapters_registry import AdapterRegistry
+from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.engine.prefix_cache import PrefixCache
 from loramux.server.api import build_api
 from loramux.server.local_backend import LocalServing, RegistryAdmin

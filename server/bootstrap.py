@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
-from loramux.adapters_registry import AdapterRegistry, LoraStacks, RegistryConfig, claim_data_dir
+from loramux.adapters_registry.config import RegistryConfig
+from loramux.adapters_registry.datadir_lock import claim_data_dir
+from loramux.adapters_registry.registry import AdapterRegistry
+from loramux.adapters_registry.slots import LoraStacks
 from loramux.engine.async_engine import AsyncEngine
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine

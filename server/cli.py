@@ -86,7 +86,7 @@ def add_serve_parser(sub) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from loramux.adapters_registry import DataDirBusy
+    from loramux.adapters_registry.datadir_lock import DataDirBusy
     from loramux.server.app import create_app
     from loramux.server.bootstrap import ServeConfig, build_state
 

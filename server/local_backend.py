@@ -10,8 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from loramux.adapters_registry import AdapterRegistry
 from loramux.adapters_registry.mixtures import MixtureRecipe
+from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.server.completions import run_request
 from loramux.server.state import ServerState
 

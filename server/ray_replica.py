@@ -20,8 +20,9 @@ from pathlib import Path
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from loramux.adapters_registry import AdapterError, AdapterInfo
+from loramux.adapters_registry.errors import AdapterError
 from loramux.adapters_registry.mixtures import MixtureRecipe
+from loramux.adapters_registry.records import AdapterInfo
 from loramux.adapters_registry.store import AdapterStore
 from loramux.server.app import bind_metrics
 from loramux.server.bootstrap import ServeConfig, build_state

@@ -42,7 +42,7 @@ class ServerState:
         if name == self.base_model_name:
             return name, None
         if self.registry is not None:
-            from loramux.adapters_registry import AdapterError
+            from loramux.adapters_registry.errors import AdapterError
             try:
                 self.registry.get(name)
                 return name, name
@@ -58,7 +58,7 @@ class ServerState:
                                 f"(and no `adapter_id`)", param="model", code="invalid_value")
         if self.registry is None:
             raise APIError(400, "this server serves no adapters", param="adapters", code="invalid_value")
-        from loramux.adapters_registry import AdapterError
+        from loramux.adapters_registry.errors import AdapterError
         from loramux.adapters_registry.mixtures import MixtureRecipe
         try:
             mix_id = self.registry.mixture(MixtureRecipe.create(**req.recipe_args(fallback_seed=req.seed)))

@@ -19,8 +19,11 @@ from pathlib import Path
 
 from ray import serve
 
-from loramux.adapters_registry import AdapterError, AdapterInfo, AdapterRegistry, validate_adapter_id
+from loramux.adapters_registry.errors import AdapterError
+from loramux.adapters_registry.ids import validate_adapter_id
 from loramux.adapters_registry.mixtures import MixtureRecipe
+from loramux.adapters_registry.records import AdapterInfo
+from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.adapters_registry.store import AdapterStore
 
 log = logging.getLogger("loramux.ray")

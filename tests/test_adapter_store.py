@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from loramux.adapters_registry import AdapterError
+from loramux.adapters_registry.errors import AdapterError
 from loramux.adapters_registry.store import AdapterStore
 
 

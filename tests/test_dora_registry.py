@@ -14,8 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
+from loramux.adapters_registry.config import RegistryConfig
+from loramux.adapters_registry.errors import AdapterError
 from loramux.adapters_registry.mixtures import MixtureRecipe
+from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.engine.models.spec import SHRINK_GROUPS
 from tests.adapter_factory import TINY_SPEC, _lora_key, _magnitude_key, tiny_base, write_lora_files
 

@@ -236,7 +236,7 @@ def test_data_dir_lock_is_never_stale(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        from loramux.adapters_registry import DataDirBusy, claim_data_dir
+        from loramux.adapters_registry.datadir_lock import DataDirBusy, claim_data_dir
         with pytest.raises(DataDirBusy, match=f"pid {holder.pid}"):
             claim_data_dir(tmp_path)
     finally:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loramux import kernels
+from loramux.kernels import ops as kernels
 from loramux.kernels import torch_ops
 from loramux.kernels.mapping import LoraMapping
 from loramux.kernels.reference import expand_ref, shrink_ref

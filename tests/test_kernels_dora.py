@@ -18,7 +18,7 @@ import zlib
 import pytest
 import torch
 
-from loramux import kernels
+from loramux.kernels import ops as kernels
 from loramux.kernels import torch_ops
 from loramux.kernels.mapping import LoraMapping
 from loramux.kernels.reference import scale_rows_ref

@@ -33,7 +33,7 @@ def _cuda(c: dict) -> dict:
 
 
 def _run(shrink, expand, c_cpu: dict, decode: bool | None) -> None:
-    from loramux import kernels
+    from loramux.kernels import ops as kernels
 
     c = _cuda(c_cpu)
     m = kernels.LoraMapping.from_slots(c["slots"], decode=decode)
@@ -47,13 +47,13 @@ def _run(shrink, expand, c_cpu: dict, decode: bool | None) -> None:
 @pytest.mark.parametrize("decode", [True, False], ids=["bgmv", "sgmv"])
 @pytest.mark.parametrize("dtype,r,d,T,mix", GRID, ids=lambda v: str(v).replace("torch.", ""))
 def test_compiled_kernels_match_reference(dtype, r, d, T, mix, decode):
-    from loramux import kernels
+    from loramux.kernels import ops as kernels
 
     _run(kernels.lora_shrink, kernels.lora_expand, make_case(dtype, r, d, T, mix, seed=T + d + r), decode)
 
 
 def test_cuda_tensors_take_the_triton_path():
-    from loramux import kernels
+    from loramux.kernels import ops as kernels
     from loramux.kernels import triton_ops
 
     assert kernels._ops(torch.zeros(1, device="cuda")) is triton_ops
@@ -70,7 +70,7 @@ def test_split_k_shrink(split_k):
 
 
 def test_float32_stacks_with_bf16_activations():
-    from loramux import kernels
+    from loramux.kernels import ops as kernels
 
     for decode in (True, False):
         _run(kernels.lora_shrink, kernels.lora_expand,
@@ -87,7 +87,7 @@ def _bench_ms(fn) -> float:
 def test_timing_mixed_vs_single_vs_base(d):
     """Punica's claim on a GPU: mixing 32 adapters costs about what one adapter costs, and the LoRA
     ops are small next to the base matmul. Loose bounds, printed numbers."""
-    from loramux import kernels
+    from loramux.kernels import ops as kernels
 
     torch.manual_seed(0)
     T, S, r, dt = 32, 32, 16, torch.bfloat16

@@ -24,10 +24,12 @@ import openai
 import pytest
 import torch
 
-from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
+from loramux.adapters_registry.config import RegistryConfig
+from loramux.adapters_registry.errors import AdapterError
 from loramux.adapters_registry.formats import inspect_adapter, load_adapter
 from loramux.adapters_registry.merge import LINEAR_FAMILY, METHODS, merge_lora
 from loramux.adapters_registry.mixtures import MixtureRecipe
+from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams

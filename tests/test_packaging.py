@@ -2,8 +2,11 @@
 
 Before, the top-level folders were installed as top-level modules: `kernels` answered bitsandbytes'
 `from kernels import get_kernel` (Hugging Face's kernel-hub package) in every process of the
-environment. These checks run in fresh interpreters outside the repository, where the working
-directory cannot make the folders importable.
+environment. Then, with only `loramux` installed, the checkout's root still put them first on
+`sys.path` for anything run there (`python -m pytest`, `python -m ...`, `python -c`), and
+transformers >= 5.25's `from kernels import CUDAProperties` landed in our folder. Now the folders
+are namespace portions (no `__init__.py`), which the import system ranks below any regular package
+(loramux/__init__.py). These checks run in fresh interpreters, outside the repository and in its root.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("server", "engine", "kernels", "adapters_registry", "trainer")
@@ -34,6 +39,41 @@ def test_only_loramux_is_importable(tmp_path):
     assert out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
+def _in_checkout_not_installed(origin: str) -> str:
+    """Python source for: is `origin` a file of the checkout rather than of an installed
+    distribution (the venv may live under the checkout, so site-packages is told apart)."""
+    return (f"(lambda o: o is not None and o.startswith({str(ROOT)!r} + '/') and "
+            f"not any(o.startswith(d + '/') for d in __import__('site').getsitepackages()))({origin})")
+
+
+def test_no_checkout_folder_shadows_an_installed_module():
+    """Run in the checkout's root, where '' leads sys.path: every top-level module that an installed
+    distribution provides resolves to that distribution, whatever folders the checkout has."""
+    assert not [d.name for d in ROOT.iterdir() if d.is_dir() and d.name != "loramux" and (d / "__init__.py").exists()], \
+        "a top-level folder with __init__.py is a regular package: from the root it shadows any namesake"
+    out = _python(
+        "import importlib.metadata as md, importlib.util as u, os\n"
+        "local = {e.split('.')[0] for e in os.listdir('.') if not e.startswith('.')}\n"
+        "others = {m for m, dists in md.packages_distributions().items() if set(dists) != {'loramux'}}\n"
+        "shadowed = []\n"
+        "for name in sorted(others & local):\n"
+        "    spec = u.find_spec(name)\n"
+        f"    if spec is None or {_in_checkout_not_installed('spec.origin')}:\n"
+        "        shadowed.append((name, spec and spec.origin))\n"
+        "assert not shadowed, shadowed\n"
+        "print(sorted(others & local))\n", ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "kernels" in out.stdout, "HF `kernels` (a transformers dependency) is the namesake this guards against"
+
+
+def test_transformers_hub_kernels_import_from_the_root():
+    """The reported failure: transformers' hub integration imports HF `kernels` by name."""
+    out = _python("from transformers.integrations import hub_kernels  # noqa\n"
+                  "import benchmarks.run_all, tests.server_process  # noqa: the checkout's own namespaces\n"
+                  "import loramux.kernels.ops\nprint('ok')\n", ROOT)
+    assert out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def test_bitsandbytes_cpu_path_is_not_shadowed(tmp_path):
     """bitsandbytes' CPU 4-bit backend imports HF `kernels` when it is installed; with loramux
     loaded in the same process that import must not land in loramux's kernels folder."""
@@ -44,7 +84,7 @@ def test_bitsandbytes_cpu_path_is_not_shadowed(tmp_path):
         "import bitsandbytes, bitsandbytes.backends.cpu.ops\n"
         "import importlib.util as u\n"
         "spec = u.find_spec('kernels')\n"
-        f"assert spec is None or not str(spec.origin).startswith({str(ROOT)!r}), spec\n"
+        f"assert spec is None or not {_in_checkout_not_installed('spec.origin')}, spec\n"
         "print(buf.getvalue())\n", tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
@@ -52,8 +92,10 @@ def test_bitsandbytes_cpu_path_is_not_shadowed(tmp_path):
     assert str(ROOT / "kernels") not in log, log
 
 
-def test_python_dash_m_loramux(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "loramux", "serve", "--help"], cwd=tmp_path, capture_output=True,
+@pytest.mark.parametrize("where", ["elsewhere", "root"])
+def test_python_dash_m_loramux(tmp_path, where):
+    out = subprocess.run([sys.executable, "-m", "loramux", "serve", "--help"],
+                         cwd=tmp_path if where == "elsewhere" else ROOT, capture_output=True,
                          text=True, timeout=120, check=False)
     assert out.returncode == 0 and "--max-loras" in out.stdout, out.stderr[-3000:]
 
@@ -70,6 +112,7 @@ def test_wheel_holds_only_the_loramux_package(tmp_path):
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"loramux"}, tops
     names = zipfile.ZipFile(wheel).namelist()
-    for folder in FOLDERS:
-        assert f"loramux/{folder}/__init__.py" in names, folder
-    assert "loramux/engine/models/llama.py" in names
+    for module in ("server/cli.py", "engine/llm_engine.py", "kernels/ops.py", "adapters_registry/registry.py",
+                   "trainer/api.py", "engine/models/llama.py"):
+        assert f"loramux/{module}" in names, module
+    assert not [f for f in FOLDERS if f"loramux/{f}/__init__.py" in names], "the folders are namespace portions"

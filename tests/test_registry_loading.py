@@ -8,7 +8,10 @@ import time
 import pytest
 import torch
 
-from loramux.adapters_registry import AdapterError, AdapterRegistry, LoraStacks, RegistryConfig
+from loramux.adapters_registry.config import RegistryConfig
+from loramux.adapters_registry.errors import AdapterError
+from loramux.adapters_registry.registry import AdapterRegistry
+from loramux.adapters_registry.slots import LoraStacks
 from loramux.engine.config import EngineConfig
 from loramux.engine.models.spec import ModelSpec
 from loramux.server.bootstrap import build_registry

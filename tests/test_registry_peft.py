@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig
+from loramux.adapters_registry.config import RegistryConfig
+from loramux.adapters_registry.errors import AdapterError
+from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.engine.models.spec import LORA_TARGETS, ModelSpec
 from tests.adapter_factory import load_peft_model, make_lora_adapter, make_prefix_adapter
 

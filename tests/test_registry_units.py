@@ -10,9 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loramux.adapters_registry import AdapterError, AdapterRegistry, RegistryConfig, validate_adapter_id
 from loramux.adapters_registry.catalog import INDEX_FILE, Catalog, CatalogError
+from loramux.adapters_registry.config import RegistryConfig
+from loramux.adapters_registry.errors import AdapterError
 from loramux.adapters_registry.host_cache import LruCache
+from loramux.adapters_registry.ids import validate_adapter_id
+from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.adapters_registry.slots import SlotTable
 from tests.adapter_factory import TINY_SPEC, _lora_key, write_lora_files, write_prefix_files
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from loramux.trainer import TrainConfig, train
+from loramux.trainer.api import TrainConfig, train
 
 DATA = Path(__file__).parent / "data"
 TRAIN, HELDOUT = DATA / "codeword_train.jsonl", DATA / "codeword_heldout.jsonl"
@@ -196,7 +196,7 @@ def serve_answers(client, model: str, prompts: list[str]) -> list[str]:
 
 
 def test_trained_lora_is_served_without_restart(lora_run, server, client):
-    from loramux.trainer import register_adapter
+    from loramux.trainer.api import register_adapter
 
     register_adapter(server.url, "codeword", lora_run.out_dir)
     records = heldout()

@@ -103,7 +103,7 @@ def test_empty_and_missing_files(tmp_path, tokenizer):
 
 
 def test_bad_data_fails_before_training_and_leaves_nothing(tmp_path):
-    from loramux.trainer import train
+    from loramux.trainer.api import train
 
     data = write_lines(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
     out = tmp_path / "adapter"

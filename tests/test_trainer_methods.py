@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from loramux.trainer import TrainConfig, register_adapter, train
+from loramux.trainer.api import TrainConfig, register_adapter, train
 from loramux.trainer.config import METHOD_DEFAULTS
 from tests.test_trainer import (  # noqa: F401 (one_thread: the same autouse fixture here)
     CODEWORD_LORA,
