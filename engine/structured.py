@@ -65,6 +65,14 @@ def _llguidance_text(spec: GrammarSpec) -> str:
     raise GrammarError(f"unknown grammar kind {spec.kind!r}")
 
 
+def _limits() -> Any:
+    """llguidance's own bounds on a grammar's parser and lexer (its defaults), with errors that say what
+    limit was hit without dumping the parser's state."""
+    import llguidance
+
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
 def _compiled(spec: GrammarSpec, tokenizer: Any) -> Any:
     """A template matcher for `spec`, at the grammar's start with its first mask computed: a grammar
     too complex to start (llguidance's row and lexer limits) is refused here, before any generation."""
@@ -72,18 +80,18 @@ def _compiled(spec: GrammarSpec, tokenizer: Any) -> Any:
 
     try:
         text = _llguidance_text(spec)
-        error = llguidance.LLMatcher.validate_grammar(text, tokenizer, limits=llguidance.LLParserLimits())
+        error = llguidance.LLMatcher.validate_grammar(text, tokenizer, limits=_limits())
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - client text; a Rust panic is a BaseException (pyo3)
-        raise GrammarError(str(exc)[:MAX_ERROR_CHARS] or type(exc).__name__) from None
+        raise GrammarError(_clean(str(exc)) or type(exc).__name__) from None
     if error:
-        raise GrammarError(error.strip()[:MAX_ERROR_CHARS])
-    template = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=llguidance.LLParserLimits())
+        raise GrammarError(_clean(error))
+    template = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=_limits())
     if not template.is_error():
         template.compute_bitmask()
     if template.is_error():
-        raise GrammarError(template.get_error().strip()[:MAX_ERROR_CHARS])
+        raise GrammarError(_clean(template.get_error()))
     return template
 
 
@@ -174,7 +182,11 @@ def matcher_error(matcher: Any) -> str | None:
     """The matcher's error (llguidance's limits, a token outside the grammar), or None."""
     if not matcher.is_error():
         return None
-    return matcher.get_error().strip()[:MAX_ERROR_CHARS] or "the grammar matcher failed"
+    return _clean(matcher.get_error()) or "the grammar matcher failed"
+
+
+def _clean(message: str) -> str:
+    return message.replace("<non-verbose/>", "").strip()[:MAX_ERROR_CHARS]
 
 
 def schema_text(schema: Any, strict: bool = False) -> str:
