@@ -1,7 +1,7 @@
 """A request body -> a request model: strict, bounded in work, and large bodies off the event loop.
 
-pydantic's `model_validate_json` (jiter) refuses JSON nested deeper than 200 levels at once, where
-Python's json module recurses; invalid UTF-8 and every other malformed body is a 400 with a code.
+pydantic's `model_validate_json` (jiter) parses without recursing in Python; invalid UTF-8 and every
+other malformed body is a 400 with a code.
 Parsing holds the GIL, whatever thread it runs in, for a time that grows with the number of values
 the body makes: a body past the one JSON bound of engine/json_bounds.py (MAX_JSON_CONTAINERS arrays
 and objects, MAX_JSON_DEPTH levels) is refused before parsing, after a count in C. What is

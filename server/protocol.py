@@ -1,7 +1,7 @@
 """OpenAI request bodies (pydantic, at the HTTP edge only) and their mapping to SamplingParams.
 
 Strict types (a boolean is not an integer, "yes" is not a boolean), and bounded work: parsed with
-`model_validate_json` (server/json_body.py), whose JSON parser stops at 200 levels of nesting.
+`model_validate_json` (server/json_body.py), after the one JSON bound (128 levels of nesting).
 The fields a client can make long (`prompt`, message `content`) are checked by plain Python
 functions rather than pydantic unions: a union over a million-element list runs as one native
 call that holds the GIL for about a second, while Python code lets the event loop take turns
