@@ -231,7 +231,7 @@ def test_second_start_on_a_live_data_dir_fails_and_touches_nothing(srv, base_mod
 def test_data_dir_lock_is_never_stale(tmp_path):
     """The lock is the kernel's (flock): a holder killed with SIGKILL leaves nothing to clean up."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from loramux.adapters_registry import claim_data_dir; "
+        "import sys, time; from loramux.adapters_registry.datadir_lock import claim_data_dir; "
         f"lock = claim_data_dir({str(tmp_path)!r}); print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     try:
