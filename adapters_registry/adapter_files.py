@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loramux.engine.json_bounds import JsonTooComplex, loads_bounded
+
 from .errors import BAD_REQUEST, AdapterError
 
 CONFIG_FILE = "adapter_config.json"
@@ -45,6 +47,13 @@ def _bad(_folder: Path, problem: str) -> AdapterError:
 
 def check_folder(folder: Path) -> tuple[Path, Path]:
     """(config path, weights path) of an adapter folder; refuse pickles and missing files."""
+    try:
+        return _check_folder(folder)
+    except OSError as e:   # a name too long, a folder we may not read: the client's path, a 400
+        raise _bad(folder, f"cannot read the adapter folder: {e.strerror or type(e).__name__}") from None
+
+
+def _check_folder(folder: Path) -> tuple[Path, Path]:
     if not folder.is_dir():
         raise _bad(folder, "not a directory")
     config, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -63,7 +72,9 @@ def read_config(path: Path) -> dict:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise _bad(path.parent, f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = loads_bounded(path.read_text(encoding="utf-8"))
+    except JsonTooComplex as e:
+        raise _bad(path.parent, f"{CONFIG_FILE} is refused: {e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(path.parent, f"{CONFIG_FILE} is not valid JSON ({e})") from None
     if not isinstance(config, dict):

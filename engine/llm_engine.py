@@ -23,7 +23,7 @@ from loramux.engine.sampler import Sampler, score_prompt
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
 from loramux.engine.sequence import Sequence, TokenLogprob
-from loramux.engine.structured import GrammarCompiler, accept
+from loramux.engine.structured import GrammarCompiler, accept, matcher_error
 
 log = logging.getLogger("loramux.engine")
 
@@ -195,6 +195,11 @@ class LLMEngine:
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         grammar_done = seq.matcher is not None and not accept(seq.matcher, token)
+        if grammar_done and (error := matcher_error(seq.matcher)) is not None:
+            # A limit hit mid-generation is no answer (never a "stop"): the request fails, the rest go on.
+            seq.error, seq.error_status = f"structured output failed: {error}", 400
+            self.scheduler.finish(seq, "error")
+            return self._failure(seq)
         reason = self._finish_reason(seq, token, grammar_done)
         if reason is not None:
             self.scheduler.finish(seq, reason)
