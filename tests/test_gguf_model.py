@@ -20,23 +20,18 @@ from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams
 from tests.hf_reference import hf_greedy
-from tests.tiny_gguf import ALL_4BIT, LEGACY, Q4_K_M, Q5_K_M, cached_tiny_gguf
+from tests.tiny_gguf import tiny_gguf_files
 
-MIXES = {"q4_k_m": Q4_K_M, "q5_k_m": Q5_K_M, "legacy": LEGACY}
+MIXES = ("q4_k_m", "q5_k_m", "legacy")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
 NEW_TOKENS = 8
 SMALL = {"kv_cache_bytes": 8 << 20, "max_model_len": 128}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gguf_files():
     """The tiny files, written once per machine (engine.model_source caches what it reads from them)."""
-    from loramux.engine.model_source import cache_root, find_embedded_gguf
-
-    root, tok = cache_root() / "test-gguf", find_embedded_gguf()
-    files = {name: cached_tiny_gguf(root, name, kinds, tokenizer_from=tok) for name, kinds in MIXES.items()}
-    files["all_4bit"] = cached_tiny_gguf(root, "all_4bit", ALL_4BIT, tokenizer_from=tok)
-    return files
+    return tiny_gguf_files()
 
 
 def _hf(path: Path):

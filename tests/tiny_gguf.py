@@ -27,6 +27,7 @@ Q5_K_M = {**{p: "Q5_K" for p in PROJECTIONS}, "attn_v": "Q6_K", "ffn_down": "Q6_
 LEGACY = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "F16", "ffn_gate": "Q4_1",
           "ffn_up": "Q4_0", "ffn_down": "BF16", "token_embd": "Q8_0"}
 ALL_4BIT = {**{p: "Q4_K" for p in PROJECTIONS}, "attn_q": "Q4_0", "ffn_up": "Q4_1", "token_embd": "Q8_0"}
+MIXES = {"q4_k_m": Q4_K_M, "q5_k_m": Q5_K_M, "legacy": LEGACY, "all_4bit": ALL_4BIT}
 FORMAT_VERSION = 1                       # bump when this writer changes: files are cached by name
 
 
@@ -124,3 +125,11 @@ def cached_tiny_gguf(root: Path, name: str, kinds: dict[str, str], *, tokenizer_
         path.parent.mkdir(parents=True, exist_ok=True)
         write_tiny_gguf(path, kinds, tokenizer_from=tokenizer_from, **kw)
     return path
+
+
+def tiny_gguf_files() -> dict[str, Path]:
+    """The test files by mix name, under the loramux cache (written once per machine)."""
+    from loramux.engine.model_source import cache_root, find_embedded_gguf
+
+    root, tok = cache_root() / "test-gguf", find_embedded_gguf()
+    return {name: cached_tiny_gguf(root, name, kinds, tokenizer_from=tok) for name, kinds in MIXES.items()}
