@@ -27,8 +27,6 @@ LLAMA_TENSORS = {
     "blk.{i}.ffn_up.weight": "layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "layers.{i}.mlp.down_proj.weight",
 }
-# Tensors llama.cpp writes that carry nothing our model reads (rotary tables it can recompute).
-IGNORED_TENSORS = ("rope_freqs.weight",)
 
 
 @dataclass(frozen=True)

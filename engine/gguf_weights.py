@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loramux.engine.gguf_arch import ARCHS, IGNORED_TENSORS, NOT_YET, GGUFArch
+from loramux.engine.gguf_arch import ARCHS, NOT_YET, GGUFArch
 from loramux.engine.gguf_blocks import (
     INT4_KINDS,
     INT8_KINDS,
@@ -34,34 +34,38 @@ def file_architecture(reader) -> str:
     return bytes(field.parts[field.data[0]]).decode() if field is not None else "?"
 
 
-def check_supported(reader, path: Path) -> GGUFArch:
-    """The file's architecture row, or GGUFUnsupported naming what is not served."""
+def check_supported(reader, path: Path) -> tuple[GGUFArch, dict[str, str]]:
+    """The file's architecture row and HF name -> GGUF name map, or GGUFUnsupported naming the first
+    thing we do not serve exactly (an architecture, a rope scaling, a tensor type or name)."""
     arch = file_architecture(reader)
     if arch not in ARCHS:
         later = " yet" if arch in NOT_YET else ""
         raise GGUFUnsupported(f"{path.name}: GGUF architecture {arch!r} is not supported{later}; "
                               f"loramux serves GGUF architectures {', '.join(ARCHS)}")
+    scaling = reader.fields.get(f"{arch}.rope.scaling.type")
+    scaling = bytes(scaling.parts[scaling.data[0]]).decode() if scaling is not None else "none"
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise GGUFUnsupported(f"{path.name}: rope scaling ({scaling if scaling != 'none' else 'rope_freqs'}, "
+                              "e.g. Llama 3.x's) in a GGUF file is not supported yet")
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_KINDS:
             raise GGUFUnsupported(f"{path.name}: GGUF tensor type {t.tensor_type.name} ({t.name}) is not supported; "
                                   f"loramux reads {', '.join(SUPPORTED_KINDS)}")
-    return ARCHS[arch]
+    return ARCHS[arch], _hf_names(ARCHS[arch], [t.name for t in reader.tensors], path)
 
 
-def _hf_names(arch: GGUFArch, gguf_names) -> dict[str, str]:
+def _hf_names(arch: GGUFArch, gguf_names: list[str], path: Path) -> dict[str, str]:
     """HF name -> GGUF name for every tensor of the file (GGUFUnsupported for one we do not know)."""
     patterns = [(re.compile(re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in arch.tensors.items()]
     out = {}
     for name in gguf_names:
-        if name in IGNORED_TENSORS:
-            continue
         for pattern, hf in patterns:
             m = pattern.match(name)
             if m:
                 out[hf.replace("{i}", m.group(1)) if m.groups() else hf] = name
                 break
         else:
-            raise GGUFUnsupported(f"GGUF tensor {name} is not one loramux knows how to serve")
+            raise GGUFUnsupported(f"{path.name}: GGUF tensor {name} is not one loramux serves")
     return out
 
 
@@ -73,9 +77,9 @@ class GGUFWeights:
 
         self.path = Path(path)
         reader = GGUFReader(self.path)
-        self.arch = check_supported(reader, self.path)
+        self.arch, names = check_supported(reader, self.path)
         by_name = {t.name: t for t in reader.tensors}
-        self._tensors = {hf: by_name[g] for hf, g in _hf_names(self.arch, by_name).items()}
+        self._tensors = {hf: by_name[g] for hf, g in names.items()}
         self._heads = {"q_proj": num_heads, "k_proj": num_kv_heads} if self.arch.permuted_qk else {}
 
     def names(self) -> list[str]:

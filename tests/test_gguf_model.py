@@ -118,7 +118,7 @@ def test_auto_serves_each_projection_in_its_exact_form(gguf_files):
 
 
 # -- d. refusals ------------------------------------------------------------------------------------------
-def _tiny_file(path: Path, arch: str, kind: str) -> Path:
+def _tiny_file(path: Path, arch: str, kind: str, tensor: str = "blk.0.attn_q.weight") -> Path:
     """A file with one 256 x 256 tensor of `kind` (random bytes) and no other metadata."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
@@ -126,7 +126,7 @@ def _tiny_file(path: Path, arch: str, kind: str) -> Path:
     qtype = GGMLQuantizationType[kind]
     block, size = GGML_QUANT_SIZES[qtype]
     w = GGUFWriter(path, arch)
-    w.add_tensor("blk.0.attn_q.weight", np.random.default_rng(0).integers(0, 256, (256, 256 // block * size),
+    w.add_tensor(tensor, np.random.default_rng(0).integers(0, 256, (256, 256 // block * size),
                                                                           dtype=np.uint8), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -135,15 +135,19 @@ def _tiny_file(path: Path, arch: str, kind: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("arch, kind, named", [("qwen2", "Q4_K", "'qwen2' is not supported yet"),
-                                               ("falcon", "Q4_K", "'falcon' is not supported"),
-                                               ("llama", "Q3_K", "tensor type Q3_K (blk.0.attn_q.weight)"),
-                                               ("llama", "IQ4_XS", "tensor type IQ4_XS")])
-def test_unsupported_files_are_refused_in_one_line(tmp_path, arch, kind, named):
+@pytest.mark.parametrize("arch, kind, tensor, named", [
+    ("qwen2", "Q4_K", "blk.0.attn_q.weight", "'qwen2' is not supported yet"),
+    ("falcon", "Q4_K", "blk.0.attn_q.weight", "'falcon' is not supported"),
+    ("llama", "Q3_K", "blk.0.attn_q.weight", "tensor type Q3_K (blk.0.attn_q.weight)"),
+    ("llama", "IQ4_XS", "blk.0.attn_q.weight", "tensor type IQ4_XS"),
+    ("llama", "Q4_K", "rope_freqs.weight", "rope scaling (rope_freqs"),        # Llama 3.x: never served wrong
+    ("llama", "Q4_K", "blk.0.attn_q.bias", "tensor blk.0.attn_q.bias is not one loramux serves"),
+])
+def test_unsupported_files_are_refused_in_one_line(tmp_path, arch, kind, tensor, named):
     from loramux.engine.model_source import ModelSourceError, resolve_model
 
     with pytest.raises(ModelSourceError) as err:
-        resolve_model(_tiny_file(tmp_path / f"{arch}-{kind}.gguf", arch, kind))
+        resolve_model(_tiny_file(tmp_path / f"{arch}-{kind}.gguf", arch, kind, tensor))
     assert named in str(err.value) and "\n" not in str(err.value)
 
 
