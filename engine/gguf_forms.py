@@ -6,7 +6,8 @@ Two modes (engine.quantize):
           stored; any other type requantized min/max in groups of 32 (``quantize_int4``), which moves
           a weight by at most requant_int4_bound = half a step, (max - min) / 30 of its group.
     gguf  (what `auto` picks for a GGUF model in bf16 on the CPU) each fused projection in the
-          fastest form that holds the file's weights:
+          int4 kernel's form that holds the file's weights (the form decode steps of up to 16 rows
+          run; larger ones take the bf16 copy):
             all parts Q4_0 / Q4_1 / Q4_K      one int4 part, the codes as stored
             any part Q8_0 / Q5_K / Q6_K       two int4 parts (8-bit codes, w = scale * u + offset:
                                               u = 16 hi + lo, engine.linear.Int4Linear sums them);
@@ -60,7 +61,7 @@ def int4_projection(weights: list[torch.Tensor], blocks: list[Blocks]) -> Int4Li
 
 def exact_projection(weights: list[torch.Tensor], blocks: list[Blocks], kinds: list[str],
                      dtype: torch.dtype) -> nn.Module:
-    """`gguf` mode: the fastest form that holds every part (module docstring)."""
+    """`gguf` mode: the form that holds every part exactly (module docstring)."""
     weight = torch.cat(weights)                                                 # (N, K) float32
     if any(k in FLOAT_KINDS for k in kinds):
         return DenseLinear(weight.to(dtype))

@@ -9,8 +9,8 @@
     bnb-int8  bitsandbytes Linear8bitLt (LLM.int8(), outlier threshold 6.0)
     auto      for a GGUF model (--model FILE.gguf, or the embedded one) when the engine runs bf16
               on the CPU: int4 when every projection is stored in 4-bit blocks (then int4 serves
-              exactly the file's codes), else `gguf`: each projection in the fastest form that
-              holds the file's weights (engine.gguf_forms); any other model: none
+              exactly the file's codes), else `gguf`: each projection in the int4 kernel's form
+              that holds the file's weights (engine.gguf_forms); any other model: none
 
 Only the decoder projections are quantized; embeddings and norms stay in the engine dtype. The
 bitsandbytes modes keep transformers' `BitsAndBytesConfig` defaults (lm_head and embeddings not

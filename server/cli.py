@@ -66,7 +66,7 @@ def add_serve_parser(sub) -> None:
             default=defaults["max_request_bytes"] / (1 << 20))
     setting("--quantize", "resident form of the base model's projections: int4 (ATen, groups of 32; a GGUF's "
             "own 4-bit blocks, other types requantized), int8 (ATen, per channel), bnb-nf4 / bnb-int8 (bitsandbytes), "
-            "none; auto = for a GGUF model in bfloat16 on the CPU, each projection in the fastest form holding the "
+            "none; auto = for a GGUF model in bfloat16 on the CPU, each projection in the int4 kernel's form holding the "
             "file's blocks, else none (adapters stay in the engine dtype)",
             choices=list(QUANTIZE_MODES))
     # The Ray flags are left out unless given, so RayConfig's defaults apply (server/ray_config.py needs no
