@@ -7,6 +7,7 @@ loading (``_reverse_permute_weights``), and so do we, on codes and scales alike.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -23,6 +24,20 @@ from loramux.engine.gguf_blocks import (
     int4_blocks,
     int8_blocks,
 )
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path, mtime_ns: int):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def open_reader(path: Path):
+    """gguf-py's reader of `path` (memory-mapped), parsed once per process and file version: parsing a
+    file's metadata (its vocabulary) takes seconds, and a start reads it up to three times."""
+    path = Path(path)
+    return _reader(path, path.stat().st_mtime_ns)
 
 
 class GGUFUnsupported(ValueError):
@@ -73,10 +88,8 @@ class GGUFWeights:
     """The GGUF's tensors by HF name (no `model.` prefix), read from the memory-mapped file on demand."""
 
     def __init__(self, path: Path, num_heads: int, num_kv_heads: int) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        reader = GGUFReader(self.path)
+        reader = open_reader(self.path)
         self.arch, names = check_supported(reader, self.path)
         by_name = {t.name: t for t in reader.tensors}
         self._tensors = {hf: by_name[g] for hf, g in names.items()}
@@ -128,9 +141,7 @@ class GGUFWeights:
 
 def projection_kinds(path: Path) -> frozenset[str]:
     """The stored types of a GGUF's decoder projections (what `--quantize auto` decides by)."""
-    from gguf import GGUFReader
-
-    return frozenset(t.tensor_type.name for t in GGUFReader(path).tensors
+    return frozenset(t.tensor_type.name for t in open_reader(path).tensors
                      if t.name.startswith("blk.") and t.name.endswith(".weight") and t.data.ndim == 2)
 
 

@@ -85,7 +85,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         gguf = gguf_source(self.config.model_dir)
         self.quantize = resolve_mode(self.config.quantize, dtype=self.dtype, device=self.device,
-                                     gguf_kinds=projection_kinds(gguf) if gguf is not None else None)
+                                     gguf_kinds=(lambda: projection_kinds(gguf)) if gguf is not None else None)
         model = load_model(self.spec, self.config.model_dir, dtype=self.dtype, quantize=self.quantize,
                            max_positions=self.max_model_len, device=self.device, gguf=gguf)
         log.info("loaded %s (%s, quantize=%s%s) in %.1fs", self.config.model_dir, self.config.dtype, self.quantize,

@@ -115,12 +115,10 @@ def gguf_source(model_dir: Path) -> Path | None:
 def prepare_gguf(gguf_path: Path) -> Path:
     """A directory for a GGUF file: config.json and the tokenizer from its metadata (as transformers
     reads them), and the marker naming the file; made once per file version, atomically."""
-    from gguf import GGUFReader
-
-    from loramux.engine.gguf_weights import GGUFUnsupported, check_supported
+    from loramux.engine.gguf_weights import GGUFUnsupported, check_supported, open_reader
 
     try:
-        check_supported(GGUFReader(gguf_path), gguf_path)
+        check_supported(open_reader(gguf_path), gguf_path)
     except GGUFUnsupported as e:
         raise ModelSourceError(str(e)) from None
     except (ValueError, OSError) as e:

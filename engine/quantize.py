@@ -28,6 +28,7 @@ bitsandbytes properties to know (transformers has them too):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -45,13 +46,13 @@ log = logging.getLogger("loramux.quantize")
 
 
 def resolve_mode(mode: str, *, dtype: torch.dtype, device: torch.device,
-                 gguf_kinds: frozenset[str] | None = None) -> str:
-    """`auto` -> the mode to run; a CPU-only mode on another device is refused. `gguf_kinds`: the
-    stored types of a GGUF model's projections (None: no GGUF behind the model)."""
+                 gguf_kinds: Callable[[], frozenset[str]] | None = None) -> str:
+    """`auto` -> the mode to run; a CPU-only mode on another device is refused. `gguf_kinds`: reads
+    the stored types of a GGUF model's projections, called only when they decide (None: no GGUF)."""
     if mode == "auto":
         if gguf_kinds is None or dtype != torch.bfloat16 or device.type != "cpu":
             return "none"
-        return "int4" if gguf_kinds <= set(INT4_KINDS) else "gguf"
+        return "int4" if gguf_kinds() <= set(INT4_KINDS) else "gguf"
     if mode in CPU_ONLY and device.type != "cpu":
         raise ValueError(f"--quantize {mode} runs ATen's CPU kernels; on {device.type} use bnb-nf4 or bnb-int8")
     return mode
