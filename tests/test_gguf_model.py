@@ -4,7 +4,8 @@ loading the very same file (`from_pretrained(dir, gguf_file=...)`, float32, gguf
 a. The file is a model source: config and tokenizer (chat template included) from its metadata.
 b. float32: every weight the engine holds is transformers' weight from the file, bit for bit
    (names, q/k un-permutation, tied or not), and greedy tokens are transformers' own.
-c. bf16 `auto`: each fused projection in its exact form (engine.gguf_forms), codes as stored.
+c. bf16 `auto`: each fused projection in its exact form (engine.gguf_forms), codes as stored; what
+   the kernel multiplies by (un-permuted K-quant q/k blocks included) within the stated bounds.
 d. Unsupported architectures and tensor types are refused at start in one line.
 """
 from __future__ import annotations
@@ -90,6 +91,7 @@ def test_float32_weights_and_greedy_are_transformers_on_the_same_file(gguf_files
 
 # -- c. bf16 auto: the exact form of each projection --------------------------------------------------
 def test_auto_serves_each_projection_in_its_exact_form(gguf_files):
+    from loramux.engine.gguf_forms import requant_int8_bound, requantized_int8, stored_form_bound
     from loramux.engine.gguf_weights import GGUFWeights
     from loramux.engine.linear import DenseLinear, Int4Linear, pack_int4
     from loramux.engine.model_source import resolve_model
@@ -107,6 +109,15 @@ def test_auto_serves_each_projection_in_its_exact_form(gguf_files):
         assert torch.equal(layer.o_proj.packed0, packed) and torch.equal(layer.o_proj.scales_zeros0, scales_zeros)
         assert torch.equal(layer.o_proj.dense, codes.dequantized(f"layers.{layer.layer}.self_attn.o_proj.weight")
                            .to(torch.bfloat16))
+    # what the kernel multiplies by (un-permuted q/k codes and scales, Q6_K v requantized) against the file
+    qkv, names = model.layers[1].qkv_proj, [f"layers.1.self_attn.{m}_proj.weight" for m in "qkv"]
+    kernel = Int4Linear([(qkv.packed0, qkv.scales_zeros0), (qkv.packed1, qkv.scales_zeros1)], qkv.out_features)
+    file_w = [codes.dequantized(n) for n in names]
+    v = requantized_int8(file_w[2])
+    bound = torch.cat([stored_form_bound(file_w[0], codes.blocks(names[0])),
+                       stored_form_bound(file_w[1], codes.blocks(names[1])),
+                       stored_form_bound(file_w[2], v) + requant_int8_bound(file_w[2]).repeat_interleave(32, -1)])
+    assert ((kernel.dequantized() - torch.cat(file_w)).abs() <= bound * (1 + 1e-6)).all()
     assert isinstance(model.lm_head, Int4Linear) and model.lm_head.num_parts == 2      # Q6_K head: int8 groups
     # all projections in 4-bit blocks: `auto` is plain int4 (the file's codes); float parts stay dense
     assert LLMEngine(EngineConfig(resolve_model(gguf_files["all_4bit"]), dtype="bfloat16", **SMALL)).quantize == "int4"
