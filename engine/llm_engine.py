@@ -12,13 +12,14 @@ from loramux.engine.attention import KVCache
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
+from loramux.engine.gguf_weights import projection_kinds
 from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.model_runner import ModelRunner
 from loramux.engine.model_source import gguf_source
 from loramux.engine.models.llama import LlamaModel
 from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
-from loramux.engine.quantize import resident_bytes, resolve_mode
+from loramux.engine.quantize import GGUF_MODES, resident_bytes, resolve_mode
 from loramux.engine.sampler import Sampler, score_prompt
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
@@ -84,11 +85,11 @@ class LLMEngine:
         t0 = time.perf_counter()
         gguf = gguf_source(self.config.model_dir)
         self.quantize = resolve_mode(self.config.quantize, dtype=self.dtype, device=self.device,
-                                     has_gguf_int4=gguf is not None)
+                                     gguf_kinds=(lambda: projection_kinds(gguf)) if gguf is not None else None)
         model = load_model(self.spec, self.config.model_dir, dtype=self.dtype, quantize=self.quantize,
                            max_positions=self.max_model_len, device=self.device, gguf=gguf)
         log.info("loaded %s (%s, quantize=%s%s) in %.1fs", self.config.model_dir, self.config.dtype, self.quantize,
-                 f" from {gguf.name}'s own codes" if self.quantize == "int4" and gguf else "",
+                 f" from {gguf.name}'s own blocks" if self.quantize in GGUF_MODES and gguf else "",
                  time.perf_counter() - t0)
         return model
 

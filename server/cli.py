@@ -26,8 +26,8 @@ def add_serve_parser(sub) -> None:
             kw["default"] = defaults[flag.removeprefix("--").replace("-", "_")]
         p.add_argument(flag, help=f"{help} (default: %(default)s)", **kw)
 
-    p.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="DIR",
-                   help="local HF Llama-family checkpoint (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="DIR|FILE.gguf",
+                   help="local HF Llama-family checkpoint directory or GGUF file (default: embedded SmolLM2-135M)")
     setting("--host", "address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     setting("--dtype", "auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
@@ -64,9 +64,10 @@ def add_serve_parser(sub) -> None:
             default=defaults["max_upload_bytes"] / (1 << 20))
     setting("--max-request-mb", "bound on any other request body, chunked or not (413 beyond)", type=float,
             default=defaults["max_request_bytes"] / (1 << 20))
-    setting("--quantize", "resident form of the base model's projections: int4 (ATen, groups of 32; the embedded "
-            "model's own GGUF codes), int8 (ATen, per channel), bnb-nf4 / bnb-int8 (bitsandbytes), none; auto = int4 "
-            "for a GGUF-backed model in bfloat16 on the CPU, else none (adapters stay in the engine dtype)",
+    setting("--quantize", "resident form of the base model's projections: int4 (ATen, groups of 32; a GGUF's "
+            "own 4-bit blocks, other types requantized), int8 (ATen, per channel), bnb-nf4 / bnb-int8 (bitsandbytes), "
+            "none; auto = for a GGUF model in bfloat16 on the CPU, each projection in the int4 kernel's form holding the "
+            "file's blocks, else none (adapters stay in the engine dtype)",
             choices=list(QUANTIZE_MODES))
     # The Ray flags are left out unless given, so RayConfig's defaults apply (server/ray_config.py needs no
     # `ray`; shown in --help from there).
@@ -87,6 +88,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loramux.adapters_registry.datadir_lock import DataDirBusy
+    from loramux.engine.model_source import ModelSourceError
     from loramux.server.app import create_app
     from loramux.server.bootstrap import ServeConfig, build_state
 
@@ -108,7 +110,7 @@ def serve(args: argparse.Namespace) -> int:
         return run(RayConfig(cfg, **ray_flags), args.host, args.port)
     try:
         state = build_state(cfg)
-    except DataDirBusy as e:
+    except (DataDirBusy, ModelSourceError) as e:
         logging.getLogger("loramux.server").error("%s", e)
         return 2
     # The engine's steps run on this, the main thread (OpenMP is 2-3x faster there: engine/async_engine.py),
