@@ -81,10 +81,10 @@ def forced_path() -> int:
     return PATHS[name]
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, path: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K) -> qx int8 (M, K), dx float32 (M, K / 32), sx int32 (M, K / 32): per group of 32,
-    dx = amax / 127 and qx = round(x / dx) (half to even), sx = sum(qx)."""
-    return tuple(ops().quantize_rows(x))      # type: ignore[union-attr, return-value]
+    dx = amax / 127 and qx = round(x * (1 / dx)) (half to even), sx = sum(qx)."""
+    return tuple(ops().quantize_rows(x, forced_path() if path is None else path))  # type: ignore[union-attr]
 
 
 def int4_mm(act: tuple[torch.Tensor, torch.Tensor, torch.Tensor], packed: torch.Tensor,

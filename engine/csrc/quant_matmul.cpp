@@ -37,29 +37,66 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
-// ---- activation quantization (plain C: the same IEEE operations on every CPU) ----
-void quantize_rows_impl(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, int32_t* sx) {
+// ---- activation quantization: the same IEEE operations on every path ----
+void quantize_group_scalar(const float* xg, int8_t* qg, float* d_out, int32_t* s_out) {
+  float amax = 0.f;
+  for (int64_t j = 0; j < GROUP; ++j) amax = std::fmax(amax, std::fabs(xg[j]));
+  const float d = amax / 127.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < GROUP; ++j) {
+    float v = std::nearbyint(xg[j] * id);          // round half to even (the default mode)
+    v = std::fmin(127.f, std::fmax(-127.f, v));
+    qg[j] = static_cast<int8_t>(v);
+    sum += qg[j];
+  }
+  *d_out = d;
+  *s_out = sum;
+}
+
+__attribute__((target("avx2,fma"))) void quantize_group_avx2(const float* xg, int8_t* qg, float* d_out,
+                                                              int32_t* s_out) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4];
+  __m256 mx = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xg + 8 * i);
+    mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float amax = _mm_cvtss_f32(m4);
+  const float d = amax / 127.f;
+  const float id = d != 0.f ? 1.f / d : 0.f;
+  const __m256 idv = _mm256_set1_ps(id), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) {
+    __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], idv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[i] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, r)));
+  }
+  const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+  s4 = _mm_hadd_epi32(s4, s4);
+  s4 = _mm_hadd_epi32(s4, s4);
+  // int32 -> int8 keeping order: packs work per 128-bit lane, so fix the lanes up after.
+  const __m256i p16 = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+  const __m256i p8 = _mm256_packs_epi16(p16, p16b);
+  const __m256i ordered = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qg), ordered);
+  *d_out = d;
+  *s_out = _mm_cvtsi128_si32(s4);
+}
+
+void quantize_rows_impl(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, int32_t* sx, bool vector) {
   const int64_t G = K / GROUP;
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
       for (int64_t g = 0; g < G; ++g) {
-        const float* xg = x + m * K + g * GROUP;
-        float amax = 0.f;
-        for (int64_t j = 0; j < GROUP; ++j) amax = std::fmax(amax, std::fabs(xg[j]));
-        const float d = amax / 127.f;
-        const float id = d != 0.f ? 1.f / d : 0.f;
-        int32_t sum = 0;
-        int8_t* qg = qx + m * K + g * GROUP;
-        for (int64_t j = 0; j < GROUP; ++j) {
-          float v = std::nearbyint(xg[j] * id);
-          v = std::fmin(127.f, std::fmax(-127.f, v));
-          qg[j] = static_cast<int8_t>(v);
-          sum += qg[j];
-        }
-        dx[m * G + g] = d;
-        sx[m * G + g] = sum;
+        const int64_t i = m * K + g * GROUP;
+        if (vector) quantize_group_avx2(x + i, qx + i, dx + m * G + g, sx + m * G + g);
+        else quantize_group_scalar(x + i, qx + i, dx + m * G + g, sx + m * G + g);
       }
-    }
   });
 }
 
@@ -228,7 +265,7 @@ void check_activations(const at::Tensor& qx, const at::Tensor& dx, int64_t K) {
 
 }  // namespace
 
-std::vector<at::Tensor> quantize_rows(const at::Tensor& x) {
+std::vector<at::Tensor> quantize_rows(const at::Tensor& x, int64_t path) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % GROUP == 0, "x must be (M, K) with K a multiple of 32");
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t M = xf.size(0), K = xf.size(1);
@@ -236,7 +273,7 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& x) {
   at::Tensor dx = at::empty({M, K / GROUP}, xf.options());
   at::Tensor sx = at::empty({M, K / GROUP}, xf.options().dtype(at::kInt));
   quantize_rows_impl(xf.data_ptr<float>(), M, K, qx.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                     sx.data_ptr<int32_t>());
+                     sx.data_ptr<int32_t>(), checked_path(path) >= AVX2);
   return {qx, dx, sx};
 }
 
@@ -309,7 +346,7 @@ at::Tensor int8_mm(const at::Tensor& qx, const at::Tensor& dx, const at::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_path", &best_path, "0 scalar, 1 AVX2, 2 AVX512-VNNI: the fastest path this CPU runs");
-  m.def("quantize_rows", &quantize_rows, "x (M, K) -> qx int8 (M, K), dx float32 (M, K/32), sx int32 (M, K/32)");
+  m.def("quantize_rows", &quantize_rows, "x (M, K), path -> qx int8 (M, K), dx float32 (M, K/32), sx int32 (M, K/32)");
   m.def("int4_mm", &int4_mm, "out (M, N) (+)= int8 activations x one int4 part");
   m.def("int8_mm", &int8_mm, "int8 activations x per-channel int8 weights -> float32 (M, N)");
 }
