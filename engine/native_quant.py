@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -55,6 +56,7 @@ def _load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
+        _put_ninja_on_path()
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
         module = load(name="loramux_quant_matmul", sources=[str(SOURCE)], extra_cflags=CFLAGS,
@@ -65,6 +67,17 @@ def _load() -> ModuleType | None:
         return None
     log.info("native int4/int8 kernel: %s path", path_name(module.best_path()))
     return module
+
+
+def _put_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH: without a system one, use the pip package's binary
+    (in the venv's bin/, which is not on PATH when the venv's python runs unactivated)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def path_name(path: int) -> str:

@@ -128,7 +128,7 @@ def test_int8_kernel_matches_float64_on_every_path(ops, shape):
     x = torch.randn(max(ROWS), K, generator=gen)
     G = K // INT4_GROUP
     for rows in ROWS:
-        qx, dx, sx = act = native_quant.quantize_rows(x[:rows])
+        qx, dx, _ = act = native_quant.quantize_rows(x[:rows])
         S = torch.einsum("mgj,ngj->mng", qx.double().view(rows, G, 32), q.double().view(N, G, 32))
         ref = (S * dx.double().unsqueeze(1)).sum(-1) * scale.double()
         bound = (G + 1) * U32 * 1.01 * (S.abs() * dx.double().unsqueeze(1)).sum(-1) * scale.double().abs()
