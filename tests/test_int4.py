@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramux.engine.linear import INT4_GROUP, Int4Linear, int8_groups_as_int4_parts
+from loramux.engine.linear import INT4_GROUP, Int4Linear, int8_groups_as_int4_parts, native_available
 
 
 # -- a. the GGUF's codes are the checkpoint's weights --------------------------------------------
@@ -192,18 +192,25 @@ def bf16_deviation(base_model_dir, adapter_dirs, tokenizer, reference) -> dict:
 
 @pytest.fixture(scope="module")
 def logit_bound(bf16_deviation, reference) -> float:
-    """max(2 x transformers-bf16's largest gap deviation over every job and step, LOGIT_FLOOR).
+    """max(f x transformers-bf16's largest gap deviation over every job and step, LOGIT_FLOOR), f = 2
+    with ATen's int4 kernel, 3 with the native one.
 
-    Our int4 engine runs the same bf16 arithmetic (bf16 activations and residual stream, float32
+    ATen's path runs the same bf16 arithmetic (bf16 activations and residual stream, float32
     norms and accumulation) on weights that differ from bf16-rounded ones by about as much (scales
     and zeros rounded to bf16 instead of each weight), so its deviation is of the same size:
     measured 0.47-0.75 logits against transformers-bf16's 0.43-0.88 on the same jobs (at most 1.35x
     job by job, 0.85x of the largest). Doubling the largest covers that spread and another CPU's
     roundings, and the bound follows whatever this CPU's bf16 arithmetic does.
+    The native kernel quantizes every projection's input to int8 per group of 32 (prefill too):
+    a step of amax / 127, so on a group of typical size sigma (amax ~ 2.5 sigma) a rounding error of
+    RMS ~ sigma / 175, about 5x bf16's relative rounding (RMS ~ 1 / 890) on typical elements.
+    Measured: 0.6-1.43 logits, up to 2.0x transformers-bf16's largest (0.71); tripling leaves 1.5x
+    of headroom and stays under the prompts' top-2 margins (>= 2.89, asserted below).
 
     Precondition (the prompts' job): at every step the float32 reference's top-1/top-2 margin
     exceeds the bound, so a run within the bound must pick the same greedy tokens."""
-    bound = max(2 * max(d.max().item() for d in bf16_deviation.values()), LOGIT_FLOOR)
+    factor = 3 if native_available() else 2
+    bound = max(factor * max(d.max().item() for d in bf16_deviation.values()), LOGIT_FLOOR)
     for job in JOBS:
         margins = _margins(reference[job][1])
         assert margins.min().item() > bound, (f"prompt not confident enough for an identity test: {job} margin "
