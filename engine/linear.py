@@ -31,6 +31,13 @@ def native_available() -> bool:
     return native_quant.ops() is not None
 
 
+def bf16_matmul_in_hardware() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there a bf16 GEMM beats
+    the int4 kernels on many rows; elsewhere oneDNN widens bf16 to float32 and runs 3-8x slower than
+    the native kernel (benchmarks/results/native.json)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()

@@ -18,6 +18,7 @@ from loramux.engine.gguf_weights import GGUFWeights
 from loramux.engine.linear import (
     DenseLinear,
     Int4Linear,
+    bf16_matmul_in_hardware,
     int8_groups_as_int4_parts,
     quantize_int8_groups,
 )
@@ -85,14 +86,15 @@ def _lm_head(weight: torch.Tensor, tied: torch.Tensor | None, quantize: str, dty
     """The output projection. Quantizing it to 4 bits would cost real fidelity (it decides the token),
     so int4 mode holds it as int8 in groups of 32 (the GGUF's own Q8_0 when tied to its embedding),
     read by the int4 kernel as two parts; large batches use the dense (tied) weight, which with the
-    native kernel is kept only where it costs nothing (the bf16 embedding itself). The bitsandbytes
-    modes leave it dense, as transformers' BitsAndBytesConfig does."""
+    native kernel is kept only where it costs nothing (the bf16 embedding itself) and the CPU has
+    bf16 hardware to make it faster. The bitsandbytes modes leave it dense, as transformers'
+    BitsAndBytesConfig does."""
     if quantize != "int4":
         return DenseLinear(tied if tied is not None else weight.to(dtype))
     q8 = codes.token_embedding_q8() if codes is not None and tied is not None else None
     q, d = q8 if q8 is not None else quantize_int8_groups(weight)
     head = int8_groups_as_int4_parts(q, d)
     dense = tied.to(torch.bfloat16) if tied is not None else weight.to(torch.bfloat16)
-    head.dense = dense if not head.native or dense is tied else None
+    head.dense = dense if not head.native or (dense is tied and bf16_matmul_in_hardware()) else None
     return head
 
