@@ -150,3 +150,21 @@ def test_native_layout_round_trips_and_paths_are_checked(ops):
         act = native_quant.quantize_rows(torch.randn(2, 96, generator=gen))
         with pytest.raises(RuntimeError, match="not supported by this CPU"):
             native_quant.int4_mm(act, packed, scales_zeros, path=ops.best_path() + 1)
+
+
+def test_rows_do_not_depend_on_their_batch_mates(ops):
+    """Each row is quantized alone and each output sums its groups in one fixed order; threads split
+    columns only: a row's output is the same bit for bit alone or among 63 others, on every path."""
+    gen = torch.Generator().manual_seed(11)
+    N, K = 200, 160
+    packed, scales_zeros = pack_int4(*_random_int4(gen, N, K), native=True)
+    q = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int16).to(torch.int8)
+    scale = torch.rand(N, generator=gen).to(torch.bfloat16)
+    x = torch.randn(64, K, generator=gen)
+    for p in _paths(ops):
+        batch = native_quant.quantize_rows(x, path=p)
+        y4, y8 = native_quant.int4_mm(batch, packed, scales_zeros, path=p), native_quant.int8_mm(batch, q, scale, path=p)
+        for i in (0, 17, 63):
+            alone = native_quant.quantize_rows(x[i:i + 1], path=p)
+            assert torch.equal(native_quant.int4_mm(alone, packed, scales_zeros, path=p), y4[i:i + 1]), (p, i)
+            assert torch.equal(native_quant.int8_mm(alone, q, scale, path=p), y8[i:i + 1]), (p, i)
