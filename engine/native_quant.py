@@ -63,7 +63,7 @@ def _load() -> ModuleType | None:
                       build_directory=str(directory), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: serve with ATen's kernels
         log.warning("native int4/int8 kernel could not be built (%s: %s); ATen's kernels serve the "
-                    "projections", type(exc).__name__, str(exc).strip().splitlines()[-1:] or "")
+                    "projections", type(exc).__name__, (str(exc).strip().splitlines() or [""])[-1])
         return None
     log.info("native int4/int8 kernel: %s path", path_name(module.best_path()))
     return module

@@ -14,6 +14,10 @@ What is exact and what is bounded:
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -168,3 +172,22 @@ def test_rows_do_not_depend_on_their_batch_mates(ops):
             alone = native_quant.quantize_rows(x[i:i + 1], path=p)
             assert torch.equal(native_quant.int4_mm(alone, packed, scales_zeros, path=p), y4[i:i + 1]), (p, i)
             assert torch.equal(native_quant.int8_mm(alone, q, scale, path=p), y8[i:i + 1]), (p, i)
+
+
+def test_a_failed_build_falls_back_to_aten_and_says_so_once(tmp_path):
+    """No working compiler (CXX=/bin/false, a fresh build directory): the forms run ATen's kernels,
+    and the log says why once, however often the kernel is asked for."""
+    code = ("import logging, torch\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "from loramux.engine.linear import Int4Linear, Int8Linear, native_available, quantize_int4\n"
+            "p = Int4Linear.from_codes(*quantize_int4(torch.randn(64, 64)))\n"
+            "q = Int8Linear(torch.randn(16, 64))\n"
+            "assert not native_available() and not p.native and not q.native and p.dense is not None\n"
+            "print(tuple(p(torch.randn(3, 64)).shape), tuple(q(torch.randn(3, 64)).shape))\n")
+    env = {**os.environ, "CXX": "/bin/false", "LORAMUX_EXT_DIR": str(tmp_path / "ext")}
+    env.pop("LORAMUX_NATIVE", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "(3, 64) (3, 16)"
+    assert out.stderr.count("native int4/int8 kernel could not be built") == 1, out.stderr[-3000:]
