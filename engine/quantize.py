@@ -1,10 +1,11 @@
 """The resident form of the base model's projections: ``--quantize``.
 
     none      dense, in the engine dtype
-    int4      4-bit weights in groups of 32 with a scale and zero each, on ATen's CPU kernel with
-              bf16 activations (engine.linear.Int4Linear). The embedded model serves its GGUF's
-              own Q4_1 codes; other checkpoints are quantized group-wise (min/max) at start.
-    int8      8-bit weights, one scale per output channel, on ATen's CPU kernel
+    int4      4-bit weights in groups of 32 with a scale and zero each (engine.linear.Int4Linear),
+              on the native kernel (int8 activations, engine.native_quant) or, where it does not
+              build, ATen's with bf16 activations. The embedded model serves its GGUF's own Q4_1
+              codes; other checkpoints are quantized group-wise (min/max) at start.
+    int8      8-bit weights, one scale per output channel, on the same CPU kernels
     bnb-nf4   bitsandbytes Linear4bit (nf4, blocks of 64, compute dtype = engine dtype)
     bnb-int8  bitsandbytes Linear8bitLt (LLM.int8(), outlier threshold 6.0)
     auto      for a GGUF model (--model FILE.gguf, or the embedded one) when the engine runs bf16

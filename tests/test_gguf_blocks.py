@@ -107,7 +107,7 @@ def test_q8_0_two_parts_are_the_lm_heads_form():
 def test_int4_mode_requantizes_within_the_stated_bound(kind):
     _, w = _file(kind)
     module = int4_projection([w], [None])                    # the int4 form of a type it cannot hold as stored
-    dense = module.dense.float()                             # its bf16 copy: (q - 8) * scale + zero, rounded
+    dense = module.dequantized()                             # (q - 8) * scale + zero as the large steps read it
     allowed = _expand(requant_int4_bound(w)) * (1 + 1e-6) + BF16_REL * dense.abs()
     assert ((dense - w).abs() <= allowed).all(), kind
     kernel = module.__class__([(module.packed0, module.scales_zeros0)], ROWS).dequantized()

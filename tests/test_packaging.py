@@ -113,7 +113,7 @@ def test_wheel_holds_only_the_loramux_package(tmp_path):
     assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"loramux"}, tops
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("server/cli.py", "engine/llm_engine.py", "kernels/ops.py", "adapters_registry/registry.py",
-                   "trainer/api.py", "engine/models/llama.py"):
+                   "trainer/api.py", "engine/models/llama.py", "engine/csrc/quant_matmul.cpp"):
         assert f"loramux/{module}" in names, module
     assert not [f for f in FOLDERS if f"loramux/{f}/__init__.py" in names], "the folders are namespace portions"
 

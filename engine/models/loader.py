@@ -18,7 +18,12 @@ from torch import nn
 from loramux.engine.gguf_blocks import Int4Blocks, Int8Blocks
 from loramux.engine.gguf_forms import exact_projection, int4_parts, int4_projection
 from loramux.engine.gguf_weights import GGUFWeights
-from loramux.engine.linear import DenseLinear, int8_groups_as_int4_parts, quantize_int8_groups
+from loramux.engine.linear import (
+    DenseLinear,
+    bf16_matmul_in_hardware,
+    int8_groups_as_int4_parts,
+    quantize_int8_groups,
+)
 from loramux.engine.models.llama import LlamaModel
 from loramux.engine.models.spec import SHRINK_GROUPS, ModelSpec
 from loramux.engine.quantize import GGUF_MODES, make_projection
@@ -89,17 +94,19 @@ def _lm_head(weight: torch.Tensor, tied: torch.Tensor | None, quantize: str, dty
              blocks: Int4Blocks | Int8Blocks | None) -> nn.Module:
     """The output projection. Quantizing it to 4 bits would cost real fidelity (it decides the token),
     so the int4 / gguf modes hold it as int8 in groups of 32 (a GGUF's own blocks when a group-32
-    form holds them: Q8_0, Q5_K; 4-bit ones as they are), read by the int4 kernel in two parts;
-    large batches use the dense (tied) weight. The bitsandbytes modes leave it dense, as
-    transformers' BitsAndBytesConfig does."""
+    form holds them: Q8_0, Q5_K; 4-bit ones as they are), read by the int4 kernel in two parts.
+    Large batches use the dense (tied) weight, which with the native kernel is kept only where it
+    costs nothing (the bf16 embedding itself) and the CPU has bf16 hardware to make it faster. The
+    bitsandbytes modes leave it dense, as transformers' BitsAndBytesConfig does."""
     if quantize not in GGUF_MODES:
         return DenseLinear(tied if tied is not None else weight.to(dtype))
     dense = tied.to(torch.bfloat16) if tied is not None else weight.to(torch.bfloat16)
     if blocks is None:
         head = int8_groups_as_int4_parts(*quantize_int8_groups(weight))
-        head.dense = dense
-        return head
-    return int4_parts([weight], [blocks], dense)
+    else:
+        head = int4_parts([weight], [blocks], dense)
+    head.dense = dense if not head.native or (dense is tied and bf16_matmul_in_hardware()) else None
+    return head
 
 
 class _GGUFTensors:
