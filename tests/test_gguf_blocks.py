@@ -107,9 +107,9 @@ def test_q8_0_two_parts_are_the_lm_heads_form():
 def test_int4_mode_requantizes_within_the_stated_bound(kind):
     _, w = _file(kind)
     module = int4_projection([w], [None])                    # the int4 form of a type it cannot hold as stored
-    dense = module.dequantized()                             # (q - 8) * scale + zero as the large steps read it
-    allowed = _expand(requant_int4_bound(w)) * (1 + 1e-6) + BF16_REL * dense.abs()
-    assert ((dense - w).abs() <= allowed).all(), kind
+    requantized = dequantize_int4(*quantize_int4(w))         # (q - 8) * scale + zero, float32 scale and zero
+    allowed = _expand(requant_int4_bound(w)) * (1 + 1e-6) + BF16_REL * requantized.abs()
+    assert ((requantized - w).abs() <= allowed).all(), kind
     kernel = module.__class__([(module.packed0, module.scales_zeros0)], ROWS).dequantized()
     stated = stored_form_bound(w, Int4Blocks(*quantize_int4(w)))
     assert ((kernel - w).abs() <= allowed + stated).all(), kind
