@@ -66,7 +66,7 @@ def seq(name: str, n_prompt: int = 5, adapter: str | None = None, max_tokens: in
 def step(sched: Scheduler) -> ScheduledBatch:
     """Schedule, then do what the runner and the engine do to the sequences (token 7 sampled)."""
     batch = sched.schedule()
-    assert batch.num_tokens <= sched.max_num_batched_tokens
+    assert batch.num_tokens <= (sched.max_num_batched_tokens if batch.decodes else sched.max_prefill_tokens)
     sampled = batch.sampled
     for s, end in zip(batch.prefills, batch.chunk_ends):
         s.num_computed_tokens = end
@@ -110,19 +110,84 @@ def test_long_prompt_is_chunked_behind_the_decodes():
     assert long.is_decoding
 
 
-def test_prefills_in_progress_go_before_new_admissions_in_arrival_order():
+def test_arrivals_are_admitted_beside_prefills_in_progress_with_half_a_budget():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=8)
     first, second, third = seq("first", 12), seq("second", 13), seq("third", 3)
     for s in (first, second, third):
         sched.add(s)
     batch = step(sched)
     assert batch.prefills == [first] and batch.chunk_ends == [8]
+    batch = step(sched)                              # second starts (4 of 8 tokens), first finishes its prompt
+    assert batch.prefills == [second, first] and batch.chunk_ends == [4, 12]
+    batch = step(sched)                              # first decodes; third starts whole, second gets the rest
+    assert batch.decodes == [first] and batch.prefills == [third, second] and batch.chunk_ends == [3, 8]
     batch = step(sched)
-    assert batch.prefills == [first, second] and batch.chunk_ends == [12, 4]
-    batch = step(sched)                              # first decodes; second continues; third waits its turn
-    assert batch.decodes == [first] and batch.prefills == [second] and batch.chunk_ends == [11]
+    assert batch.decodes == [first, third] and batch.prefills == [second] and batch.chunk_ends == [13]
+
+
+def test_whole_prompts_while_nothing_decodes_chunks_while_streams_run():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=10, max_prefill_tokens=64)
+    first = seq("first", 40, max_tokens=20)
+    sched.add(first)
+    batch = step(sched)                              # idle: the whole prompt in one step, first token at once
+    assert batch.prefills == [first] and batch.chunk_ends == [40] and first.output_token_ids
+    second = seq("second", 40)
+    sched.add(second)
+    ends = []
+    while not second.output_token_ids:
+        batch = step(sched)
+        assert batch.decodes == [first]
+        ends.append(batch.chunk_ends[0])
+    assert ends == [9, 18, 27, 36, 40]               # 10 - 1 decode per step
+
+
+def test_idle_prefill_is_bounded_by_max_prefill_tokens():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=10, max_prefill_tokens=64)
+    a, b = seq("a", 100), seq("b", 20)
+    sched.add(a)
+    sched.add(b)
+    assert step(sched).chunk_ends == [64]
+    batch = step(sched)                              # b arrives beside a's prefill: a short step (10 tokens)
+    assert batch.prefills == [b, a] and batch.chunk_ends == [5, 69]
+    batch = step(sched)                              # b is under way too: nobody waits, nobody decodes
+    assert batch.prefills == [a, b] and batch.chunk_ends == [100, 20]
+
+
+def test_a_short_request_gets_its_token_in_the_next_step_while_a_long_prompt_prefills():
+    """Head-of-line: the long prompt takes every idle step until a request arrives; that request is
+    admitted at once, its whole prompt in a streaming-budget step, so its first token comes after
+    one short step (not after the long prompt's remaining prefill)."""
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=16, max_prefill_tokens=64)
+    long = seq("long", 600)
+    sched.add(long)
+    assert step(sched).chunk_ends == [64]
+    short = seq("short", 4)
+    sched.add(short)
     batch = step(sched)
-    assert batch.decodes == [first] and batch.prefills == [second, third] and batch.chunk_ends == [13, 3]
+    assert batch.prefills == [short, long] and batch.chunk_ends == [4, 76]   # 16 tokens
+    assert short.output_token_ids
+    progress = long.num_computed_tokens
+    for i in range(20):                              # a new short request every step: the long prompt goes on
+        sched.add(seq(f"s{i}", 4, max_tokens=2))
+        step(sched)
+        assert long.num_computed_tokens > progress
+        progress = long.num_computed_tokens
+
+
+def test_a_request_that_cannot_start_does_not_shrink_an_idle_prefill():
+    pool = SlotPool(4)
+    pool.loading.add("cold")
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=16, max_prefill_tokens=64,
+                      adapters=pool)
+    long, cold = seq("long", 300), seq("cold", 4, adapter="cold")
+    sched.add(long)
+    assert step(sched).chunk_ends == [64]
+    sched.add(cold)
+    assert step(sched).chunk_ends == [128]           # cold's adapter is loading: the long prompt keeps the step
+    assert cold.waits == 1
+    pool.loading.clear()
+    batch = step(sched)
+    assert batch.prefills == [cold, long] and batch.chunk_ends == [4, 140]
 
 
 def test_budget_must_hold_one_decode_per_sequence():

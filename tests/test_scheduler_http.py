@@ -14,8 +14,9 @@ from tests.adapter_factory import write_small_lora
 from tests.hf_reference import hf_greedy
 
 BASE = "SmolLM2-135M-Instruct"
-# 16 tokens a step: every prompt below is prefilled in chunks; 2 adapter slots for 6 adapters.
+# 16 tokens a step, idle or not: every prompt below is prefilled in chunks; 2 adapter slots for 6 adapters.
 FLAGS = ("--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--max-num-batched-tokens", "16",
+         "--max-prefill-tokens", "16",
          "--max-num-seqs", "8", "--max-loras", "2", "--max-lora-rank", "8")
 SYSTEM = ("You are the front desk of a small hotel by the sea. Guests ask about breakfast, which is served "
           "from seven to ten, the car park behind the building, and the ferry that leaves the harbour every "
