@@ -3,10 +3,16 @@
 Tiers: the device slots (LoraStacks, the tensors the LoRA kernels read), a bounded LRU of parsed
 weights in host memory, the files on disk. Moving an adapter up is slow next to an engine step
 (measured on the embedded model, bf16: reading + checking + parsing an r=16 q/k/v/o adapter ~28 ms,
-an r=64 all-linear one ~180 ms; writing a slot 15-110 ms), so both moves run on one background
-thread: `try_acquire`, called by the engine's scheduler, only does bookkeeping. It returns a lease
-when the adapter is ready, else None after starting what is missing (a load into the host tier, a
-copy into a free or idle slot). `prefetch` starts the load as soon as a request arrives.
+an r=64 all-linear one ~180 ms; writing a slot 15-110 ms), so both moves run in the background:
+`try_acquire`, called by the engine's scheduler, only does bookkeeping. It returns a lease when the
+adapter is ready, else None after starting what is missing (a load into the host tier, a copy into
+a free or idle slot). `prefetch` starts the load as soon as a request arrives, so loads run in
+arrival order.
+
+Loads and slot writes have pools of their own: a slot write (the last step before a request can
+run) never queues behind other adapters' loads, and `LOAD_WORKERS` loads run at once, so one read
+stuck on a slow disk holds up no other adapter. Their threads use one torch thread each
+(engine/cpu_threads.py), beside the engine's step.
 
 A slot being written belongs to no lease and is read by no step (a step reads only its leases'
 slots), so the copy runs while the engine steps. It is reserved (`placing`) until written, and
@@ -30,6 +36,10 @@ from .slots import LoraStacks, SlotTable
 
 log = logging.getLogger(__name__)
 
+# Loads at once: reading a file waits on the disk and safetensors' parsing holds the GIL only in part,
+# so two overlap on 2 cores; more would only crowd the engine's step.
+LOAD_WORKERS = 2
+
 
 class Residency:
     def __init__(self, stacks: LoraStacks, max_host_adapters: int, lock: threading.RLock,
@@ -40,7 +50,8 @@ class Residency:
         self._load, self._on_drop = load, on_drop
         self._slots: SlotTable[AdapterRecord] = SlotTable(stacks.num_slots)
         self.host: LruCache[AdapterRecord, Weights] = LruCache(max_host_adapters)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-load")
+        self._loader = ThreadPoolExecutor(max_workers=LOAD_WORKERS, thread_name_prefix="loramux-adapter-load")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-adapter-write")
         self.loads = 0                                 # background loads and slot writes, for metrics
         self.slot_writes = 0
 
@@ -117,7 +128,7 @@ class Residency:
     def _start_load(self, record: AdapterRecord) -> None:
         if not record.loading and not record.retired:
             record.loading = True
-            self._worker.submit(self._load_job, record)
+            self._loader.submit(self._load_job, record)
 
     def _start_placing(self, record: AdapterRecord, slot: int, weights: Weights) -> None:
         evicted = self._slots.owner[slot]
@@ -125,7 +136,7 @@ class Residency:
             evicted.slot = -1
         self._slots.assign(slot, record)
         record.slot, record.placing = slot, True
-        self._worker.submit(self._place_job, record, slot, weights)
+        self._writer.submit(self._place_job, record, slot, weights)
 
     def _load_job(self, record: AdapterRecord) -> None:
         weights, error = None, None
