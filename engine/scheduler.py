@@ -23,9 +23,10 @@ the requests arriving behind it; only a sequence whose prefill completes in a st
 Adapters: a request's adapter is leased at admission and held until it finishes (across chunks).
 A request whose adapter is not ready (its weights still loading in the background, or no slot
 free for it) is skipped: requests behind it, for the base model or for adapters that are ready,
-go ahead. So that skipping cannot starve it, a request skipped for `patience` steps becomes a
-barrier: no request behind it that names an adapter is admitted until it runs, so running
-requests drain and free a slot for it (base-model requests still go ahead: they need no slot).
+go ahead. So that skipping cannot starve it, a request skipped for `patience` steps for want of a
+slot becomes a barrier: no request behind it that names an adapter is admitted until it runs, so
+running requests drain and free a slot for it (base-model requests still go ahead: they need no
+slot). Steps spent loading its weights do not count: a load stuck on a slow disk holds up nobody.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ class AdapterLeaser(Protocol):
 
     def try_acquire(self, adapter_id: str) -> Any | None:
         """A lease (with `.slot`, `.version`, `.prefix_kv`), or None while it is not ready."""
+
+    def is_loading(self, adapter_id: str) -> bool:
+        """Whether `adapter_id`'s weights are on their way (read from disk or written into a slot)."""
 
     def release(self, lease: Any) -> None: ...
 
@@ -171,7 +175,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.adapter_id is not None and seq.lease is None and (barrier or not self._lease(seq)):
                 if seq.status is not SequenceStatus.FINISHED:       # not ready: skipped this pass
-                    if seq.seq_id not in counted:
+                    if seq.seq_id not in counted and not self.adapters.is_loading(seq.adapter_id):
                         counted.add(seq.seq_id)
                         seq.waits += 1
                     barrier = barrier or seq.waits > self.patience

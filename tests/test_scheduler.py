@@ -33,6 +33,9 @@ class SlotPool:
     def prefetch(self, adapter_id: str) -> None:
         self.prefetched.append(adapter_id)
 
+    def is_loading(self, adapter_id: str) -> bool:
+        return adapter_id in self.loading
+
     def try_acquire(self, adapter_id: str):
         if adapter_id in self.loading:
             return None
@@ -184,7 +187,7 @@ def test_a_request_that_cannot_start_does_not_shrink_an_idle_prefill():
     assert step(sched).chunk_ends == [64]
     sched.add(cold)
     assert step(sched).chunk_ends == [128]           # cold's adapter is loading: the long prompt keeps the step
-    assert cold.waits == 1
+    assert cold.waits == 0                           # loading: no step counts toward its patience
     pool.loading.clear()
     batch = step(sched)
     assert batch.prefills == [cold, long] and batch.chunk_ends == [4, 140]
@@ -263,3 +266,18 @@ def test_preemption_frees_blocks_and_requeues_newest():
     batch = sched.schedule()                         # token 9 needs a third block each: a takes the last, b goes
     assert batch.decodes == [a] and list(sched.waiting) == [b]
     assert b.block_table == [] and b.num_computed_tokens == 0 and blocks.num_free == 2
+
+
+def test_a_load_that_never_ends_makes_no_barrier():
+    """A request whose adapter is still loading after many steps does not hold back requests behind it
+    (only waiting for a slot counts toward patience): their adapters are resident."""
+    pool = SlotPool(4)
+    pool.loading.add("stuck")
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=64, adapters=pool, patience=3)
+    stuck = seq("stuck", adapter="stuck")
+    sched.add(stuck)
+    for i in range(12):
+        behind = seq(f"w{i}", adapter="warm", max_tokens=1)
+        sched.add(behind)
+        assert behind in step(sched).prefills
+    assert stuck.waits == 0 and list(sched.waiting) == [stuck]
