@@ -146,12 +146,14 @@ class SlowDisk:
 
     def __init__(self, reg: AdapterRegistry, *stuck: str) -> None:
         self.stuck = set(stuck)
+        self.started: list[str] = []                   # reads begun, in order
         self.opened = threading.Event()
         self._go = threading.Event()
         self._read = reg.residency._load
         reg.residency._load = self._load
 
     def _load(self, record):
+        self.started.append(record.adapter_id)
         if record.adapter_id in self.stuck:
             self.opened.set()
             assert self._go.wait(60), "the slow disk was never released"
@@ -197,3 +199,29 @@ def test_a_load_stuck_on_a_slow_disk_holds_up_no_other_cold_adapter(tmp_path):
     lease = reg.acquire("slow", timeout=30)
     assert lease is not None
     reg.release(lease)
+
+
+def test_queued_requests_adapters_load_in_arrival_order_within_a_window(tmp_path):
+    """Six cold adapters asked for at once, a host tier of four: two load at a time (half the tier),
+    so none is pushed out of host memory before its slot is written; the rest wait their turn and
+    load in the order they were asked for."""
+    reg = make_registry(tmp_path, max_host_adapters=4, max_loras=2)
+    names = [f"q{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        on_disk(tmp_path, reg, name, seed=20 + i)
+    disk = SlowDisk(reg, *names)
+    try:
+        for name in names:
+            reg.prefetch(name)
+        assert disk.opened.wait(30)
+        time.sleep(0.2)
+        with reg._lock:
+            assert sorted(disk.started) == names[:2]
+            assert all(reg.residency.pending(reg._live[n]) for n in names)   # deferred loads are due
+    finally:
+        disk.release()
+    for name in names:
+        lease = reg.acquire(name, timeout=60)
+        assert lease is not None
+        reg.release(lease)
+    assert sorted(disk.started[:2]) == names[:2] and disk.started[2:6] == names[2:]
