@@ -2,8 +2,9 @@
 
 Tiers: the device slots (LoraStacks, the tensors the LoRA kernels read), a bounded LRU of parsed
 weights in host memory, the files on disk. Moving an adapter up is slow next to an engine step
-(measured on the embedded model, bf16: reading + checking + parsing an r=16 q/k/v/o adapter ~28 ms,
-an r=64 all-linear one ~180 ms; writing a slot 15-110 ms), so both moves run in the background:
+(measured on the embedded model before loads read one buffer: an r=16 q/k/v/o adapter ~28-50 ms to
+read and check, an r=64 all-linear one ~180 ms; writing a slot 15-110 ms), so both moves run in the
+background:
 `try_acquire`, called by the engine's scheduler, only does bookkeeping. It returns a lease when the
 adapter is ready, else None after starting what is missing (a load into the host tier, a copy into
 a free or idle slot). `prefetch` starts the load as soon as a request arrives, so loads run in
