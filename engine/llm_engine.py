@@ -73,7 +73,8 @@ class LLMEngine:
                           self.spec.head_dim, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens, adapters=adapters)
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_prefill_tokens=config.max_prefill_tokens, adapters=adapters)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_ids()

@@ -36,6 +36,8 @@ def add_serve_parser(sub) -> None:
     setting("--max-num-seqs", "sequences in one step", type=int)
     setting("--max-num-batched-tokens", "tokens in one step: every running sequence's decode token first, then "
             "prompts in chunks of what is left (a long prompt no longer stalls the running streams)", type=int)
+    setting("--max-prefill-tokens", "tokens in one step while no sequence decodes: whole prompts up to this "
+            "(bounds one step's memory)", type=int)
     setting("--enable-prefix-caching", "reuse the KV cache of prompt prefixes seen before (keyed by adapter and "
             "its weights' version)", action=argparse.BooleanOptionalAction)
     setting("--kv-cache-gb", "KV cache budget", type=float, default=defaults["kv_cache_bytes"] / (1 << 30))
@@ -95,6 +97,7 @@ def serve(args: argparse.Namespace) -> int:
     admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAMUX_ADMIN_KEY")
     cfg = ServeConfig(model_dir=args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      max_prefill_tokens=args.max_prefill_tokens,
                       enable_prefix_caching=args.enable_prefix_caching, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
                       max_lora_memory_bytes=int(args.max_lora_memory_gb * (1 << 30)),
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters_dir,
