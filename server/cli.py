@@ -87,6 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loramux.adapters_registry.datadir_lock import DataDirBusy
+    from loramux.engine.model_source import ModelSourceError
     from loramux.server.app import create_app
     from loramux.server.bootstrap import ServeConfig, build_state
 
@@ -108,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         return run(RayConfig(cfg, **ray_flags), args.host, args.port)
     try:
         state = build_state(cfg)
-    except DataDirBusy as e:
+    except (DataDirBusy, ModelSourceError) as e:     # one line, no traceback: what cannot be served, and why
         logging.getLogger("loramux.server").error("%s", e)
         return 2
     # The engine's steps run on this, the main thread (OpenMP is 2-3x faster there: engine/async_engine.py),
