@@ -15,6 +15,11 @@ from pathlib import Path
 import torch
 
 WINDOW = 16
+# Prompts of 20-40 tokens with the embedded tokenizer (longer than WINDOW), and how many tokens to generate.
+NEW_TOKENS = 10
+TEXTS = ["The quick brown fox jumps over the lazy dog while the farmer watches from far away, smiling.",
+         "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+         "Once upon a time, in a kingdom by the sea, there lived a princess who loved to read old maps."]
 _SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5)
 _LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=64,

@@ -14,13 +14,8 @@ import torch
 from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams
-from tests.arch_checkpoints import ARCHS, write_arch_checkpoint
+from tests.arch_checkpoints import ARCHS, NEW_TOKENS, TEXTS, write_arch_checkpoint
 from tests.hf_reference import hf_greedy
-
-NEW_TOKENS = 10
-TEXTS = ["The quick brown fox jumps over the lazy dog while the farmer watches from far away, smiling.",
-         "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
-         "Once upon a time, in a kingdom by the sea, there lived a princess who loved to read old maps."]
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

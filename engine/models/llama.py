@@ -111,11 +111,10 @@ class DecoderLayer(nn.Module):
 
     def _project(self, group: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         y = getattr(self, PROJECTIONS[group])(x)
-        if self.biases[group] is not None:
-            y = y + self.biases[group]
         if ctx.lora is not None:
             ctx.lora.add(x, y, self.layer, group)
-        return y
+        # after the LoRA: DoRA's magnitude scales x W^T + its delta, never the bias (as peft computes it)
+        return y if self.biases[group] is None else y + self.biases[group]
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         T = h.shape[0]
