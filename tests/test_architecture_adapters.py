@@ -74,3 +74,35 @@ def test_mixed_batch_matches_each_alone(served):
     names = [None, *ADAPTERS, None, *ADAPTERS]
     seqs = engine.generate([prompt] * len(names), _params(), names)
     assert [s.output_token_ids for s in seqs] == [ref[n] for n in names], arch
+
+
+@torch.no_grad()
+def _greedy_after_prefix(model, ids: list[int], cache) -> list[int]:
+    """transformers' greedy decoding with peft's `get_prompt` KV (the virtual tokens) as its cache:
+    peft 0.21's own prefix generate drops it under transformers 5."""
+    virtual, tokens = cache.get_seq_length(), []
+    out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True,
+                attention_mask=torch.ones(1, virtual + len(ids), dtype=torch.long))
+    for _ in range(NEW_TOKENS):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([tokens[-1:]]), cache=out.cache, use_cache=True,
+                    attention_mask=torch.ones(1, virtual + len(ids) + len(tokens), dtype=torch.long))
+    return tokens
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3", "gemma3"])
+def test_prefix_tuning_matches_peft(arch, base_model_dir, tmp_path):
+    """Virtual tokens count as positions inside the sliding window, as transformers' mask counts them."""
+    from transformers import AutoTokenizer
+
+    from tests.adapter_factory import make_prefix_adapter
+
+    path = write_arch_checkpoint(arch, tmp_path / "base", base_model_dir)
+    adapter, peft_model = make_prefix_adapter(path, tmp_path / "prefix", num_virtual_tokens=6, return_model=True)
+    prompt = AutoTokenizer.from_pretrained(path)(TEXTS[2])["input_ids"]
+    want = _greedy_after_prefix(peft_model.base_model, prompt, peft_model.get_prompt(batch_size=1))
+    econf = EngineConfig(path, dtype="float32", quantize="none", kv_cache_bytes=8 << 20, max_num_batched_tokens=256)
+    engine, _ = build_engine(econf, tmp_path / "data", {"prefix": adapter})
+    base, with_prefix = engine.generate([prompt, prompt], _params(), [None, "prefix"])
+    assert with_prefix.output_token_ids != base.output_token_ids, "the prefix must change the answer"
+    assert with_prefix.output_token_ids == want, arch
