@@ -7,6 +7,8 @@ Adapters are saved by peft (`init_lora_weights=False`, then seeded random weight
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from tests.adapter_factory import load_peft_model, make_lora_adapter
 from tests.arch_checkpoints import NEW_TOKENS, TEXTS, write_arch_checkpoint
 from tests.hf_reference import hf_greedy
 
+TRAIN_DATA = Path(__file__).parent / "data" / "codeword_train.jsonl"
 # A subset of ARCHS covering every difference the adapters see: fused checkpoint names (phi3),
 # biases (llama3, qwen2), q/k norms + explicit head_dim (qwen3), sandwich norms and windows (gemma3, mistral).
 ADAPTER_ARCHS = ["llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma3"]
@@ -106,3 +109,28 @@ def test_prefix_tuning_matches_peft(arch, base_model_dir, tmp_path):
     base, with_prefix = engine.generate([prompt, prompt], _params(), [None, "prefix"])
     assert with_prefix.output_token_ids != base.output_token_ids, "the prefix must change the answer"
     assert with_prefix.output_token_ids == want, arch
+
+
+@pytest.mark.parametrize("arch, method", [("phi3", "lora"), ("gemma3", "dora"), ("qwen2", "lora")])
+def test_trainer_trains_each_architecture_and_the_engine_serves_it(arch, method, base_model_dir, tmp_path):
+    """`loramux train` on a non-Llama base writes a peft folder (the architecture's own module names:
+    Phi-3's fused qkv_proj) that the engine serves as peft runs it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from loramux.trainer.api import TrainConfig, train
+
+    path = write_arch_checkpoint(arch, tmp_path / "base", base_model_dir)
+    out = tmp_path / "trained"
+    train(TrainConfig(data=TRAIN_DATA, out=out, base=path, method=method, rank=4, alpha=8, max_steps=3,
+                      batch_size=4, max_seq_len=48, lr=1e-2, progress=False))
+    config = json.loads((out / "adapter_config.json").read_text())
+    names = {t.rsplit(".", 1)[-1] for t in config["target_modules"]}     # peft saves all-linear as full names
+    assert names >= ({"qkv_proj", "gate_up_proj"} if arch == "phi3" else {"q_proj", "gate_proj"})
+    prompt = AutoTokenizer.from_pretrained(path)(TEXTS[0])["input_ids"]
+    want = hf_greedy(load_peft_model(path, out), prompt, NEW_TOKENS)
+    econf = EngineConfig(path, dtype="float32", quantize="none", kv_cache_bytes=8 << 20, max_num_batched_tokens=256)
+    engine, _ = build_engine(econf, tmp_path / "data", {"trained": out})
+    [seq] = engine.generate([prompt], _params(), ["trained"])
+    assert seq.output_token_ids == want, arch
