@@ -7,6 +7,11 @@ form the engine was started with (dense, int4, int8, bitsandbytes). The model lo
 tokens from many sequences (no padding): each carries a position, a KV cache row and an adapter
 slot, so one forward pass serves any mix of adapters and the bare base model; the step's
 ``LoraStep`` adds each token's own adapter to the fused outputs' column slices.
+
+One implementation serves every architecture of ``engine.models.spec.ARCHITECTURES``: what differs
+(biases, q/k norms, Gemma's (1 + w) norms and extra norms around attention and MLP, embedding scale,
+GeGLU, softmax scale, rotary tables and sliding window per layer, final soft-cap) is data in the
+``ModelSpec``, read here once at construction.
 """
 from __future__ import annotations
 
