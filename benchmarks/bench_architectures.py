@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_architectures [--archs llama3 qwen2 ...] [--batches 1 32] [--tokens 32]
     python -m benchmarks.bench_architectures --llama-1b     # + a Llama-3.2-1B-shaped random checkpoint
+    python -m benchmarks.bench_architectures --archs --llama-1b   # that one alone (its own results file)
 
 Each architecture's small random checkpoint (tests/arch_checkpoints.py: 2 layers, hidden 64, the real
 49k vocabulary) measures per-step overhead more than arithmetic; `--llama-1b` adds a random
@@ -59,7 +60,7 @@ def bench_one(path: Path, batches: tuple[int, ...], tokens: int, repeats: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--archs", nargs="+", default=list(ARCHS))
+    ap.add_argument("--archs", nargs="*", default=list(ARCHS))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
@@ -79,7 +80,8 @@ def main() -> None:
     command = (f"python -m benchmarks.bench_architectures --archs {' '.join(args.archs)} --batches "
                f"{' '.join(map(str, args.batches))} --tokens {args.tokens} --repeats {args.repeats} "
                f"--threads {args.threads}" + (" --llama-1b" if args.llama_1b else ""))
-    print(write_results("architectures", {"dtype": "bfloat16", "new_tokens": args.tokens, "results": results},
+    name = "architectures" + ("-llama-1b" if args.llama_1b and not args.archs else "")
+    print(write_results(name, {"dtype": "bfloat16", "new_tokens": args.tokens, "results": results},
                         command))
 
 
