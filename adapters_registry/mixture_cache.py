@@ -49,6 +49,9 @@ class MixtureCache:
         adapters: AdapterError 404 for an unknown one, 400 for prefix tuning or unmergeable ranks.
         """
         reg = self._registry
+        if reg.spec.fused_checkpoint:    # a merge is written under our q/k/v names, which such a base lacks
+            raise AdapterError(BAD_REQUEST, "mixtures are not supported on a base whose checkpoint fuses q/k/v "
+                                            "and gate/up (Phi-3) yet", param="adapters")
         mix_id = recipe.adapter_id
         with reg._lock:
             if self._cached(mix_id, recipe):

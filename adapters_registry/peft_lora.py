@@ -22,7 +22,7 @@ from loramux.engine.models.spec import LORA_TARGETS, ModelSpec
 
 from .adapter_files import TensorInfo, read_tensors
 from .errors import BAD_REQUEST, AdapterError
-from .peft_targets import module_key, parse_module_key, pattern_value, targeted_modules
+from .peft_targets import checkpoint_modules, module_key, parse_module_key, pattern_value, targeted_modules
 
 KEY_PREFIX = "base_model.model."
 
@@ -63,6 +63,10 @@ class LoraModule:
     rank: int
     alpha: float
     scale: float  # what multiplies B @ A for this module
+    # A fused checkpoint projection (Phi-3's qkv_proj) adapts several of ours: each has the file's
+    # A and its rows of B (and of DoRA's magnitudes), source naming the file's module.
+    source: str | None = None
+    rows: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,24 +146,27 @@ def inspect_lora(config: dict, header: dict[str, TensorInfo], spec: ModelSpec, m
     dora = bool(config.get("use_dora", False))
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
 
-    modules = []
-    for layer, module in targeted_modules(config, spec.num_layers):
-        key = module_key(layer, module)
+    modules, expected, covers = [], {}, checkpoint_modules(spec)
+    for layer, name in targeted_modules(config, spec):
+        key = module_key(layer, name)
         mr = _positive_int(pattern_value(rank_pattern, key, r), f"rank for {key}")
         ma = _finite_number(pattern_value(alpha_pattern, key, alpha), f"alpha for {key}")
         if mr > max_rank:
             raise AdapterError(BAD_REQUEST, f"LoRA rank {mr} (module {key}) exceeds the server's maximum "
                                             f"rank {max_rank}")
         scale = ma / math.sqrt(mr) if rslora else ma / mr
-        modules.append(LoraModule(layer, module, mr, ma, scale))
-
-    expected = {}
-    for m in modules:
-        d_in, d_out = spec.lora_dims(m.module)
-        expected[weight_key(m.layer, m.module, "A")] = (m.rank, d_in)
-        expected[weight_key(m.layer, m.module, "B")] = (d_out, m.rank)
+        at = 0
+        for module in covers[name]:
+            d_out = spec.lora_dims(module)[1]
+            fused = covers[name] != (name,)
+            modules.append(LoraModule(layer, module, mr, ma, scale, name if fused else None,
+                                      (at, at + d_out) if fused else None))
+            at += d_out
+        d_in = spec.lora_dims(covers[name][0])[0]
+        expected[weight_key(layer, name, "A")] = (mr, d_in)
+        expected[weight_key(layer, name, "B")] = (at, mr)
         if dora:
-            expected[weight_key(m.layer, m.module, "magnitude")] = (d_out,)
+            expected[weight_key(layer, name, "magnitude")] = (at,)
     for name, info in header.items():
         if name not in expected:
             raise AdapterError(BAD_REQUEST, _explain_unexpected(name, spec.num_layers))
@@ -200,7 +207,12 @@ def load_lora(weights_path: Path, manifest: LoraManifest) -> LoraWeights:
     """Read the weights the manifest names (CPU, file dtype), refusing NaN/Inf. A DoRA adapter's
     factors need the base weights too: the registry adds them (adapters_registry.dora)."""
     parts = ("A", "B", "magnitude") if manifest.use_dora else ("A", "B")
-    keys = {(m.layer, m.module): [weight_key(m.layer, m.module, p) for p in parts] for m in manifest.modules}
-    tensors = read_tensors(weights_path, [k for names in keys.values() for k in names])
-    pick = {p: {lm: tensors[names[i]] for lm, names in keys.items()} for i, p in enumerate(parts)}
+    keys = {m: [weight_key(m.layer, m.source or m.module, p) for p in parts] for m in manifest.modules}
+    tensors = read_tensors(weights_path, list(dict.fromkeys(k for names in keys.values() for k in names)))
+
+    def rows(m: LoraModule, part: str, t: torch.Tensor) -> torch.Tensor:
+        return t if m.rows is None or part == "A" else t[m.rows[0]:m.rows[1]].contiguous()
+
+    pick = {p: {(m.layer, m.module): rows(m, p, tensors[names[i]]) for m, names in keys.items()}
+            for i, p in enumerate(parts)}
     return LoraWeights(manifest, A=pick["A"], B=pick["B"], magnitude=pick.get("magnitude", {}))

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 
-from loramux.engine.models.spec import LORA_TARGETS
+from loramux.engine.models.spec import LORA_TARGETS, SHRINK_GROUPS, ModelSpec
 
 from .errors import BAD_REQUEST, AdapterError
 
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp", "qkv_proj": "self_attn", "gate_up_proj": "mlp"}
+_FUSED_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")      # Phi-3's projections, one per SHRINK_GROUP
 _KEY_RE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")
 # Patterns come from uploaded configs and run through Python's backtracking `re`: bound them and
 # refuse quantified groups, the shape behind catastrophic backtracking ("(a+)+").
@@ -36,14 +37,26 @@ def parse_module_key(key: str) -> tuple[int, str] | None:
     return None
 
 
-def base_module_names(num_layers: int) -> list[str]:
-    """Every module name of a transformers LlamaForCausalLM, as `named_modules()` lists them."""
+def checkpoint_modules(spec: ModelSpec) -> dict[str, tuple[str, ...]]:
+    """The base model's own projection names (what peft targets) -> the projections of ours each
+    covers, in output-row order: Phi-3's qkv_proj is our q_proj | k_proj | v_proj."""
+    if spec.fused_checkpoint:
+        return dict(zip(_FUSED_NAMES, SHRINK_GROUPS))
+    return {m: (m,) for m in LORA_TARGETS}
+
+
+def base_module_names(spec: ModelSpec) -> list[str]:
+    """Every module name of the transformers model of `spec`'s architecture, as `named_modules()` lists them."""
     names = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"]
-    for layer in range(num_layers):
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if spec.sandwich_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for layer in range(spec.num_layers):
         p = f"model.layers.{layer}"
-        names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn",
-                  f"{p}.input_layernorm", f"{p}.post_attention_layernorm"]
-        names += [module_key(layer, m) for m in LORA_TARGETS]
+        names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", *(f"{p}.{n}" for n in norms)]
+        if spec.qk_norm:
+            names += [f"{p}.self_attn.q_norm", f"{p}.self_attn.k_norm"]
+        names += [module_key(layer, m) for m in checkpoint_modules(spec)]
     return names
 
 
@@ -98,16 +111,17 @@ def _matches(config: dict, target: str | list, key: str) -> bool:
     return any(key.endswith(f".{t}") for t in target) and _layer_allowed(config, key)
 
 
-def targeted_modules(config: dict, num_layers: int) -> list[tuple[int, str]]:
-    """(layer, module) pairs the config adapts; refuse targets our model cannot apply LoRA to."""
+def targeted_modules(config: dict, spec: ModelSpec) -> list[tuple[int, str]]:
+    """(layer, checkpoint module name) pairs the config adapts; refuse targets we cannot apply LoRA to."""
     target = config.get("target_modules")
+    projections = list(checkpoint_modules(spec))
     if isinstance(target, str) and target.lower() == "all-linear":
-        target = list(LORA_TARGETS)  # peft: every linear layer except the output head
+        target = projections  # peft: every linear layer except the output head
     if isinstance(target, str):
         target = _check_pattern(target, "target_modules")
     elif not (isinstance(target, list) and target and all(isinstance(t, str) and t for t in target)):
         raise AdapterError(BAD_REQUEST, f"target_modules must be a non-empty list or a regex, got {target!r}")
-    names = base_module_names(num_layers)
+    names = base_module_names(spec)
     if isinstance(target, list):
         for t in target:
             if not any(n == t or n.endswith(f".{t}") for n in names):
@@ -118,9 +132,9 @@ def targeted_modules(config: dict, num_layers: int) -> list[tuple[int, str]]:
         if not _matches(config, target, name):
             continue
         parsed = parse_module_key(name)
-        if parsed is None:
+        if parsed is None or parsed[1] not in projections:
             raise AdapterError(BAD_REQUEST, f"adapter targets {name!r}; loramux applies LoRA only to "
-                                            f"{', '.join(LORA_TARGETS)}")
+                                            f"{', '.join(projections)}")
         found.append(parsed)
     if not found:
         raise AdapterError(BAD_REQUEST, "adapter's target_modules / layers_to_transform match no module "

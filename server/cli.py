@@ -27,7 +27,8 @@ def add_serve_parser(sub) -> None:
         p.add_argument(flag, help=f"{help} (default: %(default)s)", **kw)
 
     p.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="DIR|FILE.gguf",
-                   help="local HF Llama-family checkpoint directory or GGUF file (default: embedded SmolLM2-135M)")
+                   help="local HF checkpoint (Llama, Qwen2, Qwen3, Mistral, Phi-3, Gemma 3 text) or GGUF file "
+                        "(default: embedded SmolLM2-135M)")
     setting("--host", "address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     setting("--dtype", "auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
@@ -113,7 +114,7 @@ def serve(args: argparse.Namespace) -> int:
         return run(RayConfig(cfg, **ray_flags), args.host, args.port)
     try:
         state = build_state(cfg)
-    except (DataDirBusy, ModelSourceError) as e:
+    except (DataDirBusy, ModelSourceError) as e:     # one line, no traceback: what cannot be served, and why
         logging.getLogger("loramux.server").error("%s", e)
         return 2
     # The engine's steps run on this, the main thread (OpenMP is 2-3x faster there: engine/async_engine.py),

@@ -45,7 +45,12 @@ def test_local_checkpoint_directory_is_accepted(base_model_dir, tmp_path):
 
 @pytest.mark.parametrize("config, match", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "not supported"),
-    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "not supported"),
+    ({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}, "architecture Gemma2ForCausalLM is not"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+      "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}}, "rope type 'proportional' is not"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "relu"}, "activation 'relu' is not"),
+    ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": 50.0},
+     "attn_logit_softcapping=50.0 is not supported"),
 ])
 def test_other_architectures_are_refused(tmp_path, config, match):
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -7,11 +7,16 @@ form the engine was started with (dense, int4, int8, bitsandbytes). The model lo
 tokens from many sequences (no padding): each carries a position, a KV cache row and an adapter
 slot, so one forward pass serves any mix of adapters and the bare base model; the step's
 ``LoraStep`` adds each token's own adapter to the fused outputs' column slices.
+
+One implementation serves every architecture of ``engine.models.spec.ARCHITECTURES``: what differs
+(biases, q/k norms, Gemma's (1 + w) norms and extra norms around attention and MLP, embedding scale,
+GeGLU, softmax scale, rotary tables and sliding window per layer, final soft-cap) is data in the
+``ModelSpec``, read here once at construction.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +24,7 @@ from torch import nn
 
 from loramux.engine.attention import AttentionMetadata, KVCache, paged_attention
 from loramux.engine.lora_step import LoraStep
-from loramux.engine.models.spec import ModelSpec
+from loramux.engine.models.spec import ModelSpec, Rope
 from loramux.engine.quantize import dequantize_projection
 
 QKV, O, GATE_UP, DOWN = range(4)          # indices of SHRINK_GROUPS, one per fused projection
@@ -30,14 +35,20 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # DecoderLay
 class ForwardContext:
     """Everything a step's forward pass needs besides the tokens; passed down, never global."""
     positions: torch.Tensor                 # [T]
-    attn: AttentionMetadata
+    attn: AttentionMetadata                 # full causal attention
     kv: KVCache
     lora: LoraStep | None = None            # None when no token of the step uses an adapter
-    cos: torch.Tensor | None = None         # (T, 1, hd) rotary tables for this step's positions, set once
-    sin: torch.Tensor | None = None
+    windowed: dict[int, AttentionMetadata] = field(default_factory=dict)  # per sliding window: its masks
+    # per rotary table of the spec: (cos, signed sin) (T, 1, rotary dim) for this step's positions, set once
+    rope: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def attention(self, window: int | None) -> AttentionMetadata:
+        return self.attn if window is None else self.windowed[window]
 
 
 class RMSNorm(nn.Module):
+    """HF's RMSNorm; Gemma's multiplies by (1 + w): the loader stores offset + w as the weight."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.register_buffer("weight", torch.ones(dim))
@@ -49,26 +60,31 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding:
-    """cos/sin tables in float32 (never cast with the model), looked up once per step."""
+    """cos/sin tables in float32 (never cast with the model), looked up once per step, over the first
+    2 * len(inv_freq) dims of a head (Phi-4-mini's partial rotary leaves the rest as they are)."""
 
-    def __init__(self, head_dim: int, theta: float, max_positions: int, device: torch.device | str) -> None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float()
-                                    / head_dim))
+    def __init__(self, rope: Rope, max_positions: int, device: torch.device | str) -> None:
+        inv_freq = torch.tensor(rope.inv_freq, dtype=torch.float32, device=device)
+        half = inv_freq.shape[0]
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)                                  # (P, hd)
-        self.cos = emb.cos()
-        # rotate_half(x) * sin == roll(x, hd/2) * (sin with its first half negated), product for product
-        self.sin_signed = emb.sin() * torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2))).to(device)
+        emb = torch.cat((freqs, freqs), dim=-1)                                  # (P, rd)
+        self.cos = emb.cos() * rope.attention_scaling
+        # rotate_half(x) * sin == roll(x, rd/2) * (sin with its first half negated), product for product
+        self.sin_signed = (emb.sin() * rope.attention_scaling) * torch.cat((-torch.ones(half), torch.ones(half))).to(device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, signed sin (T, 1, hd) for a step's positions: shared by every layer."""
+        """cos, signed sin (T, 1, rd) for a step's positions: shared by every layer of this table."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin_signed[positions].unsqueeze(1).to(dtype)
 
     @staticmethod
-    def rotate(x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, hd] -> rotated: HF's x * cos + rotate_half(x) * sin, rounding for rounding
         (two products, then a sum: no fused multiply-add, so float32 results match transformers')."""
-        return x * ctx.cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * ctx.sin
+        rd = cos.shape[-1]
+        if rd == x.shape[-1]:
+            return x * cos + torch.roll(x, rd // 2, dims=-1) * sin
+        rot = x[..., :rd]
+        return torch.cat((rot * cos + torch.roll(rot, rd // 2, dims=-1) * sin, x[..., rd:]), dim=-1)
 
 
 class DecoderLayer(nn.Module):
@@ -78,39 +94,60 @@ class DecoderLayer(nn.Module):
         self.nh, self.nkv, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         self.ff = spec.intermediate_size
-        self.scale = 1.0 / math.sqrt(self.hd)
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        # Set by the loader: engine.linear modules (d_in -> d_out) holding the base weights.
+        self.scale = spec.attn_scale
+        self.window = spec.layer_window[layer]
+        self.rope = spec.layer_rope[layer]
+        self.act = F.silu if spec.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
+        self.sandwich = spec.sandwich_norms
+        d, eps = spec.hidden_size, spec.rms_norm_eps
+        self.input_layernorm = RMSNorm(d, eps)
+        self.post_attention_layernorm = RMSNorm(d, eps)
+        self.pre_feedforward_layernorm = RMSNorm(d, eps) if self.sandwich else None
+        self.post_feedforward_layernorm = RMSNorm(d, eps) if self.sandwich else None
+        self.q_norm = RMSNorm(self.hd, eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.hd, eps) if spec.qk_norm else None
+        # Set by the loader: engine.linear modules (d_in -> d_out) holding the base weights, and their
+        # biases (None: the architecture has none).
         self.qkv_proj: nn.Module | None = None       # d -> q_size + 2 * kv_size
         self.o_proj: nn.Module | None = None         # q_size -> d
         self.gate_up_proj: nn.Module | None = None   # d -> 2 * ff
         self.down_proj: nn.Module | None = None      # ff -> d
+        self.biases: list[torch.Tensor | None] = [None] * 4   # per projection (QKV, O, GATE_UP, DOWN)
+
+    def _project(self, group: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        y = getattr(self, PROJECTIONS[group])(x)
+        if ctx.lora is not None:
+            ctx.lora.add(x, y, self.layer, group)
+        # after the LoRA: DoRA's magnitude scales x W^T + its delta, never the bias (as peft computes it)
+        return y if self.biases[group] is None else y + self.biases[group]
 
     def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        T, lora = h.shape[0], ctx.lora
+        T = h.shape[0]
         x = self.input_layernorm(h)
-        qkv = self.qkv_proj(x)                                                       # (T, q + 2 kv)
-        if lora is not None:
-            lora.add(x, qkv, self.layer, QKV)
+        qkv = self._project(QKV, x, ctx)                                             # (T, q + 2 kv)
         k_end = self.q_size + self.kv_size
-        qk = RotaryEmbedding.rotate(qkv[:, :k_end].view(T, self.nh + self.nkv, self.hd), ctx)
-        q, k = qk[:, :self.nh], qk[:, self.nh:]                                      # (T, nh, hd), (T, nkv, hd)
+        q = qkv[:, :self.q_size].view(T, self.nh, self.hd)
+        k = qkv[:, self.q_size:k_end].view(T, self.nkv, self.hd)
         v = qkv[:, k_end:].view(T, self.nkv, self.hd)
-        o = paged_attention(q, k, v, ctx.kv, self.layer, ctx.attn, self.scale)      # (T, nh * hd)
-        out = self.o_proj(o)
-        if lora is not None:
-            lora.add(o, out, self.layer, O)
-        h = h + out
-        x = self.post_attention_layernorm(h)
-        gate_up = self.gate_up_proj(x)                                               # (T, 2 ff)
-        if lora is not None:
-            lora.add(x, gate_up, self.layer, GATE_UP)
-        a = F.silu(gate_up[:, :self.ff]) * gate_up[:, self.ff:]
-        out = self.down_proj(a)
-        if lora is not None:
-            lora.add(a, out, self.layer, DOWN)
-        return h + out
+        cos, sin = ctx.rope[self.rope]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = RotaryEmbedding.rotate(q, cos, sin), RotaryEmbedding.rotate(k, cos, sin)
+        else:                                                 # one rotation over q and k side by side
+            qk = RotaryEmbedding.rotate(qkv[:, :k_end].view(T, self.nh + self.nkv, self.hd), cos, sin)
+            q, k = qk[:, :self.nh], qk[:, self.nh:]                                  # (T, nh, hd), (T, nkv, hd)
+        o = paged_attention(q, k, v, ctx.kv, self.layer, ctx.attention(self.window), self.scale)  # (T, nh * hd)
+        out = self._project(O, o, ctx)
+        if self.sandwich:
+            h = h + self.post_attention_layernorm(out)
+            x = self.pre_feedforward_layernorm(h)
+        else:
+            h = h + out
+            x = self.post_attention_layernorm(h)
+        gate_up = self._project(GATE_UP, x, ctx)                                    # (T, 2 ff)
+        a = self.act(gate_up[:, :self.ff]) * gate_up[:, self.ff:]
+        out = self._project(DOWN, a, ctx)
+        return h + (self.post_feedforward_layernorm(out) if self.sandwich else out)
 
 
 class LlamaModel(nn.Module):
@@ -123,7 +160,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.register_buffer("embed_tokens", torch.empty(0))   # (vocab, d), set by the loader
         self.lm_head: nn.Module | None = None                  # d -> vocab
-        self.rope = RotaryEmbedding(spec.head_dim, spec.rope_theta, max_positions, device)
+        self.ropes = [RotaryEmbedding(r, max_positions, device) for r in spec.ropes]
         self.requires_grad_(False)
 
     def dequantized_weight(self, layer: int, group: int) -> torch.Tensor:
@@ -135,9 +172,13 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, logit_rows: torch.Tensor | None) -> torch.Tensor:
         """input_ids: [T] -> logits [len(logit_rows), vocab] in float32 (all rows if None)."""
         h = F.embedding(input_ids, self.embed_tokens)                            # (T, d)
-        ctx.cos, ctx.sin = self.rope.tables(ctx.positions, h.dtype)
+        if self.spec.embed_scale != 1.0:                # Gemma: HF multiplies by the scale in the model dtype
+            h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
+        ctx.rope = [rope.tables(ctx.positions, h.dtype) for rope in self.ropes]
         for layer in self.layers:
             h = layer(h, ctx)
         if logit_rows is not None:
             h = h[logit_rows]
-        return self.lm_head(self.norm(h)).float()
+        logits = self.lm_head(self.norm(h)).float()
+        cap = self.spec.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap

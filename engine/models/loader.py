@@ -1,10 +1,11 @@
 """Build a LlamaModel from a checkpoint, its projections fused and in the requested resident form.
 
-Weights come from the HF safetensors directory (HF names), or from a GGUF file (``--model
-FILE.gguf``: engine.gguf_weights, dequantized by gguf-py as transformers does). With a GGUF behind
-the checkpoint (also the embedded model's), the int4 / gguf modes build the projections from its
-stored blocks (engine.gguf_forms: as stored where a form holds them, else requantized with a stated
-bound); any other checkpoint is quantized group-wise here.
+Weights come from the HF safetensors directory (HF names; Phi-3's fused qkv_proj / gate_up_proj are
+split by the spec's shapes and fused again as ours), or from a GGUF file (``--model FILE.gguf``:
+engine.gguf_weights, dequantized by gguf-py as transformers does). With a GGUF behind the checkpoint
+(also the embedded model's), the int4 / gguf modes build the projections from its stored blocks
+(engine.gguf_forms: as stored where a form holds them, else requantized with a stated bound); any
+other checkpoint is quantized group-wise here.
 """
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ from loramux.engine.quantize import GGUF_MODES, make_projection
 
 log = logging.getLogger("loramux.engine")
 FUSED = dict(zip(("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), SHRINK_GROUPS))
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def _parent(module: str) -> str:
+    return "self_attn." if module[0] in "qkvo" else "mlp."
+
+
+def _has_bias(spec: ModelSpec, group: int) -> bool:
+    """Whether projection group `group` (QKV, O, GATE_UP, DOWN) carries a bias in this architecture."""
+    return (spec.qkv_bias, spec.o_bias, spec.mlp_bias, spec.mlp_bias)[group]
 
 
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -59,25 +70,38 @@ def load_model(spec: ModelSpec, model_dir: Path, *, dtype: torch.dtype, quantize
         except KeyError:
             raise ValueError(f"checkpoint {model_dir} is missing weight {name}") from None
 
+    def norm(name: str) -> torch.Tensor:
+        return (take(name).float() + spec.norm_offset).to(device, dtype)   # Gemma's (1 + w), in float32
+
     for i, layer in enumerate(model.layers):
         prefix = f"layers.{i}."
-        for attr, group in FUSED.items():
-            names = [prefix + ("self_attn." if m[0] in "qkvo" else "mlp.") + m + ".weight" for m in group]
-            parts = [take(n) for n in names]
+        for g, (attr, group) in enumerate(FUSED.items()):
+            names = [prefix + _parent(m) + m for m in group]
+            if spec.fused_checkpoint and len(group) > 1:      # Phi-3 stores q|k|v and gate|up fused
+                fused = take(prefix + _parent(group[0]) + attr + ".weight")
+                parts = list(fused.split([spec.lora_dims(m)[1] for m in group]))
+            else:
+                parts = [take(n + ".weight") for n in names]
             for n, w, m in zip(names, parts, group):
                 expected = spec.lora_dims(m)[::-1]
                 if tuple(w.shape) != expected:
-                    raise ValueError(f"{n}: shape {tuple(w.shape)}, expected {expected}")
+                    raise ValueError(f"{n}.weight: shape {tuple(w.shape)}, expected {expected}")
+            if _has_bias(spec, g):
+                layer.biases[g] = torch.cat([take(n + ".bias") for n in names]).to(device, dtype)
             if codes is not None and quantize in GGUF_MODES:
-                blocks = [codes.blocks(n) for n in names]
+                blocks = [codes.blocks(n + ".weight") for n in names]
                 proj = int4_projection(parts, blocks) if quantize == "int4" else exact_projection(
-                    parts, blocks, [codes.kind(n) for n in names], dtype)
+                    parts, blocks, [codes.kind(n + ".weight") for n in names], dtype)
             else:
                 proj = make_projection(quantize, torch.cat(parts), dtype)
             setattr(layer, attr, proj.to(device))
-        layer.input_layernorm.weight = take(prefix + "input_layernorm.weight").to(device, dtype)
-        layer.post_attention_layernorm.weight = take(prefix + "post_attention_layernorm.weight").to(device, dtype)
-    model.norm.weight = take("norm.weight").to(device, dtype)
+        for name in NORMS:
+            if getattr(layer, name) is not None:
+                getattr(layer, name).weight = norm(prefix + name + ".weight")
+        for name in ("q_norm", "k_norm"):
+            if getattr(layer, name) is not None:
+                getattr(layer, name).weight = norm(prefix + "self_attn." + name + ".weight")
+    model.norm.weight = norm("norm.weight")
     embed = take("embed_tokens.weight")
     model.embed_tokens = embed.to(device, dtype)
     head_name = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
