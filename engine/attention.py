@@ -5,10 +5,20 @@ for its decode tokens come out as ``(n_kv_heads * B, ctx, head_dim)``: ready for
 matmul over every (sequence, kv head) pair, grouped-query heads side by side, with no transposed
 copy. Per step the runner builds an ``AttentionMetadata`` once; every layer reuses it. Prompts
 being prefilled attend one by one (their lengths differ).
+
+Nothing an earlier request left in a block reaches a later one (issue #28). Decode gathers whole
+blocks: the rows of a sequence's last block past its length, and the padding up to the batch's
+longest context, are masked by an additive -inf. A mask cannot stop a non-finite value there: a NaN
+or Inf key makes its score NaN (-inf + NaN), and a masked value still enters ``probs @ values`` as
+0 * NaN = NaN, so one request's overflowed K/V, left in a freed block, turned later requests'
+answers to NaN. Three rules now keep masked rows exact zeros: no non-finite K/V is ever written (the
+step checks each layer's new K/V and drops the offending tokens, whose sequences fail), padding
+reads a null block that nothing writes, and the rows of a block past its sequence's length are
+cleared when the sequence starts writing that block. A masked row then adds exactly 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +44,19 @@ class AttentionMetadata:
     decode_blocks: torch.Tensor | None   # [B * nb] KV blocks of each decode sequence, padded to nb blocks
     decode_mask: torch.Tensor | None     # [n_kv * B, 1, nb * block_size] additive: 0 = attend, -inf = not its token
     block_size: int = 0
+    clear_rows: torch.Tensor | None = None   # [R] cache rows past their sequence's length in a block it starts
+    # Filled by the forward pass: rows of the flat batch whose new K/V was not finite (never written).
+    nonfinite_rows: set[int] = field(default_factory=set)
 
 
 class KVCache:
-    """One K and one V tensor per layer: [n_kv_heads, num_blocks * block_size, head_dim]."""
+    """One K and one V tensor per layer: [n_kv_heads, (num_blocks + 1) * block_size, head_dim]. The
+    extra block, `null_block`, is never allocated nor written: decode pads with it (all zeros)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        shape = (n_kv_heads, num_blocks * block_size, head_dim)
+        self.null_block = num_blocks
+        shape = (n_kv_heads, (num_blocks + 1) * block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
@@ -53,16 +68,23 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
-    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (T, n_kv, hd) of new tokens -> cache rows `rows`."""
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              clear: torch.Tensor | None = None) -> None:
+        """k, v: (T, n_kv, hd) of new tokens -> cache rows `rows`; rows `clear` (if any) -> 0."""
         self.k[layer].index_copy_(1, rows, k.transpose(0, 1))
         self.v[layer].index_copy_(1, rows, v.transpose(0, 1))
+        if clear is not None:
+            self.k[layer].index_fill_(1, clear, 0)
+            self.v[layer].index_fill_(1, clear, 0)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache, layer: int,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, nh, hd]; k, v: [T, nkv, hd] for the new tokens. Writes k/v to the cache, returns [T, nh * hd]."""
-    kv.write(layer, meta.slot_mapping, k, v)
+    """q: [T, nh, hd]; k, v: [T, nkv, hd] for the new tokens. Writes k/v to the cache, returns [T, nh * hd].
+    Tokens whose k/v is not finite are recorded in `meta.nonfinite_rows` and their rows get zeros."""
+    if not bool(torch.isfinite(k.sum() + v.sum())):     # one reduction per layer; exact check only then
+        k, v = _drop_nonfinite(k, v, meta)
+    kv.write(layer, meta.slot_mapping, k, v, meta.clear_rows)
     k_cache, v_cache = kv.k[layer], kv.v[layer]
     T, nh, hd = q.shape
     if not meta.prefills:
@@ -82,6 +104,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCac
     if meta.decode_blocks is not None:
         out[meta.decode_start:] = _decode(q[meta.decode_start:], k_cache, v_cache, meta, scale)
     return out
+
+
+def _drop_nonfinite(k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v with the tokens holding a NaN or Inf zeroed, those tokens added to meta.nonfinite_rows.
+    (A sum of finite values that overflows lands here too and finds no such token.)"""
+    bad = ~(torch.isfinite(k).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1))    # (T,)
+    meta.nonfinite_rows.update(bad.nonzero().flatten().tolist())
+    keep = ~bad[:, None, None]
+    return k.where(keep, 0), v.where(keep, 0)
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,

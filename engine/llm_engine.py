@@ -168,12 +168,35 @@ class LLMEngine:
         except BaseException:
             self.blocks.forget_step()        # what this step registered in the prefix cache was never written
             raise
+        if self.runner.nonfinite:
+            logits, seqs, failed = self._fail_nonfinite(batch, logits, seqs, failed)
         for seq, prompt_logits in self.runner.prompt_logits:     # prompt_logprobs: this step's prefill spans
-            score_prompt(seq, prompt_logits)
+            if not seq.is_finished:
+                score_prompt(seq, prompt_logits)
         if not seqs:                         # only chunks of prompts still being prefilled
             return failed
         tokens, lps = self.sampler(logits, seqs)
         return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
+
+    def _fail_nonfinite(self, batch: ScheduledBatch, logits: torch.Tensor, seqs: list[Sequence],
+                        failed: list[StepOutput]) -> tuple[torch.Tensor, list[Sequence], list[StepOutput]]:
+        """Fail the sequences whose K/V overflowed this step (none of it reached the cache), and any
+        sequence of the step that shares a block they registered in the prefix cache (same adapter
+        and tokens: it read the dropped rows). The others' logits and outputs are untouched."""
+        bad = {s.seq_id for s in self.runner.nonfinite}
+        blocks = {b for s in batch.sequences if s.seq_id in bad for b in s.block_table}
+        shared = self.blocks.forget_blocks(blocks)
+        bad |= {s.seq_id for s in batch.sequences if shared.intersection(s.block_table)}
+        for seq in batch.sequences:
+            if seq.seq_id in bad:
+                self.scheduler.finish(seq, "error")
+                seq.error = ("the model's activations for this request overflowed (NaN or Inf in its keys and "
+                             "values); it was stopped, and nothing of it was cached")
+                seq.error_status = 500
+                log.warning("request %s: non-finite K/V, failed", seq.request_id)
+                failed.append(self._failure(seq))
+        keep = [i for i, s in enumerate(seqs) if s.seq_id not in bad]
+        return logits[keep], [seqs[i] for i in keep], failed
 
     def _failure(self, seq: Sequence) -> StepOutput:
         return StepOutput(seq.request_id, seq.index, -1, "", None, True, "error", len(seq.prompt_token_ids), 0,
