@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from loramux.engine.batch_invariant import prefill_attention
+
 # Decode batches up to this size attend in float32 even in a bf16 engine: measured on a 2-core EPYC
 # (1 thread), one layer's decode attention at batch 1 took 57 us in bf16 and 17 us in float32.
 SMALL_BF16_BATCH = 8
@@ -47,6 +49,7 @@ class AttentionMetadata:
     clear_rows: torch.Tensor | None = None   # [R] cache rows past their sequence's length in a block it starts
     # Filled by the forward pass: rows of the flat batch whose new K/V was not finite (never written).
     nonfinite_rows: set[int] = field(default_factory=set)
+    batch_invariant: bool = False            # per-row arithmetic (engine.batch_invariant)
 
 
 class KVCache:
@@ -91,6 +94,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCac
         return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty(T, nh * hd, dtype=q.dtype, device=q.device)
     for span in meta.prefills:
+        if meta.batch_invariant:
+            out[span.start:span.end] = _invariant_prefill(q, k, k_cache, v, v_cache, span, scale)
+            continue
         qs = q[span.start:span.end].transpose(0, 1).unsqueeze(0)                # (1, nh, q, hd)
         if span.context_slots is None:                                          # fresh prompt
             ks = k[span.start:span.end].transpose(0, 1).unsqueeze(0)            # (1, nkv, q, hd)
@@ -115,6 +121,18 @@ def _drop_nonfinite(k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -
     return k.where(keep, 0), v.where(keep, 0)
 
 
+def _invariant_prefill(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, v: torch.Tensor,
+                       v_cache: torch.Tensor, span: PrefillSpan, scale: float) -> torch.Tensor:
+    """A prefill span in batch-invariant mode: one formula whatever the chunking (a fresh prompt's
+    keys are its own new ones, a later chunk's the cached context)."""
+    if span.context_slots is None:
+        keys, values = k[span.start:span.end].transpose(0, 1), v[span.start:span.end].transpose(0, 1)
+    else:
+        keys, values = k_cache.index_select(1, span.context_slots), v_cache.index_select(1, span.context_slots)
+    first = keys.shape[1] - (span.end - span.start)
+    return prefill_attention(q[span.start:span.end], keys, values, first, scale)
+
+
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
             scale: float) -> torch.Tensor:
     """One new token per sequence against its whole context: q [B, nh, hd] -> [B, nh * hd].
@@ -128,7 +146,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
     # One gather of whole blocks per layer, straight into the batched-matmul layout.
     keys = k_cache.view(nkv, -1, bs, hd).index_select(1, meta.decode_blocks).view(nkv * B, ctx, hd)
     values = v_cache.view(nkv, -1, bs, hd).index_select(1, meta.decode_blocks).view(nkv * B, ctx, hd)
-    if q.dtype == torch.float32:
+    if q.dtype == torch.float32 and not meta.batch_invariant:
         # float32 is the exact mode: SDPA, as transformers computes it (padding adds exact zeros), so a
         # quantized base that rounds its inputs sees the very values transformers' run does.
         o = F.scaled_dot_product_attention(
@@ -137,7 +155,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta:
         return o.view(B, nh * hd)
     qg = q.view(B, nkv, G, hd).transpose(0, 1).reshape(nkv * B, G, hd)           # (nkv*B, G, hd)
     mask = meta.decode_mask
-    if B <= SMALL_BF16_BATCH:
+    if B <= SMALL_BF16_BATCH or meta.batch_invariant:
         # bf16 batched matmuls this small take a slow path (~3x float32's); the casts cost less.
         qg, keys, values, mask = qg.float(), keys.float(), values.float(), mask.float()
     scores = torch.baddbmm(mask, qg, keys.transpose(1, 2), alpha=scale)          # (nkv*B, G, ctx)

@@ -9,13 +9,14 @@ import torch
 from transformers import AutoTokenizer
 
 from loramux.engine.attention import KVCache
+from loramux.engine.batch_invariant import make_batch_invariant
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
 from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.model_runner import ModelRunner
 from loramux.engine.model_source import gguf_source
-from loramux.engine.models.llama import LlamaModel
+from loramux.engine.models.llama import PROJECTIONS, LlamaModel
 from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import resident_bytes, resolve_mode
@@ -73,7 +74,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens, adapters=adapters)
-        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks)
+        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks,
+                                  batch_invariant=config.batch_invariant)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(self.spec.vocab_size, self.eos_token_ids)
@@ -87,6 +89,8 @@ class LLMEngine:
                                      has_gguf_int4=gguf is not None)
         model = load_model(self.spec, self.config.model_dir, dtype=self.dtype, quantize=self.quantize,
                            max_positions=self.max_model_len, device=self.device, gguf=gguf)
+        if self.config.batch_invariant:
+            make_batch_invariant(model, PROJECTIONS)
         log.info("loaded %s (%s, quantize=%s%s) in %.1fs", self.config.model_dir, self.config.dtype, self.quantize,
                  f" from {gguf.name}'s own codes" if self.quantize == "int4" and gguf else "",
                  time.perf_counter() - t0)

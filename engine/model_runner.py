@@ -18,8 +18,9 @@ from loramux.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, device: torch.device,
-                 lora_stacks: LoraSlots | None = None) -> None:
+                 lora_stacks: LoraSlots | None = None, batch_invariant: bool = False) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant
         # Set by each run: (sequence, logits [n, vocab]) of the prompt positions it scored (prompt_logprobs).
         self.prompt_logits: list[tuple[Sequence, torch.Tensor]] = []
         self._prompt_spans: list[tuple[Sequence, int]] = []
@@ -107,10 +108,12 @@ class ModelRunner:
             token_slots.append(seq.lora_slot)
             logit_rows.append(len(ids) - 1)
         attn = AttentionMetadata(torch.tensor(slot_mapping, device=dev), spans, decode_start, None, None,
-                                 clear_rows=torch.tensor(stale, device=dev) if stale else None)
+                                 clear_rows=torch.tensor(stale, device=dev) if stale else None,
+                                 batch_invariant=self.batch_invariant)
         if batch.decodes:
             self._decode_metadata(batch.decodes, attn)
-        lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills)
+        lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills,
+                              per_token=self.batch_invariant)
         ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora)
         logit_rows += prompt_rows                    # after every sampled sequence's row
         every = logit_rows == list(range(len(ids)))

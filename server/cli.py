@@ -70,6 +70,9 @@ def add_serve_parser(sub) -> None:
             "model's own GGUF codes), int8 (ATen, per channel), bnb-nf4 / bnb-int8 (bitsandbytes), none; auto = int4 "
             "for a GGUF-backed model in bfloat16 on the CPU, else none (adapters stay in the engine dtype)",
             choices=list(QUANTIZE_MODES))
+    setting("--batch-invariant", "a request's output does not depend on what else is batched with it (per-row "
+            "arithmetic: engine/batch_invariant.py; its cost: benchmarks/bench_batch_invariant.py); quantize int4 or "
+            "none", action=argparse.BooleanOptionalAction)
     # The Ray flags are left out unless given, so RayConfig's defaults apply (server/ray_config.py needs no
     # `ray`; shown in --help from there).
     ray_defaults = {f.name: f.default for f in fields(RayConfig)}
@@ -102,7 +105,8 @@ def serve(args: argparse.Namespace) -> int:
                       max_queue=args.max_queue, host=args.host,
                       quantize=args.quantize, request_timeout=args.request_timeout,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-                      max_request_bytes=int(args.max_request_mb * (1 << 20)), drain_timeout=args.drain_timeout)
+                      max_request_bytes=int(args.max_request_mb * (1 << 20)), drain_timeout=args.drain_timeout,
+                      batch_invariant=args.batch_invariant)
     if args.ray:
         from loramux.server.ray_app import run
         from loramux.server.ray_config import RayConfig
