@@ -27,7 +27,15 @@ def confine_path(raw: object, roots: tuple[Path, ...]) -> Path:
                                       "roots configured); upload the files instead", param="path", code=_CODE)
     path = Path(os.path.expanduser(raw))
     if not path.is_absolute():
-        raise AdapterError(BAD_REQUEST, f"path {raw!r} must be absolute", param="path")
+        raise AdapterError(BAD_REQUEST, f"path {raw[:200]!r} must be absolute", param="path")
+    try:
+        return _confined(raw, path, roots)
+    except OSError as e:   # ENAMETOOLONG, ELOOP, EACCES...: what the client's path names cannot be read
+        raise AdapterError(BAD_REQUEST, f"path {raw[:200]!r} cannot be used: {e.strerror or type(e).__name__}",
+                           param="path") from None
+
+
+def _confined(raw: str, path: Path, roots: tuple[Path, ...]) -> Path:
     real = path.resolve()
     if not _inside(real, roots):
         raise AdapterError(FORBIDDEN, f"path {raw!r} is not allowed: it is outside the allowed adapter roots",

@@ -253,6 +253,13 @@ class AdapterRegistry:
         with self._lock:
             return self.residency.try_acquire(self._get_live(adapter_id))
 
+    def is_loading(self, adapter_id: str) -> bool:
+        """Whether `adapter_id`'s weights are being read or written into a slot (the scheduler does not
+        count those steps as waiting for a slot)."""
+        with self._lock:
+            record = self._live.get(adapter_id)
+            return record is not None and self.residency.pending(record)
+
     def acquire(self, adapter_id: str, timeout: float = 120.0) -> Lease | None:
         """`try_acquire`, waiting for the background load and slot copy it starts: None only when
         every slot is held by running requests. For callers that may block (tests, tools)."""

@@ -57,6 +57,8 @@ class LoraStacks:
         # Target modules of the adapter in each slot: a step skips the modules none of its adapters has.
         self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
         self._views: dict[tuple, torch.Tensor] = {}
+        # Per slot, the rank of each (layer, module) written into it: beyond these, the slot is zero.
+        self._written: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
         self.dora = DoraFactors(spec, num_slots, device)  # DoRA adapters' factors, per slot
 
     @property
@@ -98,21 +100,19 @@ class LoraStacks:
 
     @torch.no_grad()
     def write(self, slot: int, weights: LoraWeights) -> None:
-        """Overwrite `slot` with an adapter: its modules copied in (B scaled), everything else zero."""
+        """Overwrite `slot` with an adapter: its modules copied in (B scaled), everything else zero.
+        Only what the slot's previous adapter wrote beyond this one's ranks is zeroed (the rest is
+        zero already, or overwritten): a slot cycling adapters of one shape zeroes nothing."""
         scales = {(m.layer, m.module): (m.rank, m.scale) for m in weights.manifest.modules}
-        for layer in range(len(self.A)):
-            for m in LORA_TARGETS:
-                a, b = self.A[layer][m][slot], self.B[layer][m][slot]
-                entry = scales.get((layer, m))
-                if entry is None:
-                    a.zero_()
-                    b.zero_()
-                    continue
-                r, scale = entry
-                a[:r].copy_(weights.A[(layer, m)])
-                a[r:].zero_()
-                b[:, :r].copy_(weights.B[(layer, m)].float() * scale)
-                b[:, r:].zero_()
+        for (layer, m), old_rank in self._written[slot].items():
+            r = scales.get((layer, m), (0, 0.0))[0]
+            if old_rank > r:
+                self.A[layer][m][slot][r:old_rank].zero_()
+                self.B[layer][m][slot][:, r:old_rank].zero_()
+        for (layer, m), (r, scale) in scales.items():
+            self.A[layer][m][slot][:r].copy_(weights.A[(layer, m)])
+            self.B[layer][m][slot][:, :r].copy_(weights.B[(layer, m)].float() * scale)
+        self._written[slot] = {key: r for key, (r, _) in scales.items()}
         self.slot_rank[slot] = weights.manifest.rank
         self.slot_modules[slot] = frozenset(module for _, module in scales)
         self.dora.write(slot, weights)

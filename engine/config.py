@@ -40,6 +40,9 @@ class EngineConfig:
     # 80 (chunks of 49 beside 31 streams) keeps the streams' inter-token latency within 2x while a long
     # prompt arrives, for a later first token of that prompt (README, benchmarks/bench_chunked_prefill.py).
     max_num_batched_tokens: int = 80
+    # Tokens in a step while no sequence decodes: whole prompts up to this, since no stream waits for the
+    # step (a chunk costs about a step's fixed cost more); the bound keeps one step's memory in check.
+    max_prefill_tokens: int = 2048
     block_size: int = 16                # tokens per KV block
     kv_cache_bytes: int = 1 << 30       # KV cache budget; sets the number of blocks
     max_lora_memory_bytes: int = 1 << 30  # adapter slots' memory: how many distinct adapters one batch can mix
@@ -60,8 +63,8 @@ class EngineConfig:
             self.dtype = default_dtype_name(self.device)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} or auto, got {self.dtype!r}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_memory_bytes",
-                     "max_lora_rank", "max_queue"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens", "block_size",
+                     "max_lora_memory_bytes", "max_lora_rank", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.max_loras < 0:

@@ -1,71 +1,148 @@
-"""Read a GGUF checkpoint's quantized projections as they are stored, for the int4 path.
-
-GGUF Q4_1 keeps each block of 32 weights of a row as fp16 ``d``, fp16 ``m`` and 32 4-bit codes,
-``w = d * q + m``; Q4_0 as ``d`` and codes, ``w = d * (q - 8)``; Q8_0 as ``d`` and 32 int8,
-``w = d * q``. The int4 kernel computes ``(q - 8) * scale + zero`` per group of 32, so Q4_1 maps
-onto it with scale = d, zero = m + 8d (Q4_0: zero = 0), and serving reads the very codes the file
-ships: the weights transformers dequantizes from the same file (our float32 oracle) are exactly
-these values, before the kernel rounds the scales to bf16.
+"""A GGUF checkpoint's tensors under HF names: dequantized (gguf-py's own ``dequantize``, the
+weights transformers loads from the same file) or as their stored blocks (engine.gguf_blocks), for
+the resident forms that hold them exactly (engine.gguf_forms).
 
 llama.cpp stores Llama's q/k rows permuted for its rotary layout; transformers undoes it on
 loading (``_reverse_permute_weights``), and so do we, on codes and scales alike.
 """
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-BLOCK = 32
-# GGUF tensor name -> (HF projection, heads to un-permute by: "q" / "kv" / None)
-_PROJECTIONS = {"attn_q": ("q_proj", "q"), "attn_k": ("k_proj", "kv"), "attn_v": ("v_proj", None),
-                "attn_output": ("o_proj", None), "ffn_gate": ("gate_proj", None), "ffn_up": ("up_proj", None),
-                "ffn_down": ("down_proj", None)}
+from loramux.engine.gguf_arch import ARCHS, NOT_YET, GGUFArch
+from loramux.engine.gguf_blocks import (
+    INT4_KINDS,
+    INT8_KINDS,
+    SUPPORTED_KINDS,
+    Int4Blocks,
+    Int8Blocks,
+    int4_blocks,
+    int8_blocks,
+)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path, mtime_ns: int):
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def open_reader(path: Path):
+    """gguf-py's reader of `path` (memory-mapped), parsed once per process and file version: parsing a
+    file's metadata (its vocabulary) takes seconds, and a start reads it up to three times."""
+    path = Path(path)
+    return _reader(path, path.stat().st_mtime_ns)
+
+
+class GGUFUnsupported(ValueError):
+    """The file holds an architecture or tensor type we cannot serve exactly (one-line message)."""
+
+
+def file_architecture(reader) -> str:
+    field = reader.fields.get("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode() if field is not None else "?"
+
+
+def check_supported(reader, path: Path) -> tuple[GGUFArch, dict[str, str]]:
+    """The file's architecture row and HF name -> GGUF name map, or GGUFUnsupported naming the first
+    thing we do not serve exactly (an architecture, a rope scaling, a tensor type or name)."""
+    arch = file_architecture(reader)
+    if arch not in ARCHS:
+        later = " yet" if arch in NOT_YET else ""
+        raise GGUFUnsupported(f"{path.name}: GGUF architecture {arch!r} is not supported{later}; "
+                              f"loramux serves GGUF architectures {', '.join(ARCHS)}")
+    scaling = reader.fields.get(f"{arch}.rope.scaling.type")
+    scaling = bytes(scaling.parts[scaling.data[0]]).decode() if scaling is not None else "none"
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise GGUFUnsupported(f"{path.name}: rope scaling ({scaling if scaling != 'none' else 'rope_freqs'}, "
+                              "e.g. Llama 3.x's) in a GGUF file is not supported yet")
+    for t in reader.tensors:
+        if t.tensor_type.name not in SUPPORTED_KINDS:
+            raise GGUFUnsupported(f"{path.name}: GGUF tensor type {t.tensor_type.name} ({t.name}) is not supported; "
+                                  f"loramux reads {', '.join(SUPPORTED_KINDS)}")
+    return ARCHS[arch], _hf_names(ARCHS[arch], [t.name for t in reader.tensors], path)
+
+
+def _hf_names(arch: GGUFArch, gguf_names: list[str], path: Path) -> dict[str, str]:
+    """HF name -> GGUF name for every tensor of the file (GGUFUnsupported for one we do not know)."""
+    patterns = [(re.compile(re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in arch.tensors.items()]
+    out = {}
+    for name in gguf_names:
+        for pattern, hf in patterns:
+            m = pattern.match(name)
+            if m:
+                out[hf.replace("{i}", m.group(1)) if m.groups() else hf] = name
+                break
+        else:
+            raise GGUFUnsupported(f"{path.name}: GGUF tensor {name} is not one loramux serves")
+    return out
 
 
 class GGUFWeights:
-    """The GGUF's projections and token embedding, by (layer, HF projection name)."""
+    """The GGUF's tensors by HF name (no `model.` prefix), read from the memory-mapped file on demand."""
 
     def __init__(self, path: Path, num_heads: int, num_kv_heads: int) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        self._tensors = {t.name: t for t in GGUFReader(self.path).tensors}
-        self._heads = {"q": num_heads, "kv": num_kv_heads}
+        reader = open_reader(self.path)
+        self.arch, names = check_supported(reader, self.path)
+        by_name = {t.name: t for t in reader.tensors}
+        self._tensors = {hf: by_name[g] for hf, g in names.items()}
+        self._heads = {"q_proj": num_heads, "k_proj": num_kv_heads} if self.arch.permuted_qk else {}
 
-    def int4(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(codes uint8 (N, K) in 0..15, scale, zero float32 (N, K / 32)) of a Q4_0/Q4_1 projection,
-        or None when the file holds it in another format."""
-        name, heads = next((g, h) for g, (hf, h) in _PROJECTIONS.items() if hf == proj)
-        t = self._tensors[f"blk.{layer}.{name}.weight"]
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def kind(self, name: str) -> str:
+        """The stored type ("Q4_K", "F16", ...) of the tensor with HF name `name`."""
+        return self._tensors[name].tensor_type.name
+
+    def dequantized(self, name: str) -> torch.Tensor:
+        """float32, HF shape and row order: gguf-py's dequantize of the stored tensor."""
+        from gguf.quants import dequantize
+
+        t = self._tensors[name]
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        return self._unpermute(name, w)
+
+    def blocks(self, name: str) -> Int4Blocks | Int8Blocks | None:
+        """The stored blocks in the exact form that holds them, or None (float or Q6_K tensors)."""
+        t = self._tensors[name]
         kind = t.tensor_type.name
-        if kind not in ("Q4_0", "Q4_1"):
+        if kind not in INT4_KINDS + INT8_KINDS:
             return None
-        raw = np.ascontiguousarray(t.data)                             # (N, K / 32 * block bytes)
-        N = raw.shape[0]
-        header = 4 if kind == "Q4_1" else 2
-        blocks = raw.reshape(N, -1, header + BLOCK // 2)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)      # (N, K / 32)
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else None
-        nibbles = blocks[..., header:]
-        codes = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(N, -1)  # elements 0..15, 16..31
-        zero = m + 8 * d if m is not None else np.zeros_like(d)
-        out = [torch.from_numpy(a) for a in (codes, d, zero)]
-        if heads is not None:
-            out = [unpermute_rows(a, self._heads[heads]) for a in out]
-        return out[0], out[1], out[2]
+        raw = np.ascontiguousarray(t.data)                                     # (N, bytes per row)
+        b = int4_blocks(raw, kind) if kind in INT4_KINDS else int8_blocks(raw, kind)
+        return type(b)(*(a if a is None else self._unpermute(name, a) for a in vars(b).values()))
+
+    def _unpermute(self, name: str, a: torch.Tensor) -> torch.Tensor:
+        proj = name.rsplit(".", 2)[-2]
+        return unpermute_rows(a, self._heads[proj]) if proj in self._heads else a
+
+    # -- the embedded model's forms (tests/test_int4.py) ------------------------------------------
+    def int4(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(codes uint8 (N, K) in 0..15, scale, zero float32 (N, K / 32)) of a 4-bit projection, else None."""
+        parent = "self_attn" if proj[0] in "qkvo" else "mlp"
+        b = self.blocks(f"layers.{layer}.{parent}.{proj}.weight")
+        return (b.codes, b.scale, b.zero) if isinstance(b, Int4Blocks) else None
 
     def token_embedding_q8(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(q int8 (V, d), scale float32 (V, d / 32)) of a Q8_0 token embedding, else None."""
-        t = self._tensors.get("token_embd.weight")
-        if t is None or t.tensor_type.name != "Q8_0":
+        if self.kind("embed_tokens.weight") != "Q8_0":
             return None
-        raw = np.ascontiguousarray(t.data)
-        blocks = raw.reshape(raw.shape[0], -1, 2 + BLOCK)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = blocks[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1)
-        return torch.from_numpy(q), torch.from_numpy(d)
+        b = self.blocks("embed_tokens.weight")
+        return (b.u.to(torch.int16) - 128).to(torch.int8), b.scale
+
+
+def projection_kinds(path: Path) -> frozenset[str]:
+    """The stored types of a GGUF's decoder projections (what `--quantize auto` decides by)."""
+    return frozenset(t.tensor_type.name for t in open_reader(path).tensors
+                     if t.name.startswith("blk.") and t.name.endswith(".weight") and t.data.ndim == 2)
 
 
 def unpermute_rows(a: torch.Tensor, n_head: int) -> torch.Tensor:

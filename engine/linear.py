@@ -1,17 +1,18 @@
 """The base model's projections in each resident form, one call: ``y = proj(x)``, x (T, d_in).
 
     DenseLinear  ``F.linear`` in the engine dtype.
-    Int4Linear   ATen's int4 weight-only CPU kernel (``_weight_int4pack_mm_for_cpu``): 4-bit codes in
-                 groups of 32 input features, each group with its own scale and zero,
-                 ``w = (q - 8) * scale + zero``; bf16 activations (the kernel's fast path: with
-                 float32 it falls back to a loop ~40x slower). A sum of such parts can hold an int8
-                 group-32 weight exactly (see ``int8_groups_as_int4_parts``).
-    Int8Linear   ATen's int8 weight-only kernel (``_weight_int8pack_mm``): per-output-channel scales.
+    Int4Linear   4-bit codes in groups of 32 input features, each group with its own scale and
+                 zero, ``w = (q - 8) * scale + zero``. A sum of such parts can hold an int8 group-32
+                 weight exactly (see ``int8_groups_as_int4_parts``).
+    Int8Linear   per-output-channel int8 weights.
 
-A quantized projection may keep a bf16 copy of its dequantized weight for steps with more than
-``dense_above`` rows: there the int4 kernel is compute-bound and slower than a bf16 GEMM
-(measured on a 2-core EPYC, benchmarks/results/linear.json), so large prefills and batches take
-the dense path and small decode steps the 4-bit one. Both compute the same weights.
+Both run the native kernel (``engine.native_quant``: activations quantized to int8 per group of
+32, integer dot products, float32 accumulation) at every row count, where it builds. Without it
+they run ATen's weight-only kernels on bf16 activations (``_weight_int4pack_mm_for_cpu``,
+``_weight_int8pack_mm``), and an int4 projection keeps a bf16 copy of its dequantized weight for
+steps with more than ``dense_above`` rows: there ATen's int4 kernel is compute-bound and slower
+than a bf16 GEMM (benchmarks/results/linear.json). The native and ATen forms store the same codes
+and bf16 scales/zeros; only the byte order of the packed codes differs (``pack_int4``).
 """
 from __future__ import annotations
 
@@ -19,8 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loramux.engine import native_quant
+
 INT4_GROUP = 32            # the GGUF Q4_0/Q4_1/Q8_0 block: scales map one to one
 INT4_DENSE_ABOVE = 16      # rows from which the bf16 GEMM beats the int4 kernel (benchmarks/bench_linear.py)
+
+
+def native_available() -> bool:
+    """Whether the quantized forms built now run the native kernel (else ATen's)."""
+    return native_quant.ops() is not None
+
+
+def bf16_matmul_in_hardware() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there a bf16 GEMM beats
+    the int4 kernels on many rows; elsewhere oneDNN widens bf16 to float32 and runs 3-8x slower than
+    the native kernel (benchmarks/results/native.json)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class DenseLinear(nn.Module):
@@ -41,16 +56,20 @@ class DenseLinear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = sum over parts of int4mm(x, part), in bf16; the output is cast back to x's dtype."""
+    """y = sum over parts of int4mm(x, part); the output is cast back to x's dtype. Native: float32
+    sums of int8-activation dots; ATen: bf16 activations and outputs. `native` says which layout
+    `parts` are packed in (default: the one `pack_int4` gives now)."""
 
     def __init__(self, parts: list[tuple[torch.Tensor, torch.Tensor]], out_features: int,
-                 dense: torch.Tensor | None = None, dense_above: int = INT4_DENSE_ABOVE) -> None:
+                 dense: torch.Tensor | None = None, dense_above: int = INT4_DENSE_ABOVE,
+                 native: bool | None = None) -> None:
         super().__init__()
         if len(parts) not in (1, 2):
             raise ValueError("an int4 projection has one part (int4) or two (int8 in groups)")
         for i, (packed, scales_zeros) in enumerate(parts):
-            self.register_buffer(f"packed{i}", packed)              # uint8 (d_out, d_in / 2), ATen's layout
+            self.register_buffer(f"packed{i}", packed)              # uint8 (d_out, d_in / 2), see pack_int4
             self.register_buffer(f"scales_zeros{i}", scales_zeros)  # bf16 (d_in / 32, d_out, 2)
+        self.native = native_available() if native is None else native
         self.num_parts = len(parts)
         self._out_features = out_features
         self.register_buffer("dense", dense)                         # bf16 (d_out, d_in) or None
@@ -63,16 +82,22 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, *,
                    keep_dense: bool = True) -> Int4Linear:
-        """codes int (d_out, d_in) in 0..15, scale / zero float32 (d_out, d_in / 32): w = (q - 8) * scale + zero."""
-        part = pack_int4(codes, scale, zero)
-        dense = dequantize_int4(codes, scale, zero).to(torch.bfloat16) if keep_dense else None
-        return cls([part], codes.shape[0], dense)
+        """codes int (d_out, d_in) in 0..15, scale / zero float32 (d_out, d_in / 32): w = (q - 8) * scale + zero.
+        keep_dense: with ATen's kernel, keep the bf16 copy for large steps (the native one needs none)."""
+        native = native_available()
+        part = pack_int4(codes, scale, zero, native=native)
+        dense = dequantize_int4(codes, scale, zero).to(torch.bfloat16) if keep_dense and not native else None
+        return cls([part], codes.shape[0], dense, native=native)
 
     def dequantized(self) -> torch.Tensor:
         """float32 (d_out, d_in): the bf16 dense copy the large steps multiply by; without one, the
-        int4 kernel's own weights read back through it (identity input: exact up to its bf16 output)."""
+        codes and bf16 scales/zeros the kernel reads (native: exact up to float32's rounding of each
+        weight; ATen: read back through its kernel, identity input, exact up to its bf16 output)."""
         if self.dense is not None:
             return self.dense.float()
+        if self.native:
+            return sum(unpack_native_int4(getattr(self, f"packed{i}"), getattr(self, f"scales_zeros{i}"))
+                       for i in range(self.num_parts))
         packed0 = self.packed0                                      # (d_out, d_in / 2)
         eye = torch.eye(packed0.shape[1] * 2, dtype=torch.bfloat16, device=packed0.device)
         w = sum(torch.ops.aten._weight_int4pack_mm_for_cpu(eye, getattr(self, f"packed{i}"), INT4_GROUP,
@@ -81,10 +106,15 @@ class Int4Linear(nn.Module):
         return w.T.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         if self.dense is not None and x.shape[0] > self.dense_above:
-            y = F.linear(xb, self.dense)
+            y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.dense)
+        elif self.native:
+            act = native_quant.quantize_rows(x)
+            y = native_quant.int4_mm(act, self.packed0, self.scales_zeros0)
+            if self.num_parts == 2:
+                native_quant.int4_mm(act, self.packed1, self.scales_zeros1, out=y)
         else:
+            xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
             if not xb.is_contiguous():
                 xb = xb.contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed0, INT4_GROUP, self.scales_zeros0)
@@ -94,11 +124,13 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Per-channel symmetric int8 weights: w[n] = q[n] * scale[n]; bf16 activations (ATen's kernel
-    is vectorised for 16-bit inputs only: float32 would take a scalar loop ~10x slower)."""
+    """Per-channel symmetric int8 weights: w[n] = q[n] * scale[n]. Native: int8 activations, float32
+    sums; ATen: bf16 activations (its kernel is vectorised for 16-bit inputs only: float32 would
+    take a scalar loop ~10x slower) and outputs."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, native: bool | None = None) -> None:
         super().__init__()
+        self.native = native_available() if native is None else native
         w = weight.float()
         # The kernel reads bf16 scales: quantize against the rounded scale (nudged up so 127 steps
         # still reach the row's largest weight), so q * scale is exactly the weight served.
@@ -111,8 +143,11 @@ class Int8Linear(nn.Module):
         return self.q.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(xb.contiguous(), self.q, self.scale)
+        if self.native:
+            y = native_quant.int8_mm(native_quant.quantize_rows(x), self.q, self.scale)
+        else:
+            xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(xb.contiguous(), self.q, self.scale)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
@@ -120,12 +155,28 @@ class Int8Linear(nn.Module):
         return self.q.float() * self.scale.unsqueeze(1)
 
 
-def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (N, K) in 0..15, scale / zero (N, K / 32)) -> ATen's packed weight and its bf16
-    (K / 32, N, 2) scales-and-zeros."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+def pack_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+              native: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes (N, K) in 0..15, scale / zero (N, K / 32)) -> the packed codes, uint8 (N, K / 2), and
+    their bf16 (K / 32, N, 2) scales-and-zeros. Native layout (GGUF Q4's): per group of 32, byte j
+    holds code j in its low nibble and code j + 16 in its high one; else ATen's own packing."""
+    if native_available() if native is None else native:
+        N, K = codes.shape
+        c = codes.to(torch.uint8).reshape(N, K // INT4_GROUP, 2, INT4_GROUP // 2)
+        packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    else:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
     scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
     return packed, scales_zeros
+
+
+def unpack_native_int4(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """float32 (N, K) from one part in the native layout: (q - 8) * scale + zero with the bf16 scales."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    p = packed.reshape(N, K // INT4_GROUP, INT4_GROUP // 2)
+    codes = torch.stack([p & 15, p >> 4], dim=2)                                    # (N, K / 32, 2, 16)
+    scale, zero = scales_zeros.float().unbind(-1)                                  # (K / 32, N) each
+    return dequantize_int4(codes.reshape(N, K), scale.T, zero.T)
 
 
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -154,8 +205,9 @@ def int8_groups_as_int4_parts(q: torch.Tensor, d: torch.Tensor) -> Int4Linear:
     u = (q.to(torch.int16) + 128).to(torch.uint8)
     hi, lo = u >> 4, u & 15
     zeros = torch.zeros_like(d)
-    parts = [pack_int4(hi, 16 * d, zeros), pack_int4(lo, d, 8 * d)]
-    return Int4Linear(parts, q.shape[0], dense=None)
+    native = native_available()
+    parts = [pack_int4(hi, 16 * d, zeros, native=native), pack_int4(lo, d, 8 * d, native=native)]
+    return Int4Linear(parts, q.shape[0], dense=None, native=native)
 
 
 def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

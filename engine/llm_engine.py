@@ -13,18 +13,19 @@ from loramux.engine.batch_invariant import make_batch_invariant
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
+from loramux.engine.gguf_weights import projection_kinds
 from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.model_runner import ModelRunner
 from loramux.engine.model_source import gguf_source
 from loramux.engine.models.llama import PROJECTIONS, LlamaModel
 from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
-from loramux.engine.quantize import resident_bytes, resolve_mode
+from loramux.engine.quantize import GGUF_MODES, resident_bytes, resolve_mode
 from loramux.engine.sampler import Sampler, score_prompt
 from loramux.engine.sampling_params import SamplingParams
 from loramux.engine.scheduler import AdapterLeaser, ScheduledBatch, Scheduler
 from loramux.engine.sequence import Sequence, TokenLogprob
-from loramux.engine.structured import GrammarCompiler, accept
+from loramux.engine.structured import GrammarCompiler, accept, matcher_error
 
 log = logging.getLogger("loramux.engine")
 
@@ -73,7 +74,8 @@ class LLMEngine:
                           self.spec.head_dim, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens, adapters=adapters)
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   max_prefill_tokens=config.max_prefill_tokens, adapters=adapters)
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks,
                                   batch_invariant=config.batch_invariant)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -86,13 +88,13 @@ class LLMEngine:
         t0 = time.perf_counter()
         gguf = gguf_source(self.config.model_dir)
         self.quantize = resolve_mode(self.config.quantize, dtype=self.dtype, device=self.device,
-                                     has_gguf_int4=gguf is not None)
+                                     gguf_kinds=(lambda: projection_kinds(gguf)) if gguf is not None else None)
         model = load_model(self.spec, self.config.model_dir, dtype=self.dtype, quantize=self.quantize,
                            max_positions=self.max_model_len, device=self.device, gguf=gguf)
         if self.config.batch_invariant:
             make_batch_invariant(model, PROJECTIONS)
         log.info("loaded %s (%s, quantize=%s%s) in %.1fs", self.config.model_dir, self.config.dtype, self.quantize,
-                 f" from {gguf.name}'s own codes" if self.quantize == "int4" and gguf else "",
+                 f" from {gguf.name}'s own blocks" if self.quantize in GGUF_MODES and gguf else "",
                  time.perf_counter() - t0)
         return model
 
@@ -222,6 +224,11 @@ class LLMEngine:
         if logprob is not None:
             seq.output_logprobs.append(logprob)
         grammar_done = seq.matcher is not None and not accept(seq.matcher, token)
+        if grammar_done and (error := matcher_error(seq.matcher)) is not None:
+            # A limit hit mid-generation is no answer (never a "stop"): the request fails, the rest go on.
+            seq.error, seq.error_status = f"structured output failed: {error}", 400
+            self.scheduler.finish(seq, "error")
+            return self._failure(seq)
         reason = self._finish_reason(seq, token, grammar_done)
         if reason is not None:
             self.scheduler.finish(seq, reason)

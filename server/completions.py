@@ -41,7 +41,7 @@ async def run_request(state: ServerState, req: CompletionRequest | ChatCompletio
     prompt_tokens = sum(len(j.prompt_token_ids) for j in prep.jobs)
     responder = Responder(state.tokenizer, isinstance(req, ChatCompletionRequest), model, prompt_tokens,
                           prep.tool_format)
-    tracker = state.track(model, endpoint, prompt_tokens)
+    tracker = state.track(model, endpoint, prompt_tokens, mixture=req.adapters is not None)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return StreamingResponse(_stream(state, responder, prep, adapter_id, tracker, include_usage, deadline),
@@ -181,7 +181,8 @@ async def _merged(state: ServerState, jobs: list[Job], adapter_id: str | None, d
                 raise item
             elif item[1].error is not None:
                 raise APIError(item[1].error_status, item[1].error,
-                               code="model_not_found" if item[1].error_status == 404 else "engine_error")
+                               code={404: "model_not_found", 400: "invalid_value"}.get(item[1].error_status,
+                                                                                       "engine_error"))
             else:
                 yield item
     finally:

@@ -1,10 +1,10 @@
 """A request body -> a request model: strict, bounded in work, and large bodies off the event loop.
 
-pydantic's `model_validate_json` (jiter) refuses JSON nested deeper than 200 levels at once, where
-Python's json module recurses; invalid UTF-8 and every other malformed body is a 400 with a code.
+pydantic's `model_validate_json` (jiter) parses without recursing in Python; invalid UTF-8 and every
+other malformed body is a 400 with a code.
 Parsing holds the GIL, whatever thread it runs in, for a time that grows with the number of values
-the body makes: a body of more than MAX_CONTAINERS arrays and objects (no request needs that many:
-2048 messages of a dozen content parts each fit) is refused before parsing, after a count in C. What is
+the body makes: a body past the one JSON bound of engine/json_bounds.py (MAX_JSON_CONTAINERS arrays
+and objects, MAX_JSON_DEPTH levels) is refused before parsing, after a count in C. What is
 left costs ~25 ms of CPU per MiB at worst (a million token ids) on a 2-core CPU. A body past
 PARSE_INLINE_BYTES is parsed in a worker thread, where the Python checks of long fields
 (server/protocol.py) let the event loop take turns.
@@ -17,11 +17,11 @@ import anyio
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ValidationError
 
+from loramux.engine.json_bounds import json_problem
 from loramux.server.errors import APIError, validation_error
 
 M = TypeVar("M", bound=BaseModel)
 PARSE_INLINE_BYTES = 64 * 1024     # below this, parsing takes well under a millisecond: not worth a thread hop
-MAX_CONTAINERS = 32_768            # JSON arrays and objects in one request body
 
 
 def _is_json(content_type: str) -> bool:
@@ -30,25 +30,14 @@ def _is_json(content_type: str) -> bool:
 
 
 def too_complex(raw: bytes) -> bool:
-    return _count_containers(raw) > MAX_CONTAINERS
-
-
-def _count_containers(raw: bytes) -> int:
-    """Arrays and objects in a JSON text: its brackets outside strings (all in C, no Python loop)."""
-    brackets = raw.count(b"[") + raw.count(b"{")
-    if brackets <= MAX_CONTAINERS:   # an upper bound already small enough; text with brackets takes the exact count
-        return brackets
-    # Without its escapes, every quote opens or closes a string: the text outside strings is every
-    # other piece between quotes.
-    outside = b"".join(raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
-    return outside.count(b"[") + outside.count(b"{")
+    return json_problem(raw) is not None
 
 
 def validate_json(model: type[M], raw: bytes) -> M:
     """`raw` as `model`, or an APIError(400) with a code (json_too_complex, invalid_json, invalid_value)."""
-    if too_complex(raw):
-        raise APIError(400, f"the request body holds more than {MAX_CONTAINERS} JSON arrays and objects",
-                       code="json_too_complex")
+    problem = json_problem(raw)
+    if problem is not None:
+        raise APIError(400, f"the request body is refused: {problem}", code="json_too_complex")
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:

@@ -1,7 +1,7 @@
 """OpenAI request bodies (pydantic, at the HTTP edge only) and their mapping to SamplingParams.
 
 Strict types (a boolean is not an integer, "yes" is not a boolean), and bounded work: parsed with
-`model_validate_json` (server/json_body.py), whose JSON parser stops at 200 levels of nesting.
+`model_validate_json` (server/json_body.py), after the one JSON bound (128 levels of nesting).
 The fields a client can make long (`prompt`, message `content`) are checked by plain Python
 functions rather than pydantic unions: a union over a million-element list runs as one native
 call that holds the GIL for about a second, while Python code lets the event loop take turns
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 from loramux.adapters_registry.mixtures import MAX_SOURCES
 from loramux.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
@@ -65,6 +65,12 @@ def _check_stop(value: Any) -> list[str]:
     return stops
 
 
+def _check_token_ids(value: list[int] | None) -> list[int] | None:
+    if value is not None and any(t < 0 for t in value):
+        raise ValueError("token ids are not negative")
+    return value
+
+
 def _check_logit_bias(value: Any) -> dict[int, float]:
     """OpenAI's `logit_bias`: {"token id": bias} (JSON keys are strings), bias in [-100, 100]."""
     if value is None:
@@ -102,7 +108,8 @@ class _Common(MixtureFields, StructuredFields):  # `adapters` set: a per-request
     logit_bias: Annotated[Any, PlainValidator(_check_logit_bias, json_schema_input_type=dict[str, float] | None)] = None
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    stop_token_ids: Annotated[list[int] | None, AfterValidator(_check_token_ids)] = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     user: str | None = None

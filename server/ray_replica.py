@@ -5,13 +5,21 @@ answers through server.completions.run_request, the single server's request path
 follows the shared AdapterStore (server/store_follower.py). The ingress (server/ray_ingress.py,
 server/ray_admin.py) calls the methods below; admin ones answer (status, body) so that an
 adapter error reaches the client as the single server would word it.
+
+Threads: a Ray worker's main thread is Ray's own, so the replica does what `loramux serve` does on
+its main thread on one engine thread instead: build the model, then run the step loop (which gives
+every other thread one torch thread: engine/cpu_threads.py). That thread is then the only one with
+an OpenMP team of several threads. What made a step loop off the main thread 2-3x slower was a
+second team beside it (the one that built the model), so libgomp stopped spinning between regions.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Awaitable
 from dataclasses import replace
@@ -30,6 +38,7 @@ from loramux.server.completions import run_request
 from loramux.server.errors import APIError, error_body
 from loramux.server.json_body import parse_json
 from loramux.server.protocol import ChatCompletionRequest, CompletionRequest
+from loramux.server.state import ServerState
 from loramux.server.store_follower import StoreFollower
 from loramux.server.uploads import UPLOAD_PREFIX
 
@@ -48,9 +57,8 @@ class EngineReplica:
             Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         # A private data dir: what this replica registers is a reference into the store, not a copy.
         self.work_dir = Path(tempfile.mkdtemp(prefix=f"replica-{self.replica_id}-", dir=cfg.data_dir))
-        self.state = build_state(replace(cfg, data_dir=self.work_dir, adapters_dir=None))
+        self.state, self.engine_thread = build_and_run(replace(cfg, data_dir=self.work_dir, adapters_dir=None))
         bind_metrics(self.state)
-        self.state.engine.start()
         self.requests: Counter[str] = Counter()
         self.adapters = StoreFollower(self.state.registry, self.store, adapters_per_replica)
 
@@ -128,7 +136,8 @@ class EngineReplica:
         engine = self.state.engine
         return {"replica": self.replica_id, "actor_name": self.actor_name, "requests": sum(self.requests.values()),
                 "requests_by_model": dict(self.requests), "running": engine.num_running,
-                "waiting": engine.num_waiting, "adapters": [i.to_dict() for i in self.state.registry.list()]}
+                "waiting": engine.num_waiting, "adapters": [i.to_dict() for i in self.state.registry.list()],
+                "engine_thread": self.engine_thread}
 
     def metrics_text(self) -> tuple[str, str]:
         return self.replica_id, self.state.metrics.render().decode()
@@ -142,3 +151,25 @@ class EngineReplica:
             self.state.engine.shutdown()
         if hasattr(self, "work_dir"):
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def build_and_run(cfg: ServeConfig) -> tuple[ServerState, str]:
+    """Build the server state on a new thread that then runs the engine's step loop (the module
+    docstring says why both on one thread); returns the state and that thread's name once built."""
+    built: queue.Queue = queue.Queue(maxsize=1)
+
+    def engine_main() -> None:
+        try:
+            state = build_state(cfg)
+        except BaseException as e:  # noqa: BLE001 - reported to the constructor, which raises it
+            built.put(e)
+            return
+        built.put(state)
+        state.engine.run()
+
+    thread = threading.Thread(target=engine_main, name="loramux-engine", daemon=True)
+    thread.start()
+    result = built.get()
+    if isinstance(result, BaseException):
+        raise result
+    return result, thread.name

@@ -11,7 +11,7 @@ from loramux.engine.async_engine import AsyncEngine
 from loramux.engine.llm_engine import StepOutput
 from loramux.server.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from loramux.server.errors import APIError
-from loramux.server.metrics import Metrics
+from loramux.server.metrics import MIXTURE_LABEL, Metrics
 from loramux.server.token_bound import TokenBound
 
 # Worker threads preparing requests (parsing large bodies, chat templates, tokenizing): a few,
@@ -71,8 +71,14 @@ class ServerState:
             return 0
         return int(getattr(self.registry.get(adapter_id), "num_virtual_tokens", 0) or 0)
 
-    def track(self, model: str, endpoint: str, prompt_tokens: int) -> RequestTracker:
-        return RequestTracker(self.metrics, model, endpoint, prompt_tokens)
+    def track(self, model: str, endpoint: str, prompt_tokens: int, mixture: bool = False) -> RequestTracker:
+        """Metrics of one request, under its model's label (every per-request mixture under one)."""
+        return RequestTracker(self.metrics, MIXTURE_LABEL if mixture else model, endpoint, prompt_tokens)
+
+    def serves_label(self, model: str) -> bool:
+        """Whether a metrics `model` label still names something served: the base model, the mixtures'
+        label, a registered adapter."""
+        return model in (self.base_model_name, MIXTURE_LABEL) or (self.registry is not None and model in self.registry)
 
 
 class RequestTracker:
@@ -85,23 +91,23 @@ class RequestTracker:
         self.last: float | None = None
         self.tokens = 0
         self.finished = False
-        metrics.prompt_tokens.labels(model).inc(prompt_tokens)
+        metrics.of_model(metrics.prompt_tokens, model).inc(prompt_tokens)
 
     def on_token(self, out: StepOutput) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = now
-            self.m.ttft.labels(self.model).observe(now - self.start)
+            self.m.of_model(self.m.ttft, self.model).observe(now - self.start)
         self.last = now
         self.tokens += 1
-        self.m.generation_tokens.labels(self.model).inc()
+        self.m.of_model(self.m.generation_tokens, self.model).inc()
 
     def done(self, status: str) -> None:
         if self.finished:
             return
         self.finished = True
-        self.m.requests.labels(self.model, self.endpoint, status).inc()
+        self.m.of_model(self.m.requests, self.model, self.endpoint, status).inc()
         if self.first is not None and self.last is not None:
-            self.m.latency.labels(self.model).observe(self.last - self.start)
+            self.m.of_model(self.m.latency, self.model).observe(self.last - self.start)
             if self.tokens > 1:
-                self.m.tpot.labels(self.model).observe((self.last - self.first) / (self.tokens - 1))
+                self.m.of_model(self.m.tpot, self.model).observe((self.last - self.first) / (self.tokens - 1))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loramux.engine.json_bounds import loads_bounded
 from loramux.engine.structured import GrammarSpec
 from loramux.server.errors import APIError
 from loramux.server.structured_request import schema_or_400
@@ -115,8 +116,8 @@ class ToolCallFormat:
         if self.function is not None:
             return [_call(self.function, text)]
         try:
-            items = json.loads(text) if finish_reason == "stop" else None
-        except ValueError:
+            items = loads_bounded(text) if finish_reason == "stop" else None
+        except ValueError:          # malformed, or past the JSON bound (JsonTooComplex): not calls
             items = None
         if not isinstance(items, list):
             return None

@@ -2,6 +2,7 @@
 `engine.quantize.resident_bytes` (and the base_weights metric) is checked against."""
 from __future__ import annotations
 
+from loramux.engine.linear import native_available
 from loramux.engine.models.spec import ModelSpec
 
 
@@ -14,22 +15,24 @@ def expected_weight_bytes(spec: ModelSpec, mode: str, dtype_bytes: int = 4) -> t
     """Embeddings, lm_head (once if tied) and norms in the engine dtype + the four fused projections
     per layer as `mode` stores them. -> (bytes, number of projections).
 
-    int4 also keeps a bf16 dense copy of each projection (for steps of more than 16 rows), and holds
-    the lm_head as int8 in groups of 32 (two int4 parts) next to a bf16 copy, which for a tied head
-    is the embedding's own storage when the engine runs bf16 and a separate copy otherwise.
+    int4 holds the lm_head as int8 in groups of 32 (two int4 parts). Without the native kernel
+    (ATen's path) it also keeps a bf16 dense copy of each projection (for steps of more than 16
+    rows) and of the lm_head, which for a tied head is the embedding's own storage when the engine
+    runs bf16 and a separate copy otherwise; with it, only the head's copy that costs nothing.
     bitsandbytes' codebooks (16 or 256 entries per linear) are not counted."""
     d, ff, q, kv = spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim, \
         spec.num_kv_heads * spec.head_dim
     fused = [(q + 2 * kv, d), (d, q), (2 * ff, d), (d, ff)]                               # (out, in)
+    dense_copy = 0 if native_available() else 2
     per_weight = {"none": lambda n, k: dtype_bytes * n * k,
-                  "int4": lambda n, k: int4_part_bytes(n, k) + 2 * n * k,                 # + bf16 dense copy
+                  "int4": lambda n, k: int4_part_bytes(n, k) + dense_copy * n * k,        # + bf16 dense copy
                   "int8": lambda n, k: n * k + 2 * n,                                     # int8 + bf16 row scales
                   "bnb-int8": lambda n, k: n * k + 4 * n,
                   "bnb-nf4": lambda n, k: n * k // 2 + 2 * n * k // 64}[mode]             # 2 per byte + bf16 absmax/64
     embed = dtype_bytes * spec.vocab_size * d
     if mode == "int4":
         shares_embedding = spec.tie_word_embeddings and dtype_bytes == 2
-        head = 2 * int4_part_bytes(spec.vocab_size, d) + (0 if shares_embedding else 2 * spec.vocab_size * d)
+        head = 2 * int4_part_bytes(spec.vocab_size, d) + (0 if shares_embedding else dense_copy * spec.vocab_size * d)
     else:
         head = 0 if spec.tie_word_embeddings else embed
     norms = dtype_bytes * d * (2 * spec.num_layers + 1)

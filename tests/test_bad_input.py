@@ -253,8 +253,8 @@ def test_malformed_requests_get_openai_4xx(srv, path, cases):
 
 def test_types_are_strict_and_every_error_has_a_code(srv):
     """A boolean is not an integer and "yes" is not a boolean; a body that is not JSON text (invalid
-    UTF-8, nesting past 200 levels) is `invalid_json`, as malformed JSON is (the admin routes' bodies:
-    test_http_contract_admin.py)."""
+    UTF-8) is `invalid_json`, as malformed JSON is; nesting past the one JSON bound (128 levels) is
+    `json_too_complex` (the admin routes' bodies: test_http_contract_admin.py)."""
     cases = [("/v1/completions", _c(max_tokens=True), "invalid_value", "max_tokens"),
              ("/v1/completions", _c(n=True), "invalid_value", "n"),
              ("/v1/completions", _c(logprobs=True), "invalid_value", "logprobs"),
@@ -267,7 +267,7 @@ def test_types_are_strict_and_every_error_has_a_code(srv):
              ("/v1/chat/completions", _chat(max_completion_tokens=False), "invalid_value", "max_completion_tokens"),
              ("/v1/completions", COMPLETION_CASES["invalid utf-8"], "invalid_json", None),
              ("/v1/completions", b'{"model": "x", "prompt": "y", "z": ' + b"[" * 300 + b"]" * 300 + b"}",
-              "invalid_json", None),                        # past 200 levels of nesting
+              "json_too_complex", None),                    # past 128 levels of nesting
              ("/v1/completions", COMPLETION_CASES["deep nesting"], "json_too_complex", None),
              ("/v1/chat/completions", b'{"model": "x", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
               "json_too_complex", None),                    # more arrays than any request needs

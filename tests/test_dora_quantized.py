@@ -24,6 +24,7 @@ import torch
 
 from loramux.adapters_registry.dora import with_dora_factors
 from loramux.adapters_registry.formats import inspect_adapter, load_adapter
+from loramux.engine import native_quant
 from loramux.engine.config import EngineConfig
 from loramux.engine.quantize import dequantize_projection, make_projection
 from loramux.engine.sampling_params import SamplingParams
@@ -42,13 +43,17 @@ ADAPTERS = {name: DORA[name] for name in ("dora-qv-r8", "dora-all-r16")}
 def test_dequantized_weight_is_what_the_projection_multiplies_by(mode):
     """x @ W^T with W = dequantize_projection(proj) reproduces proj(x): exactly up to float32 sums
     (none), up to one bf16 rounding of the output for the bf16 kernels (ATen's int8, int4's dense copy
-    with 24 rows, bnb's nf4 CPU kernel), while a misread layout would be off by the outputs' own size."""
+    with 24 rows, bnb's nf4 CPU kernel) and float32 sums for the native int8/int4 kernel, while a
+    misread layout would be off by the outputs' own size."""
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(192, 576, generator=gen) * 0.05
     proj = make_projection(mode, weight, torch.float32)
     x = torch.randn(24, 576, generator=gen)
     if mode != "none":
         x = x.bfloat16().float()                     # what the kernels multiply: rounding x is not at issue
+    if getattr(proj, "native", False):               # the native kernel multiplies x's int8 form: take that
+        qx, dx, _ = native_quant.quantize_rows(x)    # (quantizing it again gives the same codes and scales)
+        x = (qx.float().view(24, -1, 32) * dx.unsqueeze(-1)).view(24, 576)
     y = proj(x).float()
     expected = x.double() @ dequantize_projection(proj).double().T
     tol = 1e-5 if mode == "none" else 2 ** -7

@@ -10,8 +10,8 @@ request is sent once both have settled, and compared with the same measures over
 Why 0.5 s holds on a 2-core x86-64 CPU (OMP_WAIT_POLICY=PASSIVE, as the suite runs): what the event
 loop itself does for any request is bounded by the body bound. A body past it is refused as its
 Content-Length (or, chunked, its running count) passes 2 MiB, before any parsing; so is a body of
-more than 32,768 JSON arrays and objects, after a count in C (~10 ms for 2 MiB); what is left is
-parsed by jiter, which stops at 200 levels of nesting and holds the GIL ~50 ms for the costliest
+more than 32,768 JSON arrays and objects or nested deeper than 128 levels, after a count in C (~10 ms
+for 2 MiB); what is left is parsed by jiter, which holds the GIL ~50 ms for the costliest
 2 MiB left (a million token ids, ~25 ms of CPU per MiB measured); long fields are then checked in
 a worker thread, by C calls or by Python code that yields the GIL every 5 ms.
 A prompt whose character count already rules out the context window is refused before
@@ -231,7 +231,7 @@ def test_second_start_on_a_live_data_dir_fails_and_touches_nothing(srv, base_mod
 def test_data_dir_lock_is_never_stale(tmp_path):
     """The lock is the kernel's (flock): a holder killed with SIGKILL leaves nothing to clean up."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from loramux.adapters_registry import claim_data_dir; "
+        "import sys, time; from loramux.adapters_registry.datadir_lock import claim_data_dir; "
         f"lock = claim_data_dir({str(tmp_path)!r}); print('held', flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -1,11 +1,18 @@
 """engine.linear's quantized projections against float64 on random inputs, at batch sizes on both
-sides of Int4Linear's dense-copy threshold, within bounds derived from the roundings each performs;
-and exactly where bf16 can hold the weights (which pins the layouts)."""
+sides of Int4Linear's dense-copy threshold (ATen's path), within bounds derived from the roundings
+each performs; and exactly where bf16 can hold the weights (which pins the layouts).
+
+The native kernel (where it builds, the default) quantizes activations to int8 per group of 32
+instead of rounding them to bf16, which moves each activation by up to half its group's step,
+amax / 254, where bf16 moves it by 2^-9 of itself: its bound adds that term (`_int8_activations`)
+and counts the bf16 roundings it does perform. The kernel alone against float64 on the same
+quantized activations, every path and row count 1..64: tests/test_native_quant.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from loramux.engine import linear
 from loramux.engine.linear import (
     INT4_DENSE_ABOVE,
     INT4_GROUP,
@@ -18,6 +25,16 @@ U = 2.0 ** -8        # bf16 unit roundoff: 8 significant bits, round to nearest
 U32 = 2.0 ** -24     # float32's
 BATCHES = (1, 5, 17, 64)   # rows; above INT4_DENSE_ABOVE (16) Int4Linear takes its bf16 dense copy
 N_OUT, K_IN = 96, 576      # 96 = a full and a partial block of the AVX512 kernel's 64 columns; 576 = hidden size
+
+
+@pytest.fixture(params=["native", "aten"], autouse=True)
+def backend(request, monkeypatch):
+    """Every test on both forms: the native kernel and ATen's (its fallback and reference)."""
+    if request.param == "aten":
+        monkeypatch.setattr(linear, "native_available", lambda: False)
+    else:
+        assert linear.native_available(), "the native kernel must build on x86-64 with g++ (see the log)"
+    return request.param
 
 
 def _bound(x: torch.Tensor, magnitude: torch.Tensor, bf16_roundings: int) -> torch.Tensor:
@@ -38,6 +55,19 @@ def _bound(x: torch.Tensor, magnitude: torch.Tensor, bf16_roundings: int) -> tor
     return (bf16_roundings * U + (K + 2) * U32) * 1.01 * (x.double().abs() @ magnitude.T)
 
 
+def _int8_activations(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """Bound on |x @ W.T - xq @ W.T| for the native kernel's int8 activations xq: each element within
+    half a step d / 2 = amax / 254 of its group of 32 (round to nearest), |W| <= magnitude; x 1.01 for
+    the float32 roundings of d and of the quantizing product (2^-24 relative each)."""
+    rows, K = x.shape
+    amax = x.double().abs().view(rows, K // INT4_GROUP, INT4_GROUP).amax(-1)
+    return 1.01 * (amax / 254).repeat_interleave(INT4_GROUP, dim=1) @ magnitude.T
+
+
+def _native_path(lin, rows: int) -> bool:
+    return lin.native and not (lin.dense is not None and rows > lin.dense_above)
+
+
 def _random_int4(gen: torch.Generator, n: int = N_OUT, k: int = K_IN):
     """Codes, scales and zeros like a GGUF Q4_1 file's (scales not bf16-representable, zeros of
     both signs and of the scale's size times a few)."""
@@ -55,11 +85,15 @@ def _per_group(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("rows", BATCHES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_int4_linear_matches_float64(rows, dtype):
-    """r = 3: activations, scale/zero (int4 kernel) or the dequantized weight (dense copy), output."""
+    """ATen, r = 3: activations, scale/zero (int4 kernel) or the dequantized weight (dense copy),
+    output. Native, r = 2: scale/zero, output (bf16 only), + the int8 activations' term."""
     gen = torch.Generator().manual_seed(rows)
     codes, scale, zero = _random_int4(gen)
     lin = Int4Linear.from_codes(codes, scale, zero)
-    assert lin.dense is not None and lin.dense_above == INT4_DENSE_ABOVE
+    if lin.native:
+        assert lin.dense is None, "the native kernel serves every row count: no bf16 copy"
+    else:
+        assert lin.dense is not None and lin.dense_above == INT4_DENSE_ABOVE
     q = codes.double() - 8
     weight = q * _per_group(scale.double()) + _per_group(zero.double())
     magnitude = q.abs() * _per_group(scale.double()) + _per_group(zero.double().abs())
@@ -67,7 +101,10 @@ def test_int4_linear_matches_float64(rows, dtype):
     y = lin(x)
     assert y.dtype == dtype and y.shape == (rows, N_OUT)
     err = (y.double() - x.double() @ weight.T).abs()
-    bound = _bound(x, magnitude, bf16_roundings=3)
+    if _native_path(lin, rows):
+        bound = _bound(x, magnitude, bf16_roundings=2) + _int8_activations(x, magnitude)
+    else:
+        bound = _bound(x, magnitude, bf16_roundings=3)
     assert (err <= bound).all(), (err / bound).max().item()
 
 
@@ -78,7 +115,8 @@ def test_int8_groups_as_int4_parts_matches_float64(rows, dense):
 
     Parts path, r = 4: activations, d (one relative rounding shared by 16d, d and 8d, powers of two
     apart), each part's output, their bf16 sum; M = the parts' magnitudes |hi - 8| * 16|d| and
-    |lo - 8| * |d| + 8|d|. With the loader's dense copy (bf16 of the weight) above 16 rows, r = 3."""
+    |lo - 8| * |d| + 8|d|. Native: the parts sum in float32, r = 2 (d, the output) + the int8
+    activations' term. With the loader's dense copy (bf16 of the weight) above 16 rows, r = 3."""
     gen = torch.Generator().manual_seed(100 + rows)
     q = torch.randint(-128, 128, (N_OUT, K_IN), generator=gen, dtype=torch.int16).to(torch.int8)
     d = torch.rand(N_OUT, K_IN // INT4_GROUP, generator=gen) * 0.004 + 0.0005
@@ -91,7 +129,10 @@ def test_int8_groups_as_int4_parts_matches_float64(rows, dense):
     magnitude = (hi - 8).abs() * 16 * dd + (lo - 8).abs() * dd + 8 * dd
     x = torch.randn(rows, K_IN, generator=gen).to(torch.bfloat16)
     err = (lin(x).double() - x.double() @ weight.T).abs()
-    bound = _bound(x, magnitude, bf16_roundings=4)
+    if _native_path(lin, rows):
+        bound = _bound(x, magnitude, bf16_roundings=2) + _int8_activations(x, magnitude)
+    else:
+        bound = _bound(x, magnitude, bf16_roundings=4 if not (dense and rows > lin.dense_above) else 3)
     assert (err <= bound).all(), (err / bound).max().item()
 
 
@@ -116,8 +157,9 @@ def test_int4_forms_are_exact_where_bf16_holds_the_weights():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_int8_linear_matches_float64(rows, dtype):
     """Per-channel int8 (`--quantize int8`), against its own q * scale in float64 (the scale is held
-    in bf16, so the product is exact). r = 2, the activations and the output, rounded to bf16 for
-    float32 inputs too: ATen's kernel is vectorised for 16-bit inputs only."""
+    in bf16, so the product is exact). ATen, r = 2, the activations and the output, rounded to bf16
+    for float32 inputs too: its kernel is vectorised for 16-bit inputs only. Native, r = 1 (the
+    output, bf16 only) + the int8 activations' term."""
     gen = torch.Generator().manual_seed(200 + rows)
     w = torch.randn(N_OUT, K_IN, generator=gen) * 0.05
     lin = Int8Linear(w)
@@ -128,5 +170,8 @@ def test_int8_linear_matches_float64(rows, dtype):
     y = lin(x)
     assert y.dtype == dtype
     err = (y.double() - x.double() @ weight.T).abs()
-    bound = _bound(x, weight.abs(), bf16_roundings=2)
+    if lin.native:
+        bound = _bound(x, weight.abs(), bf16_roundings=1) + _int8_activations(x, weight.abs())
+    else:
+        bound = _bound(x, weight.abs(), bf16_roundings=2)
     assert (err <= bound).all(), (err / bound).max().item()

@@ -135,7 +135,7 @@ def test_requests_wait_for_a_slot_instead_of_thrashing(base_model_dir, adapter_d
 def chunked_engine(base_model_dir, adapter_dirs, tmp_path_factory) -> tuple[LLMEngine, object]:
     """Steps of 4 tokens for 4 sequences: every prompt is prefilled in chunks, beside other decodes."""
     econf = EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_loras=4, max_lora_rank=16,
-                         max_num_seqs=4, max_num_batched_tokens=4)
+                         max_num_seqs=4, max_num_batched_tokens=4, max_prefill_tokens=4)
     return build_engine(econf, tmp_path_factory.mktemp("chunked-data"), adapter_dirs)
 
 

@@ -113,6 +113,44 @@ def test_wheel_holds_only_the_loramux_package(tmp_path):
     assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"loramux"}, tops
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("server/cli.py", "engine/llm_engine.py", "kernels/ops.py", "adapters_registry/registry.py",
-                   "trainer/api.py", "engine/models/llama.py"):
+                   "trainer/api.py", "engine/models/llama.py", "engine/csrc/quant_matmul.cpp"):
         assert f"loramux/{module}" in names, module
     assert not [f for f in FOLDERS if f"loramux/{f}/__init__.py" in names], "the folders are namespace portions"
+
+
+def _locked() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_the_lock_pins_everything_loramux_installs():
+    """`make setup` installs from requirements.lock: every distribution that loramux[train,dev,ray]
+    pulls in (recursively) is pinned there, at the version installed here."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    pins, seen = _locked(), set()
+    todo = [(canonicalize_name("loramux"), frozenset({"train", "dev", "ray"}))]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        if name != "loramux":
+            assert name in pins, f"{name} is installed for loramux but not pinned in requirements.lock"
+            installed = Version(metadata.version(name))
+            assert installed.public == Version(pins[name]).public, (name, str(installed), pins[name])
+        for text in metadata.requires(name) or []:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras or {""}):
+                todo.append((canonicalize_name(req.name), frozenset(req.extras)))
+    assert {"torch", "transformers", "peft", "bitsandbytes", "kernels", "fastapi"} <= set(pins)

@@ -18,7 +18,7 @@ SYSTEM = ("You are a patient assistant for a public library. You answer question
 QUESTIONS = ["How long can I keep a book?", "Can I renew a loan?", "When is the reading room quiet?",
              "Write one sentence about owls.", "What is two plus two?"]
 NEW_TOKENS = 24
-# (max_num_batched_tokens, enable_prefix_caching): whole prompts uncached (the reference run), then
+# (step budget, idle or not; enable_prefix_caching): whole prompts uncached (the reference run), then
 # chunks of a few tokens (8 sequences decode alongside: 16 - 8 = 8-token chunks at the least), cached or not.
 CONFIGS = [(4096, False), (16, False), (16, True), (4096, True)]
 
@@ -49,7 +49,8 @@ def test_outputs_identical_across_chunk_sizes_and_with_the_cache_on_or_off(base_
     outputs = {}
     for budget, caching in CONFIGS:
         engine = LLMEngine(EngineConfig(base_model_dir, dtype="float32", kv_cache_bytes=64 << 20, max_num_seqs=8,
-                                        max_num_batched_tokens=budget, enable_prefix_caching=caching))
+                                        max_num_batched_tokens=budget, max_prefill_tokens=budget,
+                                        enable_prefix_caching=caching))
         cold = _run(engine, prompts)
         steps = engine.stats.steps
         warm = _run(engine, prompts)

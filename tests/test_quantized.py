@@ -155,11 +155,38 @@ def test_alone_matches_transformers_bnb(engine, reference, tokenizer, variant):
         engine.abort(seq.request_id)
         diff = (logits - ref_logits).abs().max().item()
         assert diff < LOGIT_TOL, (variant, i, diff)
-        out = engine.generate([ids], _params(), [variant])[0]
-        assert out.output_token_ids == tokens, (variant, i)
+        _check_greedy_up_to_near_ties(engine, variant, ids, tokens)
     if variant is not None:
         assert any(reference[variant, i][0] != reference[None, i][0] for i in range(len(PROMPTS))), \
             "the adapter must change the output, or this test proves nothing"
+
+
+def _check_greedy_up_to_near_ties(engine: LLMEngine, variant, ids: list[int], ref: list[int],
+                                  partings_left: int = 2) -> None:
+    """Greedy tokens equal transformers', or part only at a near tie, after which the engine, re-run
+    from the reference's own token at that point, goes on to the reference's next tokens.
+
+    Why ties can part here at all (issue #24, seen with bitsandbytes 0.50.2 on another x86 CPU than
+    the one these were first measured on): both sides compute in float32 around the quantized
+    matmuls, but not in the same order (our fused q|k|v and attention against HF's modules, BLAS
+    kernels chosen per CPU), so their inputs to each quantized matmul differ by ~1e-6. nf4 rounds
+    that input to bf16 and LLM.int8() to fp16 and then to int8 per row: a discontinuous step, so a
+    1e-6 difference can flip one rounding and move the logits by a few tenths (NEAR_TIE's
+    measurement). Where the top two logits are that close, greedy decoding may part; a wrong or
+    missing adapter cannot pass this way: its first-step logits are >= 2.2 off (LOGIT_TOL checks
+    them), and after a parting the re-run must follow the reference again.
+    """
+    got = engine.generate([ids], _params(), [variant])[0].output_token_ids[:len(ref)]
+    if got == ref:
+        return
+    j = next(k for k, (a, b) in enumerate(zip(got, ref)) if a != b)
+    assert partings_left > 0, (variant, "greedy tokens part again", j, got, ref)
+    logits = first_step_logits(engine, [(variant, 0)], [ids + ref[:j]])[0]
+    top = logits.topk(2)
+    assert set(top.indices.tolist()) == {got[j], ref[j]}, (variant, j, top)
+    assert top.values[0] - top.values[1] < NEAR_TIE, (variant, j, top.values)
+    if j + 1 < len(ref):
+        _check_greedy_up_to_near_ties(engine, variant, ids + ref[:j + 1], ref[j + 1:], partings_left - 1)
 
 
 def test_mixed_batch(engine, reference, tokenizer, mode):

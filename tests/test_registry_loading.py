@@ -3,6 +3,7 @@ or writes a slot; a background thread does, started by `prefetch` when a request
 ModelSpec and synthetic adapters on disk, no model."""
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from loramux.adapters_registry.config import RegistryConfig
 from loramux.adapters_registry.errors import AdapterError
 from loramux.adapters_registry.registry import AdapterRegistry
+from loramux.adapters_registry.residency import LOAD_WORKERS
 from loramux.adapters_registry.slots import LoraStacks
 from loramux.engine.config import EngineConfig
 from loramux.engine.models.spec import ModelSpec
@@ -128,3 +130,98 @@ def test_slot_count_from_the_memory_budget(base_model_dir, tmp_path):
     assert reg.stacks.num_slots == 3 and reg.slot_bytes == 3 * one
     count = EngineConfig(base_model_dir, dtype="float32", max_lora_rank=8, max_lora_memory_bytes=3 * one, max_loras=5)
     assert build_registry(count, tmp_path / "d2").stacks.num_slots == 5     # --max-loras wins
+
+
+def on_disk(tmp_path, reg: AdapterRegistry, name: str, seed: int) -> None:
+    """Register `name` and leave its weights only on disk (out of a roomy host tier)."""
+    reg.register(name, write_lora_files(tmp_path / name, seed=seed))
+    with reg._lock:
+        reg.residency.host.pop(reg._live[name])
+    assert reg.get(name).tier == "disk"
+
+
+class SlowDisk:
+    """The registry's file reader, with reads of the adapters in `stuck` blocked until `release`:
+    a disk that stops answering for some files."""
+
+    def __init__(self, reg: AdapterRegistry, *stuck: str) -> None:
+        self.stuck = set(stuck)
+        self.started: list[str] = []                   # reads begun, in order
+        self.opened = threading.Event()
+        self._go = threading.Event()
+        self._read = reg.residency._load
+        reg.residency._load = self._load
+
+    def _load(self, record):
+        self.started.append(record.adapter_id)
+        if record.adapter_id in self.stuck:
+            self.opened.set()
+            assert self._go.wait(60), "the slow disk was never released"
+        return self._read(record)
+
+    def release(self) -> None:
+        self._go.set()
+
+
+def test_a_slot_write_never_waits_behind_loads_stuck_on_a_slow_disk(tmp_path):
+    """Every loader busy on a file that does not come: an adapter already in host memory still gets
+    its slot written and its lease (loads and slot writes do not share one queue)."""
+    reg = make_registry(tmp_path, max_host_adapters=8, max_loras=2)
+    for i in range(LOAD_WORKERS + 1):
+        on_disk(tmp_path, reg, f"stuck{i}", seed=10 + i)
+    reg.register("warm", write_lora_files(tmp_path / "warm", seed=1))
+    disk = SlowDisk(reg, *(f"stuck{i}" for i in range(LOAD_WORKERS + 1)))
+    try:
+        for i in range(LOAD_WORKERS + 1):
+            reg.prefetch(f"stuck{i}")                         # every loader stuck, one more load queued
+        assert disk.opened.wait(30)
+        lease = reg.acquire("warm", timeout=30)
+        assert lease is not None and reg.get("stuck0").tier == "disk"
+        reg.release(lease)
+    finally:
+        disk.release()
+    wait_until(reg, lambda: all(reg.get(f"stuck{i}").tier == "host" for i in range(LOAD_WORKERS + 1)))
+
+
+def test_a_load_stuck_on_a_slow_disk_holds_up_no_other_cold_adapter(tmp_path):
+    reg = make_registry(tmp_path, max_host_adapters=8, max_loras=2)
+    on_disk(tmp_path, reg, "slow", seed=1)
+    on_disk(tmp_path, reg, "fast", seed=2)
+    disk = SlowDisk(reg, "slow")
+    try:
+        reg.prefetch("slow")                                  # arrived first, its file does not come
+        assert disk.opened.wait(30)
+        lease = reg.acquire("fast", timeout=30)               # loaded beside it and written into a slot
+        assert lease is not None and reg.get("slow").tier == "disk"
+        reg.release(lease)
+    finally:
+        disk.release()
+    lease = reg.acquire("slow", timeout=30)
+    assert lease is not None
+    reg.release(lease)
+
+
+def test_queued_requests_adapters_load_in_arrival_order_within_a_window(tmp_path):
+    """Six cold adapters asked for at once, a host tier of four: two load at a time (half the tier),
+    so none is pushed out of host memory before its slot is written; the rest wait their turn and
+    load in the order they were asked for."""
+    reg = make_registry(tmp_path, max_host_adapters=4, max_loras=2)
+    names = [f"q{i}" for i in range(6)]
+    for i, name in enumerate(names):
+        on_disk(tmp_path, reg, name, seed=20 + i)
+    disk = SlowDisk(reg, *names)
+    try:
+        for name in names:
+            reg.prefetch(name)
+        assert disk.opened.wait(30)
+        time.sleep(0.2)
+        with reg._lock:
+            assert sorted(disk.started) == names[:2]
+            assert all(reg.residency.pending(reg._live[n]) for n in names)   # deferred loads are due
+    finally:
+        disk.release()
+    for name in names:
+        lease = reg.acquire(name, timeout=60)
+        assert lease is not None
+        reg.release(lease)
+    assert sorted(disk.started[:2]) == names[:2] and disk.started[2:6] == names[2:]

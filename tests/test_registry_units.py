@@ -381,3 +381,59 @@ def test_concurrent_acquire_release(tmp_path):
     assert not seen_errors
     assert all(i.active_leases == 0 for i in reg.list())
     assert sum(i.requests_served for i in reg.list()) > 0
+
+
+def test_read_tensors_views_one_buffer_and_refuses_what_the_header_misstates(tmp_path):
+    """The weights file read once: every tensor as safetensors reads it; a tensor of a dtype run that
+    holds one NaN is named; offsets beyond the data, or a size the shape contradicts, are refused."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from loramux.adapters_registry.adapter_files import read_tensors
+
+    tensors = {"a": torch.randn(4, 8), "b": torch.randn(3, 5, dtype=torch.float64),
+               "c": torch.randn(6, 2).to(torch.bfloat16), "d": torch.randn(7)}
+    path = tmp_path / "adapter_model.safetensors"
+    save_file(tensors, str(path))
+    got = read_tensors(path, list(tensors))
+    expected = load_file(str(path))
+    assert all(torch.equal(got[k], expected[k]) and got[k].dtype == expected[k].dtype for k in tensors)
+    bad = dict(tensors, d=torch.tensor([1.0, float("nan"), 2.0]))
+    save_file(bad, str(path))
+    with pytest.raises(AdapterError, match="tensor d contains NaN"):
+        read_tensors(path, list(bad))
+    save_file({"a": tensors["a"]}, str(path))
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    for entry in ({**header["a"], "data_offsets": [0, 10_000]}, {**header["a"], "shape": [4, 9]}):
+        text = json.dumps({"a": entry}).encode()
+        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
+        with pytest.raises(AdapterError, match="bad dtype, shape or offsets"):
+            read_tensors(path, ["a"])
+
+
+def test_a_slot_rewritten_holds_exactly_what_a_fresh_slot_would(tmp_path):
+    """A slot zeroes only what its previous adapter wrote beyond the new one's ranks: after a rank-8
+    all-target adapter, a rank-4 q/v one leaves the slot as it leaves an untouched slot."""
+    from loramux.adapters_registry.formats import inspect_adapter, load_adapter
+    from loramux.adapters_registry.slots import LoraStacks
+
+    def weights(folder):
+        manifest = inspect_adapter(folder, TINY_SPEC, max_rank=8, max_virtual_tokens=8)
+        return load_adapter(folder, manifest, TINY_SPEC, dtype=torch.float32, device=torch.device("cpu"))
+
+    wide = weights(write_lora_files(tmp_path / "wide", r=8, seed=1, targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    narrow = weights(write_lora_files(tmp_path / "narrow", r=4, seed=2))
+    stacks = LoraStacks(TINY_SPEC, 2, 8, dtype=torch.float32, device=torch.device("cpu"))
+    stacks.write(0, wide)
+    stacks.write(0, narrow)
+    stacks.write(1, narrow)
+    for layer in range(TINY_SPEC.num_layers):
+        for rows in stacks.A_rows[layer].values():
+            assert torch.equal(rows[0], rows[1])
+        for b in stacks.B[layer].values():
+            assert torch.equal(b[0], b[1])
+    assert stacks.slot_rank[0] == 4 and stacks.slot_modules[0] == {"q_proj", "v_proj"}

@@ -33,6 +33,9 @@ class SlotPool:
     def prefetch(self, adapter_id: str) -> None:
         self.prefetched.append(adapter_id)
 
+    def is_loading(self, adapter_id: str) -> bool:
+        return adapter_id in self.loading
+
     def try_acquire(self, adapter_id: str):
         if adapter_id in self.loading:
             return None
@@ -66,7 +69,7 @@ def seq(name: str, n_prompt: int = 5, adapter: str | None = None, max_tokens: in
 def step(sched: Scheduler) -> ScheduledBatch:
     """Schedule, then do what the runner and the engine do to the sequences (token 7 sampled)."""
     batch = sched.schedule()
-    assert batch.num_tokens <= sched.max_num_batched_tokens
+    assert batch.num_tokens <= (sched.max_num_batched_tokens if batch.decodes else sched.max_prefill_tokens)
     sampled = batch.sampled
     for s, end in zip(batch.prefills, batch.chunk_ends):
         s.num_computed_tokens = end
@@ -110,19 +113,84 @@ def test_long_prompt_is_chunked_behind_the_decodes():
     assert long.is_decoding
 
 
-def test_prefills_in_progress_go_before_new_admissions_in_arrival_order():
+def test_arrivals_are_admitted_beside_prefills_in_progress_with_half_a_budget():
     sched = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=8)
     first, second, third = seq("first", 12), seq("second", 13), seq("third", 3)
     for s in (first, second, third):
         sched.add(s)
     batch = step(sched)
     assert batch.prefills == [first] and batch.chunk_ends == [8]
+    batch = step(sched)                              # second starts (4 of 8 tokens), first finishes its prompt
+    assert batch.prefills == [second, first] and batch.chunk_ends == [4, 12]
+    batch = step(sched)                              # first decodes; third starts whole, second gets the rest
+    assert batch.decodes == [first] and batch.prefills == [third, second] and batch.chunk_ends == [3, 8]
     batch = step(sched)
-    assert batch.prefills == [first, second] and batch.chunk_ends == [12, 4]
-    batch = step(sched)                              # first decodes; second continues; third waits its turn
-    assert batch.decodes == [first] and batch.prefills == [second] and batch.chunk_ends == [11]
+    assert batch.decodes == [first, third] and batch.prefills == [second] and batch.chunk_ends == [13]
+
+
+def test_whole_prompts_while_nothing_decodes_chunks_while_streams_run():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=10, max_prefill_tokens=64)
+    first = seq("first", 40, max_tokens=20)
+    sched.add(first)
+    batch = step(sched)                              # idle: the whole prompt in one step, first token at once
+    assert batch.prefills == [first] and batch.chunk_ends == [40] and first.output_token_ids
+    second = seq("second", 40)
+    sched.add(second)
+    ends = []
+    while not second.output_token_ids:
+        batch = step(sched)
+        assert batch.decodes == [first]
+        ends.append(batch.chunk_ends[0])
+    assert ends == [9, 18, 27, 36, 40]               # 10 - 1 decode per step
+
+
+def test_idle_prefill_is_bounded_by_max_prefill_tokens():
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=10, max_prefill_tokens=64)
+    a, b = seq("a", 100), seq("b", 20)
+    sched.add(a)
+    sched.add(b)
+    assert step(sched).chunk_ends == [64]
+    batch = step(sched)                              # b arrives beside a's prefill: a short step (10 tokens)
+    assert batch.prefills == [b, a] and batch.chunk_ends == [5, 69]
+    batch = step(sched)                              # b is under way too: nobody waits, nobody decodes
+    assert batch.prefills == [a, b] and batch.chunk_ends == [100, 20]
+
+
+def test_a_short_request_gets_its_token_in_the_next_step_while_a_long_prompt_prefills():
+    """Head-of-line: the long prompt takes every idle step until a request arrives; that request is
+    admitted at once, its whole prompt in a streaming-budget step, so its first token comes after
+    one short step (not after the long prompt's remaining prefill)."""
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=16, max_prefill_tokens=64)
+    long = seq("long", 600)
+    sched.add(long)
+    assert step(sched).chunk_ends == [64]
+    short = seq("short", 4)
+    sched.add(short)
     batch = step(sched)
-    assert batch.decodes == [first] and batch.prefills == [second, third] and batch.chunk_ends == [13, 3]
+    assert batch.prefills == [short, long] and batch.chunk_ends == [4, 76]   # 16 tokens
+    assert short.output_token_ids
+    progress = long.num_computed_tokens
+    for i in range(20):                              # a new short request every step: the long prompt goes on
+        sched.add(seq(f"s{i}", 4, max_tokens=2))
+        step(sched)
+        assert long.num_computed_tokens > progress
+        progress = long.num_computed_tokens
+
+
+def test_a_request_that_cannot_start_does_not_shrink_an_idle_prefill():
+    pool = SlotPool(4)
+    pool.loading.add("cold")
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=16, max_prefill_tokens=64,
+                      adapters=pool)
+    long, cold = seq("long", 300), seq("cold", 4, adapter="cold")
+    sched.add(long)
+    assert step(sched).chunk_ends == [64]
+    sched.add(cold)
+    assert step(sched).chunk_ends == [128]           # cold's adapter is loading: the long prompt keeps the step
+    assert cold.waits == 0                           # loading: no step counts toward its patience
+    pool.loading.clear()
+    batch = step(sched)
+    assert batch.prefills == [cold, long] and batch.chunk_ends == [4, 140]
 
 
 def test_budget_must_hold_one_decode_per_sequence():
@@ -198,3 +266,18 @@ def test_preemption_frees_blocks_and_requeues_newest():
     batch = sched.schedule()                         # token 9 needs a third block each: a takes the last, b goes
     assert batch.decodes == [a] and list(sched.waiting) == [b]
     assert b.block_table == [] and b.num_computed_tokens == 0 and blocks.num_free == 2
+
+
+def test_a_load_that_never_ends_makes_no_barrier():
+    """A request whose adapter is still loading after many steps does not hold back requests behind it
+    (only waiting for a slot counts toward patience): their adapters are resident."""
+    pool = SlotPool(4)
+    pool.loading.add("stuck")
+    sched = Scheduler(BlockManager(256, 4), max_num_seqs=8, max_num_batched_tokens=64, adapters=pool, patience=3)
+    stuck = seq("stuck", adapter="stuck")
+    sched.add(stuck)
+    for i in range(12):
+        behind = seq(f"w{i}", adapter="warm", max_tokens=1)
+        sched.add(behind)
+        assert behind in step(sched).prefills
+    assert stuck.waits == 0 and list(sched.waiting) == [stuck]

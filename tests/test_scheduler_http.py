@@ -14,8 +14,9 @@ from tests.adapter_factory import write_small_lora
 from tests.hf_reference import hf_greedy
 
 BASE = "SmolLM2-135M-Instruct"
-# 16 tokens a step: every prompt below is prefilled in chunks; 2 adapter slots for 6 adapters.
+# 16 tokens a step, idle or not: every prompt below is prefilled in chunks; 2 adapter slots for 6 adapters.
 FLAGS = ("--dtype", "float32", "--max-model-len", "512", "--kv-cache-gb", "0.1", "--max-num-batched-tokens", "16",
+         "--max-prefill-tokens", "16",
          "--max-num-seqs", "8", "--max-loras", "2", "--max-lora-rank", "8")
 SYSTEM = ("You are the front desk of a small hotel by the sea. Guests ask about breakfast, which is served "
           "from seven to ten, the car park behind the building, and the ferry that leaves the harbour every "
@@ -117,3 +118,31 @@ def test_more_adapters_than_slots_all_finish_with_their_own_answers(proc, api, a
     assert metric(proc, "loramux_adapter_slot_bytes") > 0
     assert metric(proc, "loramux_adapter_slot_writes_total") >= 6
     assert metric(proc, "loramux_kv_blocks_used") == 0
+
+
+def test_a_short_request_is_answered_while_a_long_prompt_is_still_being_prefilled(proc, api, tokenizer):
+    """Head-of-line (#28): a 4-token request sent while a 480-token prompt is being prefilled, 16 tokens
+    a step (30 steps), gets its whole answer before the long prompt's first token: it is admitted in
+    the next step, not after that prompt's prefill; and its answer is the one it gets alone."""
+    story = tokenizer(SYSTEM * 8)["input_ids"]
+    long_prompt = [tokenizer(" Ledger")["input_ids"][0]] + story[:479]      # its own: no cached prefix helps
+    short_prompt = "The ferry leaves"
+    alone = complete(api, BASE, short_prompt, 2)
+    first_token_seen = []
+
+    def stream_long() -> None:
+        stream = api.completions.create(model=BASE, prompt=long_prompt, max_tokens=2, temperature=0, stream=True,
+                                        extra_body={"ignore_eos": True})
+        for _ in stream:
+            first_token_seen.append(True)
+
+    assert metric(proc, "loramux_kv_blocks_used") == 0
+    with cf.ThreadPoolExecutor(1) as pool:
+        long_done = pool.submit(stream_long)
+        while metric(proc, "loramux_kv_blocks_used") == 0:      # the long prompt is admitted: its prefill runs
+            assert not long_done.done()
+        answer = complete(api, BASE, short_prompt, 2)
+        answered_before_long = not first_token_seen
+        long_done.result()
+    assert answer == alone
+    assert answered_before_long, "the short request waited for the long prompt's prefill"

@@ -1,9 +1,10 @@
 """Build a LlamaModel from a checkpoint, its projections fused and in the requested resident form.
 
-Weights come from the HF safetensors directory (HF names). With ``quantize="int4"`` and a
-checkpoint converted from a GGUF (the embedded model), the projections are the GGUF's own 4-bit
-codes (``engine.gguf_weights``, no requantization) and the tied lm_head its Q8_0 embedding held
-exactly as two int4 parts; any other checkpoint is quantized group-wise here.
+Weights come from the HF safetensors directory (HF names), or from a GGUF file (``--model
+FILE.gguf``: engine.gguf_weights, dequantized by gguf-py as transformers does). With a GGUF behind
+the checkpoint (also the embedded model's), the int4 / gguf modes build the projections from its
+stored blocks (engine.gguf_forms: as stored where a form holds them, else requantized with a stated
+bound); any other checkpoint is quantized group-wise here.
 """
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from loramux.engine.gguf_blocks import Int4Blocks, Int8Blocks
+from loramux.engine.gguf_forms import exact_projection, int4_parts, int4_projection
 from loramux.engine.gguf_weights import GGUFWeights
 from loramux.engine.linear import (
     DenseLinear,
-    Int4Linear,
+    bf16_matmul_in_hardware,
     int8_groups_as_int4_parts,
     quantize_int8_groups,
 )
 from loramux.engine.models.llama import LlamaModel
 from loramux.engine.models.spec import SHRINK_GROUPS, ModelSpec
-from loramux.engine.quantize import make_projection
+from loramux.engine.quantize import GGUF_MODES, make_projection
 
 log = logging.getLogger("loramux.engine")
 FUSED = dict(zip(("qkv_proj", "o_proj", "gate_up_proj", "down_proj"), SHRINK_GROUPS))
@@ -42,8 +45,12 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_model(spec: ModelSpec, model_dir: Path, *, dtype: torch.dtype, quantize: str, max_positions: int,
                device: torch.device, gguf: Path | None = None) -> LlamaModel:
-    tensors = read_checkpoint(model_dir)
-    codes = GGUFWeights(gguf, spec.num_heads, spec.num_kv_heads) if gguf is not None and quantize == "int4" else None
+    """`gguf`: the GGUF file behind `model_dir` (its blocks become the int4 / gguf forms; a directory
+    without safetensors reads every weight from it)."""
+    from_gguf = gguf is not None and not list(Path(model_dir).glob("*.safetensors"))
+    codes = GGUFWeights(gguf, spec.num_heads, spec.num_kv_heads) if gguf is not None and (
+        from_gguf or quantize in GGUF_MODES) else None
+    tensors = _GGUFTensors(codes) if from_gguf else read_checkpoint(model_dir)
     model = LlamaModel(spec, max_positions, device)
 
     def take(name: str) -> torch.Tensor:
@@ -61,9 +68,10 @@ def load_model(spec: ModelSpec, model_dir: Path, *, dtype: torch.dtype, quantize
                 expected = spec.lora_dims(m)[::-1]
                 if tuple(w.shape) != expected:
                     raise ValueError(f"{n}: shape {tuple(w.shape)}, expected {expected}")
-            gguf_parts = [codes.int4(i, m) for m in group] if codes is not None else None
-            if gguf_parts is not None and all(p is not None for p in gguf_parts):
-                proj = Int4Linear.from_codes(*(torch.cat(xs) for xs in zip(*gguf_parts)))
+            if codes is not None and quantize in GGUF_MODES:
+                blocks = [codes.blocks(n) for n in names]
+                proj = int4_projection(parts, blocks) if quantize == "int4" else exact_projection(
+                    parts, blocks, [codes.kind(n) for n in names], dtype)
             else:
                 proj = make_projection(quantize, torch.cat(parts), dtype)
             setattr(layer, attr, proj.to(device))
@@ -72,25 +80,49 @@ def load_model(spec: ModelSpec, model_dir: Path, *, dtype: torch.dtype, quantize
     model.norm.weight = take("norm.weight").to(device, dtype)
     embed = take("embed_tokens.weight")
     model.embed_tokens = embed.to(device, dtype)
-    head = embed if spec.tie_word_embeddings else take("lm_head.weight")
+    head_name = "embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
+    head = embed if spec.tie_word_embeddings else take(head_name)
+    head_blocks = codes.blocks(head_name) if codes is not None and quantize in GGUF_MODES else None
     model.lm_head = _lm_head(head, model.embed_tokens if spec.tie_word_embeddings else None, quantize, dtype,
-                             codes).to(device)
+                             head_blocks).to(device)
     if tensors:
         raise ValueError(f"unexpected weights in {model_dir}: {sorted(tensors)[:5]}")
     return model.eval()
 
 
 def _lm_head(weight: torch.Tensor, tied: torch.Tensor | None, quantize: str, dtype: torch.dtype,
-             codes: GGUFWeights | None) -> nn.Module:
+             blocks: Int4Blocks | Int8Blocks | None) -> nn.Module:
     """The output projection. Quantizing it to 4 bits would cost real fidelity (it decides the token),
-    so int4 mode holds it as int8 in groups of 32 (the GGUF's own Q8_0 when tied to its embedding),
-    read by the int4 kernel as two parts; large batches use the dense (tied) weight. The bitsandbytes
-    modes leave it dense, as transformers' BitsAndBytesConfig does."""
-    if quantize != "int4":
+    so the int4 / gguf modes hold it as int8 in groups of 32 (a GGUF's own blocks when a group-32
+    form holds them: Q8_0, Q5_K; 4-bit ones as they are), read by the int4 kernel in two parts.
+    Large batches use the dense (tied) weight, which with the native kernel is kept only where it
+    costs nothing (the bf16 embedding itself) and the CPU has bf16 hardware to make it faster. The
+    bitsandbytes modes leave it dense, as transformers' BitsAndBytesConfig does."""
+    if quantize not in GGUF_MODES:
         return DenseLinear(tied if tied is not None else weight.to(dtype))
-    q8 = codes.token_embedding_q8() if codes is not None and tied is not None else None
-    q, d = q8 if q8 is not None else quantize_int8_groups(weight)
-    head = int8_groups_as_int4_parts(q, d)
-    head.dense = tied.to(torch.bfloat16) if tied is not None else weight.to(torch.bfloat16)
+    dense = tied.to(torch.bfloat16) if tied is not None else weight.to(torch.bfloat16)
+    if blocks is None:
+        head = int8_groups_as_int4_parts(*quantize_int8_groups(weight))
+    else:
+        head = int4_parts([weight], [blocks], dense)
+    head.dense = dense if not head.native or (dense is tied and bf16_matmul_in_hardware()) else None
     return head
 
+
+class _GGUFTensors:
+    """HF name -> float32 weight, dequantized from the GGUF as the loader takes it (dict's pop / bool)."""
+
+    def __init__(self, codes: GGUFWeights) -> None:
+        self._codes, self._left = codes, set(codes.names())
+
+    def pop(self, name: str) -> torch.Tensor:
+        if name not in self._left:
+            raise KeyError(name)
+        self._left.discard(name)
+        return self._codes.dequantized(name)
+
+    def __bool__(self) -> bool:
+        return bool(self._left)
+
+    def __iter__(self):
+        return iter(self._left)
