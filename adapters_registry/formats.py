@@ -11,6 +11,7 @@ from loramux.engine.models.spec import ModelSpec
 
 from .adapter_files import check_folder, read_config, read_header
 from .errors import BAD_REQUEST, AdapterError
+from .lora_gain import check_gain
 from .peft_lora import LoraManifest, LoraWeights, inspect_lora, load_lora
 from .peft_prefix import PrefixManifest, PrefixWeights, inspect_prefix, load_prefix
 
@@ -53,9 +54,12 @@ def inspect_adapter(folder: Path, spec: ModelSpec, *, max_rank: int, max_virtual
 
 def load_adapter(folder: Path, manifest: Manifest, spec: ModelSpec, *, dtype: torch.dtype,
                  device: torch.device, label: str | None = None) -> Weights:
-    """Read the weights of an inspected adapter; LoRA stays on the host, a prefix goes to `device`."""
+    """Read the weights of an inspected adapter; LoRA stays on the host, a prefix goes to `device`.
+    A LoRA whose update could overflow `dtype` is refused (adapters_registry.lora_gain)."""
     with _about(label or str(folder)):
         _, weights_path = check_folder(folder)
         if isinstance(manifest, LoraManifest):
-            return load_lora(weights_path, manifest)
+            weights = load_lora(weights_path, manifest)
+            check_gain(weights, dtype)
+            return weights
         return load_prefix(weights_path, manifest, spec, dtype=dtype, device=device)

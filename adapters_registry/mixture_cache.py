@@ -66,7 +66,11 @@ class MixtureCache:
             try:
                 label = f"mixture {mix_id}"
                 manifest = reg._inspect(folder, label)  # serve what we wrote, checked like any adapter
-                weights = load_adapter(folder, manifest, reg.spec, dtype=reg.dtype, device=reg.device, label=label)
+                try:
+                    weights = load_adapter(folder, manifest, reg.spec, dtype=reg.dtype, device=reg.device, label=label)
+                except AdapterError as e:   # e.g. the merged update can overflow: the recipe is at fault
+                    e.param = "adapters"
+                    raise
                 with reg._lock:
                     if any(reg._live.get(s.adapter_id) is not s for s in sources):
                         raise AdapterError(CONFLICT, "a source adapter was removed or replaced during the merge; "

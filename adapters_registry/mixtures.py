@@ -26,6 +26,13 @@ from .peft_lora import LoraWeights, weight_key
 from .peft_targets import module_key
 
 MAX_SOURCES = 16
+# Largest |weight| of a mixture source: peft's add_weighted_adapter multiplies the adapter's update by
+# it (linear: A and B by sqrt each). Weights used in practice lie within +-2; beyond 100 an adapter's
+# update is scaled past anything it was trained for, and at 1e74 its K/V overflow (issue #28).
+MAX_WEIGHT = 100.0
+# Smallest density: DARE rescales the entries it keeps by 1 / density (1e-300 would overflow them); DARE
+# keeps 1% and more in its paper, 0.1% here scales by at most 1000.
+MIN_DENSITY = 1e-3
 RECIPE_VERSION = 1  # bump when the merge semantics change, so cached ids change with them
 DEFAULT_SEED = 0    # DARE without merge_seed / seed
 
@@ -47,12 +54,15 @@ class MixtureRecipe:
                seed: int | None = None, majority_sign_method: str = "total") -> MixtureRecipe:
         """Validate and canonicalize; AdapterError(400) names what is wrong."""
         pairs = []
-        for item in adapters:
+        for i, item in enumerate(adapters):
             aid, weight = item
             if not isinstance(aid, str) or not aid:
                 raise _bad("each mixture entry needs an adapter `id`")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise _bad(f"weight of adapter {aid[:80]!r} must be a finite number, got {weight!r}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                    or abs(weight) > MAX_WEIGHT:
+                raise AdapterError(BAD_REQUEST, f"weight of adapter {aid[:80]!r} must be a number in "
+                                                f"[-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {weight!r}",
+                                   param=f"adapters.{i}.weight")
             pairs.append((aid, float(weight)))
         if not 1 <= len(pairs) <= MAX_SOURCES:
             raise _bad(f"a mixture takes 1 to {MAX_SOURCES} adapters, got {len(pairs)}")
@@ -66,8 +76,10 @@ class MixtureRecipe:
         if len(pairs) == 1:
             method = "linear"  # peft merges a single adapter linearly whatever the method
         if method in NEEDS_DENSITY:
-            if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-                raise AdapterError(BAD_REQUEST, f"merge {method!r} needs `density` in (0, 1], got {density!r}",
+            if isinstance(density, bool) or not isinstance(density, (int, float)) \
+                    or not MIN_DENSITY <= density <= 1:
+                raise AdapterError(BAD_REQUEST, f"merge {method!r} needs `density` in [{MIN_DENSITY:g}, 1], "
+                                                f"got {density!r}",
                                    param="density")
             density = float(density)
         else:

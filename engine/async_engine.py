@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -64,6 +65,9 @@ class AsyncEngine:
         self._aborts: list[str] = []
         self._streams: dict[str, _Request] = {}     # engine thread only
         self._stopping = False
+        self._drain_deadline: float | None = None   # time.monotonic() past which in-flight requests fail
+        self._drain_seconds = 0.0
+        self._closed = False              # the step loop has ended: nothing enters any more (under _lock)
         self.error: BaseException | None = None
         self._looping = False             # `start` or `run` has been called
         self._stopped = threading.Event()
@@ -80,10 +84,19 @@ class AsyncEngine:
         claim_intra_op_threads()
         self._run()
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop taking requests and wait (up to `timeout`) for the ones in flight to finish."""
+    def begin_shutdown(self, drain: float | None = None) -> None:
+        """Stop taking requests; the ones in flight get `drain` seconds (None: as long as they need)
+        to finish, then each ends with an error (EngineDeadError). Only sets flags: safe from a
+        signal handler on the engine's own thread."""
+        if not self._stopping and drain is not None:
+            self._drain_seconds = drain
+            self._drain_deadline = time.monotonic() + drain
         self._stopping = True
         self._wakeup.set()
+
+    def shutdown(self, timeout: float = 30.0, drain: float | None = None) -> None:
+        """Stop taking requests and wait (up to `timeout`) for the ones in flight to finish."""
+        self.begin_shutdown(drain)
         if self._looping:
             self._stopped.wait(timeout)
 
@@ -111,6 +124,8 @@ class AsyncEngine:
         req = _Request(request_id, prompt_token_ids, params, adapter_id, n, asyncio.Queue(),
                        asyncio.get_running_loop())
         with self._lock:
+            if self._closed:              # the step loop ended after check_accepting: nobody would answer
+                raise EngineDeadError("the server is shutting down")
             self._new.append(req)
         self._wakeup.set()
         remaining = n
@@ -151,7 +166,7 @@ class AsyncEngine:
             except Exception as exc:  # one bad request must not stop the engine for everyone
                 log.exception("request %s refused by the engine", req.request_id)
                 self.engine.abort(req.request_id)      # any choices already queued
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, exc)
+                _post(req, exc)
                 continue
             self._streams[req.request_id] = req
         for request_id in aborts:
@@ -167,14 +182,32 @@ class AsyncEngine:
             self.engine.abort(request_id)
             req = self._streams.pop(request_id, None)
             if req is not None:
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, RequestFailedError(
-                    f"the engine failed while running this request: {exc!r}"))
+                _post(req, RequestFailedError(f"the engine failed while running this request: {exc!r}"))
+
+    def _past_drain(self) -> None:
+        """Shutting down and the drain is over: end every request still in flight with an error."""
+        exc = EngineDeadError(f"the server is shutting down: this request did not finish within the "
+                              f"{self._drain_seconds:g} s drain")
+        for request_id, req in list(self._streams.items()):
+            self.engine.abort(request_id)
+            _post(req, exc)
+        self._streams.clear()
+
+    def _close(self) -> None:
+        """The step loop is over: refuse what is still in the inbox, and anything sent from now on."""
+        with self._lock:
+            self._closed = True
+            new, self._new = self._new, []
+        for req in new:
+            _post(req, EngineDeadError("the server is shutting down"))
 
     def _run(self) -> None:
         failures = 0
         try:
-            while not self._stopping or self.engine.has_work:
+            while not self._stopping or self.engine.has_work or self._new:
                 self._drain_inbox()
+                if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                    self._past_drain()
                 if not self.engine.has_work:
                     self._wakeup.wait(0.5)
                     self._wakeup.clear()
@@ -203,7 +236,10 @@ class AsyncEngine:
                         if out.finished:
                             done.add(out.request_id)
                 for loop, items in by_loop.items():     # one wake-up of the event loop per step
-                    loop.call_soon_threadsafe(_deliver, items)
+                    try:
+                        loop.call_soon_threadsafe(_deliver, items)
+                    except RuntimeError:                  # its event loop is closed: nobody listens
+                        pass
                 for request_id in done:
                     if not self.engine.scheduler.find(request_id):   # all n choices finished
                         self._streams.pop(request_id, None)
@@ -211,9 +247,18 @@ class AsyncEngine:
             log.exception("engine loop died")
             self.error = exc
             for req in self._streams.values():
-                req.loop.call_soon_threadsafe(req.queue.put_nowait, EngineDeadError(f"engine failed: {exc!r}"))
+                _post(req, EngineDeadError(f"engine failed: {exc!r}"))
         finally:
+            self._close()
             self._stopped.set()
+
+
+def _post(req: _Request, exc: BaseException) -> None:
+    """Hand `exc` to a request's waiter, unless its event loop is already closed (nobody listens)."""
+    try:
+        req.loop.call_soon_threadsafe(req.queue.put_nowait, exc)
+    except RuntimeError:
+        pass
 
 
 def _deliver(items: list[tuple[asyncio.Queue, StepOutput]]) -> None:

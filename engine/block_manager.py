@@ -89,6 +89,16 @@ class BlockManager:
                     self.free_blocks.append(block)
         self._step_cached.clear()
 
+    def forget_blocks(self, blocks: set[int]) -> set[int]:
+        """Unregister the blocks among `blocks` this step registered (their KV was refused: not
+        finite); returns them."""
+        forgotten = {b for b in self._step_cached if b in blocks}
+        for block in forgotten:
+            if self.cache is not None and block in self.cache.key_of:
+                self.cache.remove(block)
+        self._step_cached = [b for b in self._step_cached if b not in forgotten]
+        return forgotten
+
     # -- allocation --------------------------------------------------------------------------------
 
     def can_allocate(self, seq: Sequence) -> bool:

@@ -51,6 +51,7 @@ class EngineConfig:
     max_queue: int = 1024               # waiting requests before 503
     enable_prefix_caching: bool = True  # reuse the KV of full blocks a request shares with an earlier one
     quantize: str = "auto"              # resident base projections: engine.quantize.MODES
+    batch_invariant: bool = False       # a request's output independent of its batch mates (engine.batch_invariant)
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from loramux.engine.attention import KVCache
+from loramux.engine.batch_invariant import make_batch_invariant
 from loramux.engine.block_manager import BlockManager
 from loramux.engine.config import EngineConfig
 from loramux.engine.detokenizer import Detokenizer
@@ -16,7 +17,7 @@ from loramux.engine.gguf_weights import projection_kinds
 from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.model_runner import ModelRunner
 from loramux.engine.model_source import gguf_source
-from loramux.engine.models.llama import LlamaModel
+from loramux.engine.models.llama import PROJECTIONS, LlamaModel
 from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import GGUF_MODES, resident_bytes, resolve_mode
@@ -75,7 +76,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    max_prefill_tokens=config.max_prefill_tokens, adapters=adapters)
-        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks)
+        self.runner = ModelRunner(self.model, self.kv, self.blocks, self.device, lora_stacks,
+                                  batch_invariant=config.batch_invariant)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_ids = self._eos_ids()
         self.sampler = Sampler(self.spec.vocab_size, self.eos_token_ids)
@@ -89,6 +91,8 @@ class LLMEngine:
                                      gguf_kinds=(lambda: projection_kinds(gguf)) if gguf is not None else None)
         model = load_model(self.spec, self.config.model_dir, dtype=self.dtype, quantize=self.quantize,
                            max_positions=self.max_model_len, device=self.device, gguf=gguf)
+        if self.config.batch_invariant:
+            make_batch_invariant(model, PROJECTIONS)
         log.info("loaded %s (%s, quantize=%s%s) in %.1fs", self.config.model_dir, self.config.dtype, self.quantize,
                  f" from {gguf.name}'s own blocks" if self.quantize in GGUF_MODES and gguf else "",
                  time.perf_counter() - t0)
@@ -170,12 +174,35 @@ class LLMEngine:
         except BaseException:
             self.blocks.forget_step()        # what this step registered in the prefix cache was never written
             raise
+        if self.runner.nonfinite:
+            logits, seqs, failed = self._fail_nonfinite(batch, logits, seqs, failed)
         for seq, prompt_logits in self.runner.prompt_logits:     # prompt_logprobs: this step's prefill spans
-            score_prompt(seq, prompt_logits)
+            if not seq.is_finished:
+                score_prompt(seq, prompt_logits)
         if not seqs:                         # only chunks of prompts still being prefilled
             return failed
         tokens, lps = self.sampler(logits, seqs)
         return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
+
+    def _fail_nonfinite(self, batch: ScheduledBatch, logits: torch.Tensor, seqs: list[Sequence],
+                        failed: list[StepOutput]) -> tuple[torch.Tensor, list[Sequence], list[StepOutput]]:
+        """Fail the sequences whose K/V overflowed this step (none of it reached the cache), and any
+        sequence of the step that shares a block they registered in the prefix cache (same adapter
+        and tokens: it read the dropped rows). The others' logits and outputs are untouched."""
+        bad = {s.seq_id for s in self.runner.nonfinite}
+        blocks = {b for s in batch.sequences if s.seq_id in bad for b in s.block_table}
+        shared = self.blocks.forget_blocks(blocks)
+        bad |= {s.seq_id for s in batch.sequences if shared.intersection(s.block_table)}
+        for seq in batch.sequences:
+            if seq.seq_id in bad:
+                self.scheduler.finish(seq, "error")
+                seq.error = ("the model's activations for this request overflowed (NaN or Inf in its keys and "
+                             "values); it was stopped, and nothing of it was cached")
+                seq.error_status = 500
+                log.warning("request %s: non-finite K/V, failed", seq.request_id)
+                failed.append(self._failure(seq))
+        keep = [i for i, s in enumerate(seqs) if s.seq_id not in bad]
+        return logits[keep], [seqs[i] for i in keep], failed
 
     def _failure(self, seq: Sequence) -> StepOutput:
         return StepOutput(seq.request_id, seq.index, -1, "", None, True, "error", len(seq.prompt_token_ids), 0,

@@ -32,9 +32,10 @@ class LoraStep:
 
     @classmethod
     def build(cls, token_slots: list[int], slots: LoraSlots | None, spec: ModelSpec, device: torch.device,
-              decode: bool) -> LoraStep | None:
+              decode: bool, per_token: bool = False) -> LoraStep | None:
         """The plan for a step whose tokens use `token_slots` (-1: the bare base model); None when no
-        token uses an adapter."""
+        token uses an adapter. `per_token` (batch-invariant mode, CPU): the embedding bags even when
+        every token has the same adapter, so a token's LoRA is computed alike in any batch."""
         used = {s for s in token_slots if s >= 0}
         if not used:
             return None
@@ -45,6 +46,8 @@ class LoraStep:
         expands = tuple(tuple((m, i, off) for i, (m, off) in enumerate(zip(group, spec.group_offsets(group)))
                               if m in modules) for group in SHRINK_GROUPS)
         strategy = kernels.pick_strategy(mapping, slots.shrink_A(0, SHRINK_GROUPS[0], rank))
+        if per_token and strategy == "single" and device.type == "cpu":
+            strategy = "bagged"                      # the registry's slots are laid out for the bags
         dora_groups = frozenset().union(*(slots.dora.slot_groups[s] for s in used))
         dora = tuple(g in dora_groups for g in range(len(SHRINK_GROUPS)))
         return cls(slots, mapping, rank, strategy, expands, dora)

@@ -18,11 +18,15 @@ from loramux.engine.sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, blocks: BlockManager, device: torch.device,
-                 lora_stacks: LoraSlots | None = None) -> None:
+                 lora_stacks: LoraSlots | None = None, batch_invariant: bool = False) -> None:
         self.model = model
+        self.batch_invariant = batch_invariant
         # Set by each run: (sequence, logits [n, vocab]) of the prompt positions it scored (prompt_logprobs).
         self.prompt_logits: list[tuple[Sequence, torch.Tensor]] = []
         self._prompt_spans: list[tuple[Sequence, int]] = []
+        # Set by each run: the sequences whose new K/V was not finite (none of it was written).
+        self.nonfinite: list[Sequence] = []
+        self._row_owners: list[tuple[int, int, Sequence]] = []   # (first row, end row, sequence) of a step
         self.kv = kv
         self.blocks = blocks
         self.device = device
@@ -35,6 +39,17 @@ class ModelRunner:
         """Cache rows of logical positions start..end-1 of `seq`."""
         bs, table = self.blocks.block_size, seq.block_table
         return [table[i // bs] * bs + i % bs for i in range(start, end)]
+
+    def _stale_rows(self, seq: Sequence, first: int, end: int) -> list[int]:
+        """Rows past `end` in the block of position end - 1, when this step writes that block's first
+        row (positions first..end-1): whatever an earlier owner left there is cleared, so a masked
+        row of a decode gather always holds zeros (engine.attention's docstring)."""
+        bs = self.blocks.block_size
+        b = (end - 1) // bs
+        if first > b * bs or end % bs == 0:
+            return []
+        base = seq.block_table[b] * bs
+        return list(range(base + end % bs, base + bs))
 
     def _write_prefix(self, seq: Sequence) -> None:
         """Put a prefix-tuning adapter's virtual-token KV (computed once, at registration) in the cache,
@@ -56,12 +71,17 @@ class ModelRunner:
         chunks: list[tuple[int, int, int, int, Sequence]] = []    # (first row, end row, start, end, seq)
         logit_rows: list[int] = []
         prompt_rows: list[int] = []
+        stale: list[int] = []
         self._prompt_spans = []
+        self._row_owners = []
         for seq, end in zip(batch.prefills, batch.chunk_ends):
+            first = seq.num_computed_tokens
             if seq.num_computed_tokens < seq.num_prefix_tokens:
                 self._write_prefix(seq)
             start = seq.num_computed_tokens
+            stale += self._stale_rows(seq, first, end)
             row = len(ids)
+            self._row_owners.append((row, row + end - start, seq))
             ids.extend(seq.token_at(i) for i in range(start, end))
             positions.extend(range(start, end))
             slot_mapping.extend(self._rows(seq, start, end))
@@ -76,15 +96,21 @@ class ModelRunner:
         decode_start = len(ids)
         for seq in batch.decodes:
             n = seq.num_tokens
+            stale += self._stale_rows(seq, n - 1, n)
+            self._row_owners.append((len(ids), len(ids) + 1, seq))
             ids.append(seq.token_at(n - 1))
             positions.append(n - 1)
             slot_mapping.extend(self._rows(seq, n - 1, n))
             token_slots.append(seq.lora_slot)
             logit_rows.append(len(ids) - 1)
         slots = torch.tensor(slot_mapping, device=dev)
-        attn = self._metadata(slots, chunks, decode_start, batch.decodes, None)
-        windowed = {w: self._metadata(slots, chunks, decode_start, batch.decodes, w) for w in self.windows}
-        lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills)
+        clear = torch.tensor(stale, device=dev) if stale else None
+        nonfinite: set[int] = set()                # shared by every metadata set: any layer's finding counts
+        attn = self._metadata(slots, chunks, decode_start, batch.decodes, None, clear, nonfinite)
+        windowed = {w: self._metadata(slots, chunks, decode_start, batch.decodes, w, clear, nonfinite)
+                    for w in self.windows}
+        lora = LoraStep.build(token_slots, self.lora_stacks, self.model.spec, dev, decode=not batch.prefills,
+                              per_token=self.batch_invariant)
         ctx = ForwardContext(positions=torch.tensor(positions, device=dev), attn=attn, kv=self.kv, lora=lora,
                              windowed=windowed)
         logit_rows += prompt_rows                    # after every sampled sequence's row
@@ -93,7 +119,8 @@ class ModelRunner:
         return torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows
 
     def _metadata(self, slot_mapping: torch.Tensor, chunks: list[tuple[int, int, int, int, Sequence]],
-                  decode_start: int, decodes: list[Sequence], window: int | None) -> AttentionMetadata:
+                  decode_start: int, decodes: list[Sequence], window: int | None, clear_rows: torch.Tensor | None,
+                  nonfinite: set[int]) -> AttentionMetadata:
         """The step's attention metadata for full causal attention (window None) or for layers that
         see only the last `window` positions (transformers' sliding window: key j is visible from
         query i when i - window < j <= i). Every key stays in the cache; the window is a mask, exact."""
@@ -109,7 +136,8 @@ class ModelRunner:
             if window is not None:
                 mask &= k_pos > q_pos - window
             spans.append(PrefillSpan(row, row_end, torch.tensor(self._rows(seq, 0, end), device=dev), mask))
-        attn = AttentionMetadata(slot_mapping, spans, decode_start, None, None)
+        attn = AttentionMetadata(slot_mapping, spans, decode_start, None, None, clear_rows=clear_rows,
+                                 nonfinite_rows=nonfinite, batch_invariant=self.batch_invariant, window=window)
         if decodes:
             self._decode_metadata(decodes, attn, window)
         return attn
@@ -121,7 +149,8 @@ class ModelRunner:
         bs = self.blocks.block_size
         lens = [s.num_tokens for s in seqs]
         width = -(-max(lens) // bs)
-        blocks = [b for s in seqs for b in s.block_table[:width] + [0] * (width - len(s.block_table[:width]))]
+        null = self.kv.null_block          # all zeros, never written: padding adds exact zeros
+        blocks = [b for s in seqs for b in s.block_table[:width] + [null] * (width - len(s.block_table[:width]))]
         k_pos, n = torch.arange(width * bs).unsqueeze(0), torch.tensor(lens).unsqueeze(1)
         pad = k_pos >= n                                                                      # (B, width * bs)
         if window is not None:
@@ -138,6 +167,8 @@ class ModelRunner:
         scored for prompt_logprobs are left in `self.prompt_logits`."""
         input_ids, ctx, logit_rows = self.prepare(batch)
         logits = self.model(input_ids, ctx, logit_rows)
+        bad = ctx.attn.nonfinite_rows
+        self.nonfinite = [seq for start, end, seq in self._row_owners if bad and any(start <= r < end for r in bad)]
         for seq, end in zip(batch.prefills, batch.chunk_ends):
             seq.num_computed_tokens = end
         for seq in batch.decodes:

@@ -38,6 +38,7 @@ class ServeConfig(EngineConfig):
     request_timeout: float | None = None  # seconds per request, arrival to last token; None: no limit
     max_upload_bytes: int = RegistryConfig.max_upload_bytes  # one adapter upload, both files together
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES   # any other request body
+    drain_timeout: float = 30.0          # on SIGTERM: seconds in-flight requests get to finish, then an error
 
     def __post_init__(self) -> None:
         if self.model_dir is not None:
@@ -48,6 +49,8 @@ class ServeConfig(EngineConfig):
             raise ValueError("the admin key is empty: give a real key or none")
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ValueError("request_timeout must be a positive number of seconds")
+        if not self.drain_timeout >= 0:
+            raise ValueError("drain_timeout must be a number of seconds >= 0")
         if self.max_upload_bytes < 1 or self.max_request_bytes < 1:
             raise ValueError("max_upload_bytes and max_request_bytes must be positive")
 

@@ -63,6 +63,8 @@ def add_serve_parser(sub) -> None:
     setting("--max-queue", "waiting requests before 503 + Retry-After", type=int)
     p.add_argument("--request-timeout", type=float, default=defaults["request_timeout"], metavar="SECONDS",
                    help="abort a request this long after it arrived and answer 408 (streams: an error event)")
+    setting("--drain-timeout", "on SIGTERM or SIGINT: seconds the requests in flight get to finish; then each ends "
+            "with an error (a stream: an error event, then its end) and the process exits 0", type=float)
     setting("--max-upload-mb", "bound on one adapter upload (413 beyond)", type=float,
             default=defaults["max_upload_bytes"] / (1 << 20))
     setting("--max-request-mb", "bound on any other request body, chunked or not (413 beyond)", type=float,
@@ -72,6 +74,9 @@ def add_serve_parser(sub) -> None:
             "none; auto = for a GGUF model in bfloat16 on the CPU, each projection in the int4 kernel's form holding the "
             "file's blocks, else none (adapters stay in the engine dtype)",
             choices=list(QUANTIZE_MODES))
+    setting("--batch-invariant", "a request's output does not depend on what else is batched with it (per-row "
+            "arithmetic: engine/batch_invariant.py; its cost: benchmarks/bench_batch_invariant.py); quantize int4 or "
+            "none", action=argparse.BooleanOptionalAction)
     # The Ray flags are left out unless given, so RayConfig's defaults apply (server/ray_config.py needs no
     # `ray`; shown in --help from there).
     ray_defaults = {f.name: f.default for f in fields(RayConfig)}
@@ -106,7 +111,8 @@ def serve(args: argparse.Namespace) -> int:
                       max_queue=args.max_queue, host=args.host,
                       quantize=args.quantize, request_timeout=args.request_timeout,
                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
-                      max_request_bytes=int(args.max_request_mb * (1 << 20)))
+                      max_request_bytes=int(args.max_request_mb * (1 << 20)), drain_timeout=args.drain_timeout,
+                      batch_invariant=args.batch_invariant)
     if args.ray:
         from loramux.server.ray_app import run
         from loramux.server.ray_config import RayConfig
@@ -118,14 +124,19 @@ def serve(args: argparse.Namespace) -> int:
         logging.getLogger("loramux.server").error("%s", e)
         return 2
     # The engine's steps run on this, the main thread (OpenMP is 2-3x faster there: engine/async_engine.py),
-    # the HTTP server on another. On SIGTERM or SIGINT (delivered here) uvicorn stops accepting, lets
-    # in-flight responses finish (up to the graceful timeout) and runs the lifespan shutdown, which
-    # waits for the engine to drain; then `run` returns and the process exits 0.
+    # the HTTP server on another. On SIGTERM or SIGINT (delivered here) the engine stops taking requests
+    # and gives the ones in flight --drain-timeout seconds, then ends each with an error; uvicorn stops
+    # accepting and waits for the responses, which by then have all ended (its own grace period is
+    # longer than the drain, so it never cuts one off mid-body); `run` returns and the process exits 0.
     server = uvicorn.Server(uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=60))
+                                           timeout_graceful_shutdown=cfg.drain_timeout + 30))
+
+    def stop(sig: int, frame) -> None:
+        state.engine.begin_shutdown(cfg.drain_timeout)
+        server.handle_exit(sig, frame)
     http = threading.Thread(target=server.run, name="loramux-http")
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, server.handle_exit)
+        signal.signal(sig, stop)
     http.start()
     while not server.started:          # e.g. the port is taken: uvicorn logs why and its thread ends
         if not http.is_alive():
