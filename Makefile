@@ -45,7 +45,7 @@ serve: setup
 # Passive OpenMP waiting: the suite runs a server process beside pytest on 2 cores, and spinning
 # threads of one process starve the other's (measured: a 0.5 ms matmul taking 500 ms).
 test: setup
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --durations=30 tests
 
 lint: setup
 	$(BIN)/python -m ruff check .

@@ -54,12 +54,12 @@ def _load() -> ModuleType | None:
                     platform.machine())
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils import cpp_extension
 
         _put_ninja_on_path()
         directory = build_dir()
         directory.mkdir(parents=True, exist_ok=True)
-        module = load(name="loramux_quant_matmul", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        module = cpp_extension.load(name="loramux_quant_matmul", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                       build_directory=str(directory), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: serve with ATen's kernels
         log.warning("native int4/int8 kernel could not be built (%s: %s); ATen's kernels serve the "

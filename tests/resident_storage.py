@@ -11,6 +11,14 @@ def int4_part_bytes(n: int, k: int) -> int:
     return n * k // 2 + 2 * 2 * n * k // 32
 
 
+def nf4_absmax_bytes() -> int:
+    """bitsandbytes keeps nf4's absmax in float32, and converts it to bf16 when it repacks the weight for
+    its AVX512-BF16 CPU kernel, which it does only on CPUs that have that extension."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return 2 if has_avx512bf16() else 4
+
+
 def expected_weight_bytes(spec: ModelSpec, mode: str, dtype_bytes: int = 4) -> tuple[int, int]:
     """Embeddings, lm_head (once if tied) and norms in the engine dtype + the four fused projections
     per layer as `mode` stores them. -> (bytes, number of projections).
@@ -24,11 +32,12 @@ def expected_weight_bytes(spec: ModelSpec, mode: str, dtype_bytes: int = 4) -> t
         spec.num_kv_heads * spec.head_dim
     fused = [(q + 2 * kv, d), (d, q), (2 * ff, d), (d, ff)]                               # (out, in)
     dense_copy = 0 if native_available() else 2
+    absmax = nf4_absmax_bytes() if mode == "bnb-nf4" else 0
     per_weight = {"none": lambda n, k: dtype_bytes * n * k,
                   "int4": lambda n, k: int4_part_bytes(n, k) + dense_copy * n * k,        # + bf16 dense copy
                   "int8": lambda n, k: n * k + 2 * n,                                     # int8 + bf16 row scales
                   "bnb-int8": lambda n, k: n * k + 4 * n,
-                  "bnb-nf4": lambda n, k: n * k // 2 + 2 * n * k // 64}[mode]             # 2 per byte + bf16 absmax/64
+                  "bnb-nf4": lambda n, k: n * k // 2 + absmax * n * k // 64}[mode]        # 2 per byte + absmax/64
     embed = dtype_bytes * spec.vocab_size * d
     if mode == "int4":
         shares_embedding = spec.tie_word_embeddings and dtype_bytes == 2
