@@ -51,6 +51,15 @@ class Int8Blocks:
         return -128 * self.scale if self.offset is None else self.offset
 
 
+def split_rows(b: Int4Blocks | Int8Blocks | None, sizes: list[int]) -> list[Int4Blocks | Int8Blocks | None]:
+    """The blocks of a fused tensor (Phi-3's attn_qkv, gate|up ffn_up) as its parts' blocks: rows hold
+    whole groups, so a split by rows keeps every part's codes and scales as stored."""
+    if b is None:
+        return [None] * len(sizes)
+    fields = [a if a is None else a.split(sizes) for a in vars(b).values()]
+    return [type(b)(*(a if a is None else a[j] for a in fields)) for j in range(len(sizes))]
+
+
 def _f16(b: np.ndarray) -> np.ndarray:
     """(..., 2) uint8 little-endian fp16 fields -> (...) float32."""
     return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)

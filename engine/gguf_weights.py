@@ -2,8 +2,9 @@
 weights transformers loads from the same file) or as their stored blocks (engine.gguf_blocks), for
 the resident forms that hold them exactly (engine.gguf_forms).
 
-llama.cpp stores Llama's q/k rows permuted for its rotary layout; transformers undoes it on
-loading (``_reverse_permute_weights``), and so do we, on codes and scales alike.
+What llama.cpp's converter changed is undone as transformers' loader undoes it (engine.gguf_arch):
+Llama's q/k rows permuted for its rotary layout (``_reverse_permute_weights``; we un-permute codes
+and scales alike), Gemma 3's norms stored as 1 + w (1 subtracted in float32, as transformers does).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loramux.engine.gguf_arch import ARCHS, NOT_YET, GGUFArch
+from loramux.engine.gguf_arch import ARCHS, LLAMA3_ROPE_TENSOR, NOT_YET, ROPE_TENSORS, GGUFArch
 from loramux.engine.gguf_blocks import (
     INT4_KINDS,
     INT8_KINDS,
@@ -49,6 +50,13 @@ def file_architecture(reader) -> str:
     return bytes(field.parts[field.data[0]]).decode() if field is not None else "?"
 
 
+def arch_metadata(reader) -> dict[str, object]:
+    """The file's `{architecture}.*` scalar metadata, keys without the prefix (engine.gguf_arch.config_disagreement)."""
+    prefix = file_architecture(reader) + "."
+    return {key.removeprefix(prefix): f.contents() for key, f in reader.fields.items()
+            if key.startswith(prefix) and len(f.data) == 1}
+
+
 def check_supported(reader, path: Path) -> tuple[GGUFArch, dict[str, str]]:
     """The file's architecture row and HF name -> GGUF name map, or GGUFUnsupported naming the first
     thing we do not serve exactly (an architecture, a rope scaling, a tensor type or name)."""
@@ -59,14 +67,18 @@ def check_supported(reader, path: Path) -> tuple[GGUFArch, dict[str, str]]:
                               f"loramux serves GGUF architectures {', '.join(ARCHS)}")
     scaling = reader.fields.get(f"{arch}.rope.scaling.type")
     scaling = bytes(scaling.parts[scaling.data[0]]).decode() if scaling is not None else "none"
-    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise GGUFUnsupported(f"{path.name}: rope scaling ({scaling if scaling != 'none' else 'rope_freqs'}, "
-                              "e.g. Llama 3.x's) in a GGUF file is not supported yet")
+    table = next((t.name for t in reader.tensors if t.name in ROPE_TENSORS), None)
+    if table == LLAMA3_ROPE_TENSOR and arch == "llama":      # read back as llama3 rope (engine.model_source)
+        table = None
+    if scaling != "none" or table is not None:
+        raise GGUFUnsupported(f"{path.name}: rope scaling ({scaling if scaling != 'none' else table.split('.')[0]}, "
+                              "e.g. Phi-3 128k's, Gemma 3 4B+'s) in a GGUF file is not supported yet: "
+                              "transformers' GGUF reader drops it")
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_KINDS:
             raise GGUFUnsupported(f"{path.name}: GGUF tensor type {t.tensor_type.name} ({t.name}) is not supported; "
                                   f"loramux reads {', '.join(SUPPORTED_KINDS)}")
-    return ARCHS[arch], _hf_names(ARCHS[arch], [t.name for t in reader.tensors], path)
+    return ARCHS[arch], _hf_names(ARCHS[arch], [t.name for t in reader.tensors if t.name != LLAMA3_ROPE_TENSOR], path)
 
 
 def _hf_names(arch: GGUFArch, gguf_names: list[str], path: Path) -> dict[str, str]:
@@ -108,6 +120,8 @@ class GGUFWeights:
 
         t = self._tensors[name]
         w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
+        if self.arch.norm_shift and name.endswith("norm.weight"):     # Gemma: stored 1 + w
+            w = w - self.arch.norm_shift
         return self._unpermute(name, w)
 
     def blocks(self, name: str) -> Int4Blocks | Int8Blocks | None:

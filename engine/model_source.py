@@ -117,10 +117,18 @@ def gguf_source(model_dir: Path) -> Path | None:
 def prepare_gguf(gguf_path: Path) -> Path:
     """A directory for a GGUF file: config.json and the tokenizer from its metadata (as transformers
     reads them), and the marker naming the file; made once per file version, atomically."""
-    from loramux.engine.gguf_weights import GGUFUnsupported, check_supported, open_reader
+    from loramux.engine.gguf_arch import config_disagreement
+    from loramux.engine.gguf_weights import (
+        GGUFUnsupported,
+        arch_metadata,
+        check_supported,
+        file_architecture,
+        open_reader,
+    )
 
     try:
-        check_supported(open_reader(gguf_path), gguf_path)
+        reader = open_reader(gguf_path)
+        check_supported(reader, gguf_path)
     except GGUFUnsupported as e:
         raise ModelSourceError(str(e)) from None
     except (ValueError, OSError) as e:
@@ -134,7 +142,11 @@ def prepare_gguf(gguf_path: Path) -> Path:
 
     kwargs = {"gguf_file": gguf_path.name}
     config = AutoConfig.from_pretrained(gguf_path.parent, **kwargs)
-    config.architectures = [type(config).__name__.removesuffix("Config") + "ForCausalLM"]
+    wrong = config_disagreement(file_architecture(reader), arch_metadata(reader), config) or _read_llama3_rope(reader, config)
+    if wrong is not None:
+        raise ModelSourceError(f"{gguf_path.name}: {wrong}; loramux serves a GGUF file only as its metadata says")
+    config.architectures = [ARCHITECTURES.get(config.model_type,
+                                              type(config).__name__.removesuffix("Config") + "ForCausalLM")]
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".reading-", dir=out.parent))
@@ -148,6 +160,32 @@ def prepare_gguf(gguf_path: Path) -> Path:
         if not (out / GGUF_MARKER).is_file():     # not another process finishing first
             raise
     return out
+
+
+def _read_llama3_rope(reader, config) -> str | None:
+    """Llama 3.x's rope_freqs tensor as the llama3 rope parameters of `config` (transformers' reader
+    drops it, leaving a default rope), checked against llama.cpp's own frequencies; why not, or None."""
+    import numpy as np
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from loramux.engine.gguf_arch import LLAMA3_ROPE_RTOL, LLAMA3_ROPE_TENSOR, llama3_rope_parameters
+
+    tensor = next((t for t in reader.tensors if t.name == LLAMA3_ROPE_TENSOR), None)
+    if tensor is None:
+        return None
+    factors = np.array(tensor.data, dtype=np.float32).reshape(-1)
+    theta = config.rope_parameters["rope_theta"]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    params = llama3_rope_parameters(factors.tolist(), theta, dim)
+    if params is None:
+        return f"its {LLAMA3_ROPE_TENSOR} ({factors.size} factors) is not Llama 3.x's llama3 rope scaling"
+    config.rope_parameters = params
+    served = ROPE_INIT_FUNCTIONS["llama3"](config, None)[0].double()
+    llama_cpp = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).double() / torch.from_numpy(factors).double()
+    if not torch.allclose(served, llama_cpp, rtol=LLAMA3_ROPE_RTOL, atol=0):
+        return f"its {LLAMA3_ROPE_TENSOR} does not match Llama 3.x's llama3 rope scaling within {LLAMA3_ROPE_RTOL}"
+    return None
 
 
 def check_model_dir(path: Path) -> dict:

@@ -43,22 +43,44 @@ ARCHS: dict[str, tuple[str, dict]] = {
                                         query_pre_attn_scalar=32, final_logit_softcapping=30.0,
                                         tie_word_embeddings=True)),
 }
+# The same architectures as llama.cpp's GGUF files can hold them (tests/tiny_gguf.py converts them): only
+# what the file's metadata carries and transformers' GGUF reader reads back (its config class defaults
+# for the rest: Qwen3's head_dim 128, Gemma 3's query_pre_attn_scalar 256 and sliding pattern of 6,
+# Phi-3 without a window or longrope; llama.cpp writes Mistral as "llama", read back as Llama).
+GGUF_ARCHS: dict[str, tuple[str, dict]] = {
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=128, rope_parameters=dict(
+        rope_type="default", rope_theta=1000000.0))),
+    "phi3": ("Phi3Config", dict(tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)),
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=256, query_pre_attn_scalar=256, sliding_window=WINDOW,
+                                        tie_word_embeddings=True, rms_norm_eps=1e-6)),
+    "mistral": ("MistralConfig", dict(sliding_window=None, tie_word_embeddings=False)),
+    # Llama 3.x: its llama3 rope goes into the file as the rope_freqs tensor (two factors in the smooth
+    # band, as real files have more); theta 10000 and a 64-token original context make it bite within
+    # 30-token prompts
+    "llama3": ("LlamaConfig", dict(tie_word_embeddings=False, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
+        original_max_position_embeddings=64))),
+}
 
 
-def hf_config(arch: str, vocab_size: int):
+def hf_config(arch: str, vocab_size: int, table: dict[str, tuple[str, dict]] = ARCHS):
     import transformers
 
-    cls_name, kwargs = ARCHS[arch]
+    cls_name, kwargs = table[arch]
     return getattr(transformers, cls_name)(**{**_SHAPE, **kwargs, "vocab_size": vocab_size})
 
 
-def write_arch_checkpoint(arch: str, out_dir: Path, tokenizer_from: Path, seed: int = 0) -> Path:
-    """Save a random float32 `arch` model with transformers' save_pretrained, plus the tokenizer."""
+def write_arch_checkpoint(arch: str, out_dir: Path, tokenizer_from: Path, seed: int = 0,
+                          table: dict[str, tuple[str, dict]] = ARCHS, vocab_size: int | None = None) -> Path:
+    """Save a random float32 `arch` model (of `table`) with transformers' save_pretrained, plus the
+    tokenizer (`vocab_size`: a model over its first tokens only, for GGUF files that cut it so)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(arch, len(tokenizer)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, vocab_size or len(tokenizer), table), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -7,6 +7,12 @@ b. float32: every weight the engine holds is transformers' weight from the file,
 c. bf16 `auto`: each fused projection in its exact form (engine.gguf_forms), codes as stored; what
    the kernel multiplies by (un-permuted K-quant q/k blocks included) within the stated bounds.
 d. Unsupported architectures and tensor types are refused at start in one line.
+e. qwen2, qwen3, phi3, gemma3 and Mistral (as llama.cpp writes it: "llama"): tiny random HF
+   checkpoints converted as llama.cpp's converter converts them (tests/tiny_gguf.convert_checkpoint),
+   F32 / F16 / Q8_0 / a Q4_0-Q4_1-Q8_0-F16 mix. transformers undoes the conversion back to the
+   source checkpoint (so the helper's permutation and norm shift are the ones its loader undoes); our
+   float32 weights are transformers' from the same file bit for bit, logits within 1e-4 and greedy
+   tokens identical; bf16 `auto` holds every projection's blocks within the stated bounds.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams
 from tests.hf_reference import hf_greedy
-from tests.tiny_gguf import tiny_gguf_files
+from tests.tiny_gguf import ARCH_MIXES, arch_gguf_file, tiny_gguf_files
 
 MIXES = ("q4_k_m", "q5_k_m", "legacy")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
@@ -150,11 +156,13 @@ def _tiny_file(path: Path, arch: str, kind: str, tensor: str = "blk.0.attn_q.wei
 
 
 @pytest.mark.parametrize("arch, kind, tensor, named", [
-    ("qwen2", "Q4_K", "blk.0.attn_q.weight", "'qwen2' is not supported yet"),
+    ("gemma2", "Q4_K", "blk.0.attn_q.weight", "'gemma2' is not supported yet"),
     ("falcon", "Q4_K", "blk.0.attn_q.weight", "'falcon' is not supported"),
     ("llama", "Q3_K", "blk.0.attn_q.weight", "tensor type Q3_K (blk.0.attn_q.weight)"),
     ("llama", "IQ4_XS", "blk.0.attn_q.weight", "tensor type IQ4_XS"),
-    ("llama", "Q4_K", "rope_freqs.weight", "rope scaling (rope_freqs"),        # Llama 3.x: never served wrong
+    ("llama", "Q4_K", "rope_freqs.weight", "rope_freqs.weight (36864 factors) is not Llama 3.x's llama3"),
+    ("phi3", "Q4_K", "rope_factors_long.weight", "rope scaling (rope_factors_long"),    # Phi-3 128k's longrope
+    ("qwen2", "Q4_K", "blk.0.attn_q_norm.weight", "tensor blk.0.attn_q_norm.weight is not one loramux serves"),
     ("llama", "Q4_K", "blk.0.attn_q.bias", "tensor blk.0.attn_q.bias is not one loramux serves"),
 ])
 def test_unsupported_files_are_refused_in_one_line(tmp_path, arch, kind, tensor, named):
@@ -173,3 +181,234 @@ def test_serve_refuses_an_unsupported_file_in_one_line(tmp_path):
     lines = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert len(lines) == 1 and "Q3_K" in lines[0], lines
+
+
+# -- e. the other architectures, converted as llama.cpp converts them ---------------------------------------
+GGUF_ARCHS = ("qwen2", "qwen3", "phi3", "gemma3", "mistral")
+WITH_LLAMA3 = (*GGUF_ARCHS, "llama3")         # Llama 3.x: its rope in rope_freqs, which transformers' reader drops
+# 30-token prompts over the files' 512-token vocabulary: longer than Gemma 3's sliding window (16)
+ARCH_PROMPTS = [list(range(300, 330)), [17 + (7 * i) % 480 for i in range(30)], list(range(511, 481, -1))]
+
+
+def _hf_sd(path: Path) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("model."): v for k, v in _hf(path).state_dict().items()}
+
+
+def _group_names(spec, layer: int, attr: str) -> list[str]:
+    """HF names of the tensors behind fused projection `attr` (Phi-3: its own fused tensor)."""
+    from loramux.engine.models.loader import FUSED
+
+    group = FUSED[attr]
+    parent = "self_attn" if group[0][0] in "qkvo" else "mlp"
+    if spec.fused_checkpoint and len(group) > 1:
+        return [f"layers.{layer}.{parent}.{attr}.weight"]
+    return [f"layers.{layer}.{parent}.{m}.weight" for m in group]
+
+
+@pytest.mark.parametrize("arch", WITH_LLAMA3)
+def test_transformers_undoes_the_conversion_to_the_source_checkpoint(arch):
+    """The helper's conventions are the ones transformers' GGUF loader undoes: its model from the F32
+    file is the source checkpoint again. Exact, but Gemma's norms: stored 1 + w and read back as
+    (1 + w) - 1, each rounded to float32 near 1-2 (an ulp there is at most 2^-23)."""
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    from tests.tiny_gguf import llama_cpp_permute
+
+    path, src = arch_gguf_file(arch, "f32")
+    source = {k.removeprefix("model."): v for k, v in load_file(src / "model.safetensors").items()}
+    ours = _hf_sd(path)
+    assert set(source) <= set(ours)
+    for name, w in source.items():
+        tol = 2.0 ** -23 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
+        torch.testing.assert_close(ours[name], w, atol=tol, rtol=0, msg=f"{arch} {name}")
+    stored = {t.name: t for t in GGUFReader(path).tensors}
+    if arch == "phi3":          # q|k|v and gate|up fused, as Phi-3's own checkpoint holds them
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(stored) and "blk.0.attn_q.weight" not in stored
+        assert torch.equal(torch.from_numpy(stored["blk.0.attn_qkv.weight"].data.copy()),
+                           source["layers.0.self_attn.qkv_proj.weight"])
+    else:
+        q = torch.from_numpy(stored["blk.0.attn_q.weight"].data.copy())
+        want = source["layers.0.self_attn.q_proj.weight"]
+        if arch in ("mistral", "llama3"):   # llama.cpp's permutation really happened (and was really undone)
+            assert not torch.equal(q, want)
+            want = torch.from_numpy(llama_cpp_permute(want.numpy(), 4))
+        assert torch.equal(q, want)
+    if arch == "gemma3":
+        norm = torch.from_numpy(stored["blk.0.attn_q_norm.weight"].data.copy())
+        assert torch.equal(norm, source["layers.0.self_attn.q_norm.weight"] + 1)
+
+
+@pytest.mark.parametrize("mix", list(ARCH_MIXES))
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
+def test_float32_on_each_architecture_is_transformers_on_the_same_file(arch, mix):
+    """Weights bit for bit (biases, q/k norms, Gemma's four norms, Phi-3's fused tensors), last-position
+    logits within 1e-4 (the tolerance of tests/test_architectures.py: fused projections and paged
+    attention sum in another order, float32 rounding) and greedy tokens identical."""
+    from loramux.engine.model_source import resolve_model
+    from loramux.engine.models.loader import FUSED, NORMS
+    from tests.engine_steps import first_step_logits
+
+    path, _ = arch_gguf_file(arch, mix)
+    engine = LLMEngine(EngineConfig(resolve_model(path), dtype="float32", max_num_batched_tokens=256, **SMALL))
+    assert engine.quantize == "none"
+    hf, spec, model = _hf(path), engine.spec, engine.model
+    sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    assert torch.equal(model.embed_tokens, sd["embed_tokens.weight"])
+    assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
+    for i, layer in enumerate(model.layers):
+        for attr in FUSED:
+            parts = [sd[n] for n in _group_names(spec, i, attr)]
+            assert torch.equal(getattr(layer, attr).weight, torch.cat(parts)), (arch, mix, i, attr)
+        if spec.qkv_bias:
+            biases = [sd[f"layers.{i}.self_attn.{m}_proj.bias"] for m in "qkv"]
+            assert torch.equal(layer.biases[0], torch.cat(biases))
+        # ours -> HF name: the layer holds q/k norms itself, HF under self_attn
+        norms = {n: n for n in NORMS if getattr(layer, n) is not None}
+        norms |= {n: f"self_attn.{n}" for n in ("q_norm", "k_norm") if getattr(layer, n) is not None}
+        assert len(norms) == {"gemma3": 6, "qwen3": 4}.get(arch, 2)
+        for ours, theirs in norms.items():
+            want = sd[f"layers.{i}.{theirs}.weight"] + spec.norm_offset     # Gemma: 1 + w, as Gemma3RMSNorm
+            assert torch.equal(getattr(layer, ours).weight, want), (arch, ours)
+    with torch.no_grad():
+        want = [hf(torch.tensor([p])).logits[0, -1] for p in ARCH_PROMPTS]
+    for got, ref in zip(first_step_logits(engine, [(None, i) for i in range(3)], ARCH_PROMPTS), want):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    seqs = engine.generate(ARCH_PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+    for p, seq in zip(ARCH_PROMPTS, seqs):
+        assert seq.output_token_ids == hf_greedy(hf, p, NEW_TOKENS), (arch, mix)
+
+
+@pytest.mark.parametrize("arch", WITH_LLAMA3)
+def test_auto_holds_each_architectures_blocks(arch):
+    """bf16 `auto` on the Q4_0 / Q4_1 / Q8_0 / F16 file: every projection's kernel weight within
+    stored_form_bound of transformers' dequantized weight from the same file (the blocks as stored,
+    Phi-3's fused ones split by rows, Mistral's q/k un-permuted), F16 parts dense (exact in bf16
+    rounding), Qwen2's biases unquantized."""
+    from loramux.engine.gguf_blocks import split_rows
+    from loramux.engine.gguf_forms import stored_form_bound
+    from loramux.engine.gguf_weights import GGUFWeights
+    from loramux.engine.linear import DenseLinear, Int4Linear
+    from loramux.engine.model_source import resolve_model
+    from loramux.engine.models.loader import FUSED
+
+    path, _ = arch_gguf_file(arch, "q4")
+    engine = LLMEngine(EngineConfig(resolve_model(path), dtype="bfloat16", **SMALL))
+    assert engine.quantize == "gguf"
+    spec, model, sd = engine.spec, engine.model, _hf_sd(path)
+    codes = GGUFWeights(path, spec.num_heads, spec.num_kv_heads)
+    for i, layer in enumerate(model.layers):
+        for attr, group in FUSED.items():
+            names = _group_names(spec, i, attr)
+            w = torch.cat([sd[n] for n in names])
+            proj = getattr(layer, attr)
+            if attr == "o_proj":                                             # F16 in this mix
+                assert isinstance(proj, DenseLinear) and torch.equal(proj.weight, w.to(torch.bfloat16))
+                continue
+            sizes = [spec.lora_dims(m)[1] for m in group]
+            blocks = (split_rows(codes.blocks(names[0]), sizes) if len(names) == 1 and len(group) > 1
+                      else [codes.blocks(n) for n in names])
+            assert all(b is not None for b in blocks)
+            kernel = Int4Linear([(getattr(proj, f"packed{j}"), getattr(proj, f"scales_zeros{j}"))
+                                 for j in range(proj.num_parts)], proj.out_features, native=proj.native)
+            bound = torch.cat([stored_form_bound(p, b) for p, b in zip(w.split(sizes), blocks)])
+            assert ((kernel.dequantized() - w).abs() <= bound * (1 + 1e-6)).all(), (arch, i, attr)
+        if spec.qkv_bias:
+            assert torch.equal(layer.biases[0], torch.cat([sd[f"layers.{i}.self_attn.{m}_proj.bias"]
+                                                           for m in "qkv"]).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("mix", ["f32", "q8_0"])
+def test_llama3_rope_freqs_are_served_as_the_source_checkpoints_rope(mix):
+    """A Llama 3.x file keeps its llama3 rope only as the rope_freqs tensor, which transformers' GGUF
+    reader drops (its model of the file runs a default rope: shown here to give other logits). We read
+    the tensor back into llama3 parameters: the frequencies served are llama.cpp's within
+    LLAMA3_ROPE_RTOL, and float32 logits (1e-4, as above) and greedy tokens are transformers' on the
+    source checkpoint (the same weights in the F32 file; Q8_0: on the weights the file holds)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from loramux.engine.gguf_arch import LLAMA3_ROPE_RTOL
+    from loramux.engine.model_source import resolve_model
+    from tests.engine_steps import first_step_logits
+    from tests.tiny_gguf import llama3_rope_factors
+
+    path, src = arch_gguf_file("llama3", mix)
+    served_dir = resolve_model(path)
+    rope = json.loads((src / "config.json").read_text())["rope_parameters"]
+    assert json.loads((served_dir / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    engine = LLMEngine(EngineConfig(served_dir, dtype="float32", max_num_batched_tokens=256, **SMALL))
+    served = torch.tensor(engine.spec.ropes[0].inv_freq, dtype=torch.float64)
+    theta, dim = rope["rope_theta"], engine.spec.head_dim
+    llama_cpp = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).double()
+    llama_cpp /= torch.from_numpy(llama3_rope_factors(rope, dim)).double()
+    torch.testing.assert_close(served, llama_cpp, rtol=LLAMA3_ROPE_RTOL, atol=0)
+
+    source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    if mix != "f32":                       # the file's weights in the source's rope: transformers' reading of them
+        source.load_state_dict(_hf(path).state_dict())
+    with torch.no_grad():
+        want = [source(torch.tensor([p])).logits[0, -1] for p in ARCH_PROMPTS]
+        misread = [_hf(path)(torch.tensor([p])).logits[0, -1] for p in ARCH_PROMPTS]
+    assert max((a - b).abs().max().item() for a, b in zip(want, misread)) > 1e-2    # the rope matters here
+    for got, ref in zip(first_step_logits(engine, [(None, i) for i in range(3)], ARCH_PROMPTS), want):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    seqs = engine.generate(ARCH_PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+    for p, seq in zip(ARCH_PROMPTS, seqs):
+        assert seq.output_token_ids == hf_greedy(source, p, NEW_TOKENS), mix
+
+
+def test_rope_freqs_not_of_llama3_form_are_refused_in_one_line(tmp_path):
+    """Factors no llama3 rope writes (here: one below 1) are refused, not served as a guess."""
+    from gguf import GGUFReader
+
+    from loramux.engine.model_source import ModelSourceError, resolve_model
+
+    src = arch_gguf_file("llama3", "f32")[0]
+    factors = next(t for t in GGUFReader(src).tensors if t.name == "rope_freqs.weight").data.copy()
+    factors[0] = 0.5
+    path = _rewritten(src, tmp_path / "llama3-odd-rope.gguf", None, None, tensors={"rope_freqs.weight": factors})
+    with pytest.raises(ModelSourceError) as err:
+        resolve_model(path)
+    assert "rope_freqs.weight" in str(err.value) and "llama3" in str(err.value) and "\n" not in str(err.value)
+
+
+def _rewritten(src: Path, dst: Path, key: str | None, value, tensors: dict | None = None) -> Path:
+    """A copy of F32 file `src` with one metadata value changed (`key` without the architecture prefix)
+    and `tensors` (name -> array) replaced."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from loramux.engine.gguf_weights import file_architecture
+
+    reader = GGUFReader(src)
+    arch = file_architecture(reader)
+    w = GGUFWriter(dst, arch)
+    for k, f in reader.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(k, value if k == f"{arch}.{key}" else f.contents(), f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor(t.name, (tensors or {}).get(t.name, t.data.copy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("arch, key, value, named", [
+    ("qwen3", "attention.key_length", 64, "head_dim 64 in the file, 128 as transformers reads it"),
+    ("phi3", "rope.dimension_count", 12, "12 rotary dims in the file, 16 as transformers reads it"),
+    ("gemma3", "attention.key_length", 128, "attention scale 1/sqrt(128) in llama.cpp, 1/sqrt(256)"),
+])
+def test_a_config_transformers_misreads_is_refused_in_one_line(tmp_path, arch, key, value, named):
+    """Metadata transformers' reader replaces by its config class defaults (Qwen3's key_length, Phi-4-mini's
+    partial rotary, Gemma 3 27B's attention scale): the model it builds is not the file's."""
+    from loramux.engine.model_source import ModelSourceError, resolve_model
+
+    path = _rewritten(arch_gguf_file(arch, "f32")[0], tmp_path / f"{arch}-wrong.gguf", key, value)
+    with pytest.raises(ModelSourceError) as err:
+        resolve_model(path)
+    assert named in str(err.value) and "\n" not in str(err.value)

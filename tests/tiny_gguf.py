@@ -8,6 +8,7 @@ tokenizer and chat template are the embedded SmolLM2 GGUF's metadata, copied key
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +134,178 @@ def tiny_gguf_files() -> dict[str, Path]:
 
     root, tok = cache_root() / "test-gguf", find_embedded_gguf()
     return {name: cached_tiny_gguf(root, name, kinds, tokenizer_from=tok) for name, kinds in MIXES.items()}
+
+
+# -- HF checkpoints converted as llama.cpp's convert_hf_to_gguf.py converts them ----------------------
+@dataclass(frozen=True)
+class Conversion:
+    """What llama.cpp's converter does to one architecture: its GGUF name, whether it permutes q/k rows
+    for its rotary layout (LlamaModel, and Mistral through it), what it adds to every `*norm.weight`
+    (Gemma3Model's norm_shift: Gemma3RMSNorm multiplies by 1 + w) and which metadata it writes."""
+    gguf_arch: str
+    permute_qk: bool = False
+    norm_shift: float = 0.0
+    rope_dims: bool = False              # writes rope.dimension_count (LlamaModel, Phi3MiniModel)
+    sliding_window: bool = False         # writes attention.sliding_window (Gemma3Model; Phi-3: 0 for none)
+
+
+CONVERSIONS = {
+    "llama": Conversion("llama", permute_qk=True, rope_dims=True),          # and Llama 3.x: + rope_freqs
+    "mistral": Conversion("llama", permute_qk=True, rope_dims=True),
+    "qwen2": Conversion("qwen2"),
+    "qwen3": Conversion("qwen3"),
+    "phi3": Conversion("phi3", rope_dims=True, sliding_window=True),
+    "gemma3_text": Conversion("gemma3", norm_shift=1.0, sliding_window=True),
+}
+ARCH_VOCAB = 512                         # the converted files' vocabulary: the embedded one's first 512 tokens
+# Tensor types of the converted files by GGUF role (1-D tensors stay F32, as llama.cpp keeps them).
+ARCH_MIXES = {
+    "f32": {},
+    "f16": {"*": "F16"},
+    "q8_0": {"*": "Q8_0"},
+    "q4": {"attn_q": "Q4_0", "attn_qkv": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "F16",
+           "ffn_gate": "Q4_1", "ffn_up": "Q4_0", "ffn_down": "Q8_0", "token_embd": "Q8_0", "output": "Q4_1"},
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: each head's rows (r0, r1, ... in HF's rotate-half halves)
+    interleaved pairwise for its rotary layout."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
+    """The rope_freqs tensor llama.cpp's converter writes for a llama3 rope: the divisor of each
+    inverse frequency (1 for short wavelengths, `factor` for long ones, smoothed between)."""
+    import math
+
+    import torch
+
+    theta, factor, context = rope["rope_theta"], rope["factor"], rope["original_max_position_embeddings"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _stored(w: np.ndarray, kind: str):
+    """(data, raw_dtype) of GGUFWriter.add_tensor for a float32 weight stored as `kind`."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    if kind == "F32":
+        return w, None
+    if kind == "F16":
+        return w.astype(np.float16), None
+    return quantize(w, T[kind]), T[kind]
+
+
+def _add_tokenizer(w, src, vocab: int) -> None:
+    """The embedded GGUF's tokenizer (chat template included) cut to its first `vocab` tokens and the
+    merges among them: a real byte-level BPE whose metadata transformers parses in a blink (the full
+    49152-token one takes seconds at each reading, and the arch tests read each file twice)."""
+    from gguf import GGUFValueType
+
+    tokens = src.fields["tokenizer.ggml.tokens"].contents()[:vocab]
+    kept = set(tokens)
+    for key, field in src.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value, sub = field.contents(), None
+        if field.types[0] == GGUFValueType.ARRAY:
+            sub = field.types[1]
+            value = ([m for m in value if set(m.split(" ")) <= kept and m.replace(" ", "") in kept]
+                     if key == "tokenizer.ggml.merges" else value[:vocab])
+        w.add_key_value(key, value, field.types[0], sub_type=sub)
+
+
+def convert_checkpoint(model_dir: Path, path: Path, mix: dict[str, str], *, tokenizer_from: Path,
+                       name: str = "tiny") -> Path:
+    """An HF safetensors checkpoint (transformers' save_pretrained) as a GGUF file at `path`: tensor names
+    by gguf-py's own TensorNameMap (what the converter maps with), weights changed as the converter
+    changes them (CONVERSIONS), 2-D tensors stored as `mix` says (role -> type, "*" the default)."""
+    import json
+
+    import torch
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFReader, GGUFWriter, get_tensor_name_map
+    from safetensors.torch import load_file
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    conv = CONVERSIONS[cfg["model_type"]]
+    rope = cfg.get("rope_parameters") or {}
+    n, heads, kv = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    arch = next(a for a, v in MODEL_ARCH_NAMES.items() if v == conv.gguf_arch)
+    names = get_tensor_name_map(MODEL_ARCH(arch), n)
+    tensors = {}
+    for shard in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+
+    tmp = path.with_suffix(".partial")
+    w = GGUFWriter(tmp, conv.gguf_arch)
+    w.add_name(name)
+    w.add_block_count(n)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(rope.get("full_attention", rope).get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if cfg.get("head_dim"):                          # TextModel writes key / value length when config has head_dim
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if conv.rope_dims:
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if conv.sliding_window:
+        w.add_sliding_window(cfg.get("sliding_window") or 0)
+    _add_tokenizer(w, GGUFReader(tokenizer_from), cfg["vocab_size"])
+    if rope.get("rope_type") == "llama3":        # LlamaModel.generate_extra_tensors
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+    for hf_name, t in tensors.items():
+        base, suffix = hf_name.rsplit(".", 1)
+        gguf_name = names.get_name(base)
+        if gguf_name is None:
+            raise ValueError(f"gguf-py maps no tensor for {hf_name}")
+        a = t.to(torch.float32).numpy()
+        if conv.permute_qk and base.endswith(("q_proj", "k_proj")):
+            a = llama_cpp_permute(a, heads if base.endswith("q_proj") else kv)
+        if hf_name.endswith("norm.weight"):
+            a = a + np.float32(conv.norm_shift)
+        role = gguf_name.rsplit(".", 1)[-1]
+        kind = mix.get(role, mix.get("*", "F32")) if a.ndim == 2 else "F32"
+        data, raw_dtype = _stored(np.ascontiguousarray(a), kind)
+        w.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def arch_gguf_file(arch: str, mix: str) -> tuple[Path, Path]:
+    """(the GGUF file, its source HF checkpoint) of tests/arch_checkpoints.GGUF_ARCHS[arch] stored as
+    ARCH_MIXES[mix], written once per machine under the loramux cache."""
+    from loramux.engine.model_source import cache_root, default_model_dir, find_embedded_gguf
+    from tests.arch_checkpoints import GGUF_ARCHS, write_arch_checkpoint
+
+    root = cache_root() / "test-gguf" / f"arch-v{FORMAT_VERSION}"
+    src = root / f"{arch}-hf"
+    if not (src / "config.json").is_file():
+        tmp = root / f".{arch}-hf-partial"
+        write_arch_checkpoint(arch, tmp, default_model_dir(), table=GGUF_ARCHS, vocab_size=ARCH_VOCAB)
+        os.replace(tmp, src)
+    path = root / f"tiny-{arch}-{mix}.gguf"
+    if not path.is_file():
+        convert_checkpoint(src, path, ARCH_MIXES[mix], tokenizer_from=find_embedded_gguf(), name=f"tiny-{arch}")
+    return path, src

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from loramux.engine.gguf_blocks import Int4Blocks, Int8Blocks
+from loramux.engine.gguf_blocks import Int4Blocks, Int8Blocks, split_rows
 from loramux.engine.gguf_forms import exact_projection, int4_parts, int4_projection
 from loramux.engine.gguf_weights import GGUFWeights
 from loramux.engine.linear import (
@@ -77,9 +77,11 @@ def load_model(spec: ModelSpec, model_dir: Path, *, dtype: torch.dtype, quantize
         prefix = f"layers.{i}."
         for g, (attr, group) in enumerate(FUSED.items()):
             names = [prefix + _parent(m) + m for m in group]
-            if spec.fused_checkpoint and len(group) > 1:      # Phi-3 stores q|k|v and gate|up fused
-                fused = take(prefix + _parent(group[0]) + attr + ".weight")
-                parts = list(fused.split([spec.lora_dims(m)[1] for m in group]))
+            sizes = [spec.lora_dims(m)[1] for m in group]
+            # Phi-3 stores q|k|v and gate|up fused (its checkpoints and GGUF files alike)
+            fused = prefix + _parent(group[0]) + attr + ".weight" if spec.fused_checkpoint and len(group) > 1 else None
+            if fused is not None:
+                parts = list(take(fused).split(sizes))
             else:
                 parts = [take(n + ".weight") for n in names]
             for n, w, m in zip(names, parts, group):
@@ -89,9 +91,13 @@ def load_model(spec: ModelSpec, model_dir: Path, *, dtype: torch.dtype, quantize
             if _has_bias(spec, g):
                 layer.biases[g] = torch.cat([take(n + ".bias") for n in names]).to(device, dtype)
             if codes is not None and quantize in GGUF_MODES:
-                blocks = [codes.blocks(n + ".weight") for n in names]
+                if fused is not None:
+                    blocks, kinds = split_rows(codes.blocks(fused), sizes), [codes.kind(fused)] * len(group)
+                else:
+                    blocks = [codes.blocks(n + ".weight") for n in names]
+                    kinds = [codes.kind(n + ".weight") for n in names]
                 proj = int4_projection(parts, blocks) if quantize == "int4" else exact_projection(
-                    parts, blocks, [codes.kind(n + ".weight") for n in names], dtype)
+                    parts, blocks, kinds, dtype)
             else:
                 proj = make_projection(quantize, torch.cat(parts), dtype)
             setattr(layer, attr, proj.to(device))
