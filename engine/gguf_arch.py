@@ -2,7 +2,7 @@
 converter (convert_hf_to_gguf.py) did to the weights on the way in, undone as transformers' GGUF
 loader (modeling_gguf_pytorch_utils.py) undoes it.
 
-Served: llama (Llama 2 / 3.x layout without rope scaling; Mistral, which llama.cpp writes as
+Served: llama (Llama 2; Llama 3.x, its llama3 rope read back from rope_freqs; Mistral, which llama.cpp writes as
 "llama"), qwen2 (Qwen2 / 2.5: q/k/v biases), qwen3 (per-head q/k norms), phi3 (fused attn_qkv =
 q|k|v rows and ffn_up = gate|up rows, as Phi-3's own qkv_proj / gate_up_proj) and gemma3 (text: four
 norms a layer, q/k norms). What the converter changed:
