@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loramux.engine.gguf_arch import ARCHS, LLAMA3_ROPE_TENSOR, NOT_YET, ROPE_TENSORS, GGUFArch
+from loramux.engine.gguf_arch import ARCHS, NOT_YET, ROPE_TENSORS, GGUFArch
 from loramux.engine.gguf_blocks import (
     INT4_KINDS,
     INT8_KINDS,
@@ -51,7 +51,7 @@ def file_architecture(reader) -> str:
 
 
 def arch_metadata(reader) -> dict[str, object]:
-    """The file's `{architecture}.*` scalar metadata, keys without the prefix (engine.gguf_arch.config_disagreement)."""
+    """The file's `{architecture}.*` scalar metadata, keys without the prefix (engine.gguf_config)."""
     prefix = file_architecture(reader) + "."
     return {key.removeprefix(prefix): f.contents() for key, f in reader.fields.items()
             if key.startswith(prefix) and len(f.data) == 1}
@@ -67,18 +67,21 @@ def check_supported(reader, path: Path) -> tuple[GGUFArch, dict[str, str]]:
                               f"loramux serves GGUF architectures {', '.join(ARCHS)}")
     scaling = reader.fields.get(f"{arch}.rope.scaling.type")
     scaling = bytes(scaling.parts[scaling.data[0]]).decode() if scaling is not None else "none"
-    table = next((t.name for t in reader.tensors if t.name in ROPE_TENSORS), None)
-    if table == LLAMA3_ROPE_TENSOR and arch == "llama":      # read back as llama3 rope (engine.model_source)
-        table = None
-    if scaling != "none" or table is not None:
-        raise GGUFUnsupported(f"{path.name}: rope scaling ({scaling if scaling != 'none' else table.split('.')[0]}, "
-                              "e.g. Phi-3 128k's, Gemma 3 4B+'s) in a GGUF file is not supported yet: "
-                              "transformers' GGUF reader drops it")
+    row = ARCHS[arch]
+    table = next((t.name for t in reader.tensors if t.name in ROPE_TENSORS and t.name not in row.rope_tensors), None)
+    if scaling not in ("none", *row.rope_scalings) or table is not None:
+        raise GGUFUnsupported(f"{path.name}: rope scaling {scaling if scaling != 'none' else table.split('.')[0]} "
+                              f"in a GGUF file of architecture {arch!r} is not supported")
     for t in reader.tensors:
         if t.tensor_type.name not in SUPPORTED_KINDS:
             raise GGUFUnsupported(f"{path.name}: GGUF tensor type {t.tensor_type.name} ({t.name}) is not supported; "
                                   f"loramux reads {', '.join(SUPPORTED_KINDS)}")
-    return ARCHS[arch], _hf_names(ARCHS[arch], [t.name for t in reader.tensors if t.name != LLAMA3_ROPE_TENSOR], path)
+    return row, _hf_names(row, [t.name for t in reader.tensors if t.name not in ROPE_TENSORS], path)
+
+
+def rope_tables(reader) -> dict[str, np.ndarray]:
+    """The file's rope tables (engine.gguf_arch.ROPE_TENSORS) as float32 arrays, by name."""
+    return {t.name: np.array(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors if t.name in ROPE_TENSORS}
 
 
 def _hf_names(arch: GGUFArch, gguf_names: list[str], path: Path) -> dict[str, str]:

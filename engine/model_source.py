@@ -61,6 +61,9 @@ def find_embedded_gguf() -> Path:
     return path
 
 
+GGUF_READING = 2                 # bump when prepare_gguf reads a file's config differently
+
+
 def _fingerprint(path: Path) -> str:
     st = path.stat()
     return hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
@@ -117,13 +120,14 @@ def gguf_source(model_dir: Path) -> Path | None:
 def prepare_gguf(gguf_path: Path) -> Path:
     """A directory for a GGUF file: config.json and the tokenizer from its metadata (as transformers
     reads them), and the marker naming the file; made once per file version, atomically."""
-    from loramux.engine.gguf_arch import config_disagreement
+    from loramux.engine.gguf_config import complete_config
     from loramux.engine.gguf_weights import (
         GGUFUnsupported,
         arch_metadata,
         check_supported,
         file_architecture,
         open_reader,
+        rope_tables,
     )
 
     try:
@@ -133,7 +137,9 @@ def prepare_gguf(gguf_path: Path) -> Path:
         raise ModelSourceError(str(e)) from None
     except (ValueError, OSError) as e:
         raise ModelSourceError(f"{gguf_path}: not a readable GGUF file ({e})") from None
-    out = cache_root() / "gguf" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}"
+    # the reading's version in the name: a config read by an older loramux (before engine.gguf_config
+    # read back what transformers drops) is never served
+    out = cache_root() / "gguf" / f"{gguf_path.stem}-{_fingerprint(gguf_path)}-r{GGUF_READING}"
     if (out / GGUF_MARKER).is_file():
         if (out / GGUF_MARKER).read_text() != str(gguf_path):      # the same file, moved
             (out / GGUF_MARKER).write_text(str(gguf_path))
@@ -142,7 +148,7 @@ def prepare_gguf(gguf_path: Path) -> Path:
 
     kwargs = {"gguf_file": gguf_path.name}
     config = AutoConfig.from_pretrained(gguf_path.parent, **kwargs)
-    wrong = config_disagreement(file_architecture(reader), arch_metadata(reader), config) or _read_llama3_rope(reader, config)
+    wrong = complete_config(file_architecture(reader), arch_metadata(reader), rope_tables(reader), config)
     if wrong is not None:
         raise ModelSourceError(f"{gguf_path.name}: {wrong}; loramux serves a GGUF file only as its metadata says")
     config.architectures = [ARCHITECTURES.get(config.model_type,
@@ -160,32 +166,6 @@ def prepare_gguf(gguf_path: Path) -> Path:
         if not (out / GGUF_MARKER).is_file():     # not another process finishing first
             raise
     return out
-
-
-def _read_llama3_rope(reader, config) -> str | None:
-    """Llama 3.x's rope_freqs tensor as the llama3 rope parameters of `config` (transformers' reader
-    drops it, leaving a default rope), checked against llama.cpp's own frequencies; why not, or None."""
-    import numpy as np
-    import torch
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    from loramux.engine.gguf_arch import LLAMA3_ROPE_RTOL, LLAMA3_ROPE_TENSOR, llama3_rope_parameters
-
-    tensor = next((t for t in reader.tensors if t.name == LLAMA3_ROPE_TENSOR), None)
-    if tensor is None:
-        return None
-    factors = np.array(tensor.data, dtype=np.float32).reshape(-1)
-    theta = config.rope_parameters["rope_theta"]
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    params = llama3_rope_parameters(factors.tolist(), theta, dim)
-    if params is None:
-        return f"its {LLAMA3_ROPE_TENSOR} ({factors.size} factors) is not Llama 3.x's llama3 rope scaling"
-    config.rope_parameters = params
-    served = ROPE_INIT_FUNCTIONS["llama3"](config, None)[0].double()
-    llama_cpp = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).double() / torch.from_numpy(factors).double()
-    if not torch.allclose(served, llama_cpp, rtol=LLAMA3_ROPE_RTOL, atol=0):
-        return f"its {LLAMA3_ROPE_TENSOR} does not match Llama 3.x's llama3 rope scaling within {LLAMA3_ROPE_RTOL}"
-    return None
 
 
 def check_model_dir(path: Path) -> dict:

@@ -62,6 +62,17 @@ GGUF_ARCHS: dict[str, tuple[str, dict]] = {
     "llama3": ("LlamaConfig", dict(tie_word_embeddings=False, rope_parameters=dict(
         rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
         original_max_position_embeddings=64))),
+    # Phi-4-mini's shape: partial rotary, longrope (its factors in rope_factors_short/long, served up to
+    # the original context), and a sliding window (Phi-3 mini 4k's): all dropped by transformers' reader
+    "phi3-long": ("Phi3Config", dict(tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                                     sliding_window=WINDOW, partial_rotary_factor=0.75, rope_parameters=dict(
+                                         _LONGROPE, partial_rotary_factor=0.75))),
+    # Gemma 3 4B / 12B: linear rope scaling (factor 8) on the global layers only
+    "gemma3-linear": ("Gemma3TextConfig", dict(
+        num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=WINDOW, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_parameters={
+            "full_attention": dict(rope_type="linear", factor=8.0, rope_theta=1000000.0),
+            "sliding_attention": dict(rope_type="default", rope_theta=10000.0)})),
 }
 
 

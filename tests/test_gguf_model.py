@@ -161,7 +161,7 @@ def _tiny_file(path: Path, arch: str, kind: str, tensor: str = "blk.0.attn_q.wei
     ("llama", "Q3_K", "blk.0.attn_q.weight", "tensor type Q3_K (blk.0.attn_q.weight)"),
     ("llama", "IQ4_XS", "blk.0.attn_q.weight", "tensor type IQ4_XS"),
     ("llama", "Q4_K", "rope_freqs.weight", "rope_freqs.weight (36864 factors) is not Llama 3.x's llama3"),
-    ("phi3", "Q4_K", "rope_factors_long.weight", "rope scaling (rope_factors_long"),    # Phi-3 128k's longrope
+    ("qwen2", "Q4_K", "rope_factors_long.weight", "rope scaling rope_factors_long in a GGUF file of architecture 'qwen2'"),
     ("qwen2", "Q4_K", "blk.0.attn_q_norm.weight", "tensor blk.0.attn_q_norm.weight is not one loramux serves"),
     ("llama", "Q4_K", "blk.0.attn_q.bias", "tensor blk.0.attn_q.bias is not one loramux serves"),
 ])
@@ -185,7 +185,10 @@ def test_serve_refuses_an_unsupported_file_in_one_line(tmp_path):
 
 # -- e. the other architectures, converted as llama.cpp converts them ---------------------------------------
 GGUF_ARCHS = ("qwen2", "qwen3", "phi3", "gemma3", "mistral")
-WITH_LLAMA3 = (*GGUF_ARCHS, "llama3")         # Llama 3.x: its rope in rope_freqs, which transformers' reader drops
+# What transformers' GGUF reader drops from these (engine.gguf_config reads it back): Llama 3.x's rope_freqs,
+# Phi-4-mini's longrope / partial rotary / window, Gemma 3 4B+'s linear rope scaling
+DROPPED = ("llama3", "phi3-long", "gemma3-linear")
+ALL_GGUF_ARCHS = (*GGUF_ARCHS, *DROPPED)
 # 30-token prompts over the files' 512-token vocabulary: longer than Gemma 3's sliding window (16)
 ARCH_PROMPTS = [list(range(300, 330)), [17 + (7 * i) % 480 for i in range(30)], list(range(511, 481, -1))]
 
@@ -205,7 +208,7 @@ def _group_names(spec, layer: int, attr: str) -> list[str]:
     return [f"layers.{layer}.{parent}.{m}.weight" for m in group]
 
 
-@pytest.mark.parametrize("arch", WITH_LLAMA3)
+@pytest.mark.parametrize("arch", ALL_GGUF_ARCHS)
 def test_transformers_undoes_the_conversion_to_the_source_checkpoint(arch):
     """The helper's conventions are the ones transformers' GGUF loader undoes: its model from the F32
     file is the source checkpoint again. Exact, but Gemma's norms: stored 1 + w and read back as
@@ -220,10 +223,10 @@ def test_transformers_undoes_the_conversion_to_the_source_checkpoint(arch):
     ours = _hf_sd(path)
     assert set(source) <= set(ours)
     for name, w in source.items():
-        tol = 2.0 ** -23 if arch == "gemma3" and name.endswith("norm.weight") else 0.0
+        tol = 2.0 ** -23 if arch.startswith("gemma3") and name.endswith("norm.weight") else 0.0
         torch.testing.assert_close(ours[name], w, atol=tol, rtol=0, msg=f"{arch} {name}")
     stored = {t.name: t for t in GGUFReader(path).tensors}
-    if arch == "phi3":          # q|k|v and gate|up fused, as Phi-3's own checkpoint holds them
+    if arch.startswith("phi3"):          # q|k|v and gate|up fused, as Phi-3's own checkpoint holds them
         assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(stored) and "blk.0.attn_q.weight" not in stored
         assert torch.equal(torch.from_numpy(stored["blk.0.attn_qkv.weight"].data.copy()),
                            source["layers.0.self_attn.qkv_proj.weight"])
@@ -234,7 +237,7 @@ def test_transformers_undoes_the_conversion_to_the_source_checkpoint(arch):
             assert not torch.equal(q, want)
             want = torch.from_numpy(llama_cpp_permute(want.numpy(), 4))
         assert torch.equal(q, want)
-    if arch == "gemma3":
+    if arch.startswith("gemma3"):
         norm = torch.from_numpy(stored["blk.0.attn_q_norm.weight"].data.copy())
         assert torch.equal(norm, source["layers.0.self_attn.q_norm.weight"] + 1)
 
@@ -279,7 +282,7 @@ def test_float32_on_each_architecture_is_transformers_on_the_same_file(arch, mix
         assert seq.output_token_ids == hf_greedy(hf, p, NEW_TOKENS), (arch, mix)
 
 
-@pytest.mark.parametrize("arch", WITH_LLAMA3)
+@pytest.mark.parametrize("arch", GGUF_ARCHS)
 def test_auto_holds_each_architectures_blocks(arch):
     """bf16 `auto` on the Q4_0 / Q4_1 / Q8_0 / F16 file: every projection's kernel weight within
     stored_form_bound of transformers' dequantized weight from the same file (the blocks as stored,
@@ -319,44 +322,43 @@ def test_auto_holds_each_architectures_blocks(arch):
 
 
 @pytest.mark.parametrize("mix", ["f32", "q8_0"])
-def test_llama3_rope_freqs_are_served_as_the_source_checkpoints_rope(mix):
-    """A Llama 3.x file keeps its llama3 rope only as the rope_freqs tensor, which transformers' GGUF
-    reader drops (its model of the file runs a default rope: shown here to give other logits). We read
-    the tensor back into llama3 parameters: the frequencies served are llama.cpp's within
-    LLAMA3_ROPE_RTOL, and float32 logits (1e-4, as above) and greedy tokens are transformers' on the
-    source checkpoint (the same weights in the F32 file; Q8_0: on the weights the file holds)."""
-    import json
-
+@pytest.mark.parametrize("arch", DROPPED)
+def test_what_transformers_reader_drops_is_served_as_the_source_checkpoint(arch, mix):
+    """Llama 3.x's rope_freqs, Phi-4-mini's longrope tables / partial rotary / sliding window, Gemma 3
+    4B+'s linear scaling of its global layers: transformers' GGUF reader drops them (its model of the
+    file: other logits, shown here) and engine.gguf_config reads them back. Our rope tables are those of
+    the source checkpoint's config (frequencies within ROPE_RTOL, attention factor too), float32 logits
+    (1e-4, as above) and greedy tokens are transformers' on the source checkpoint (F32: the same weights;
+    Q8_0: the weights the file holds, loaded into the source's model)."""
     from transformers import AutoModelForCausalLM
 
-    from loramux.engine.gguf_arch import LLAMA3_ROPE_RTOL
+    from loramux.engine.gguf_config import ROPE_RTOL
     from loramux.engine.model_source import resolve_model
+    from loramux.engine.models.spec import ModelSpec
     from tests.engine_steps import first_step_logits
-    from tests.tiny_gguf import llama3_rope_factors
 
-    path, src = arch_gguf_file("llama3", mix)
-    served_dir = resolve_model(path)
-    rope = json.loads((src / "config.json").read_text())["rope_parameters"]
-    assert json.loads((served_dir / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
-    engine = LLMEngine(EngineConfig(served_dir, dtype="float32", max_num_batched_tokens=256, **SMALL))
-    served = torch.tensor(engine.spec.ropes[0].inv_freq, dtype=torch.float64)
-    theta, dim = rope["rope_theta"], engine.spec.head_dim
-    llama_cpp = (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).double()
-    llama_cpp /= torch.from_numpy(llama3_rope_factors(rope, dim)).double()
-    torch.testing.assert_close(served, llama_cpp, rtol=LLAMA3_ROPE_RTOL, atol=0)
+    path, src = arch_gguf_file(arch, mix)
+    engine = LLMEngine(EngineConfig(resolve_model(path), dtype="float32", max_num_batched_tokens=256, **SMALL))
+    want_spec = ModelSpec.from_dir(src)
+    assert engine.spec.layer_window == want_spec.layer_window and engine.spec.layer_rope == want_spec.layer_rope
+    assert engine.spec.max_position_embeddings == want_spec.max_position_embeddings
+    for got, ref in zip(engine.spec.ropes, want_spec.ropes, strict=True):
+        torch.testing.assert_close(torch.tensor(got.inv_freq, dtype=torch.float64),
+                                   torch.tensor(ref.inv_freq, dtype=torch.float64), rtol=ROPE_RTOL, atol=0)
+        assert abs(got.attention_scaling - ref.attention_scaling) <= ROPE_RTOL * ref.attention_scaling
 
     source = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    if mix != "f32":                       # the file's weights in the source's rope: transformers' reading of them
+    if mix != "f32":
         source.load_state_dict(_hf(path).state_dict())
     with torch.no_grad():
         want = [source(torch.tensor([p])).logits[0, -1] for p in ARCH_PROMPTS]
         misread = [_hf(path)(torch.tensor([p])).logits[0, -1] for p in ARCH_PROMPTS]
-    assert max((a - b).abs().max().item() for a, b in zip(want, misread)) > 1e-2    # the rope matters here
+    assert max((a - b).abs().max().item() for a, b in zip(want, misread)) > 1e-2    # what was dropped matters
     for got, ref in zip(first_step_logits(engine, [(None, i) for i in range(3)], ARCH_PROMPTS), want):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     seqs = engine.generate(ARCH_PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     for p, seq in zip(ARCH_PROMPTS, seqs):
-        assert seq.output_token_ids == hf_greedy(source, p, NEW_TOKENS), mix
+        assert seq.output_token_ids == hf_greedy(source, p, NEW_TOKENS), (arch, mix)
 
 
 def test_rope_freqs_not_of_llama3_form_are_refused_in_one_line(tmp_path):
@@ -400,7 +402,6 @@ def _rewritten(src: Path, dst: Path, key: str | None, value, tensors: dict | Non
 
 @pytest.mark.parametrize("arch, key, value, named", [
     ("qwen3", "attention.key_length", 64, "head_dim 64 in the file, 128 as transformers reads it"),
-    ("phi3", "rope.dimension_count", 12, "12 rotary dims in the file, 16 as transformers reads it"),
     ("gemma3", "attention.key_length", 128, "attention scale 1/sqrt(128) in llama.cpp, 1/sqrt(256)"),
 ])
 def test_a_config_transformers_misreads_is_refused_in_one_line(tmp_path, arch, key, value, named):

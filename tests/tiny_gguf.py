@@ -234,9 +234,17 @@ def convert_checkpoint(model_dir: Path, path: Path, mix: dict[str, str], *, toke
     by gguf-py's own TensorNameMap (what the converter maps with), weights changed as the converter
     changes them (CONVERSIONS), 2-D tensors stored as `mix` says (role -> type, "*" the default)."""
     import json
+    import math
 
     import torch
-    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGUFReader, GGUFWriter, get_tensor_name_map
+    from gguf import (
+        MODEL_ARCH,
+        MODEL_ARCH_NAMES,
+        GGUFReader,
+        GGUFWriter,
+        RopeScalingType,
+        get_tensor_name_map,
+    )
     from safetensors.torch import load_file
 
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -271,6 +279,17 @@ def convert_checkpoint(model_dir: Path, path: Path, mix: dict[str, str], *, toke
     _add_tokenizer(w, GGUFReader(tokenizer_from), cfg["vocab_size"])
     if rope.get("rope_type") == "llama3":        # LlamaModel.generate_extra_tensors
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+    if conv.gguf_arch == "phi3" and rope.get("rope_type") == "longrope":   # Phi3MiniModel
+        original = rope["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(original)
+        scale = cfg["max_position_embeddings"] / original
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
+    full = rope.get("full_attention", {})
+    if conv.gguf_arch == "gemma3" and full.get("rope_type") == "linear":   # Gemma3Model
+        w.add_rope_scaling_type(RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
     for hf_name, t in tensors.items():
         base, suffix = hf_name.rsplit(".", 1)
         gguf_name = names.get_name(base)
