@@ -117,7 +117,8 @@ def test_prefix_tuning_matches_peft(arch, base_model_dir, tmp_path):
     assert with_prefix.output_token_ids == want, arch
 
 
-@pytest.mark.parametrize("arch, method", [("phi3", "lora"), ("gemma3", "dora"), ("qwen2", "lora")])
+@pytest.mark.parametrize("arch, method", [("llama3", "lora"), ("qwen2", "lora"), ("qwen3", "lora"), ("mistral", "lora"),
+                                          ("phi3", "lora"), ("gemma3", "dora")])
 def test_trainer_trains_each_architecture_and_the_engine_serves_it(arch, method, base_model_dir, tmp_path):
     """`loramux train` on a non-Llama base writes a peft folder (the architecture's own module names:
     Phi-3's fused qkv_proj) that the engine serves as peft runs it."""

@@ -1,7 +1,9 @@
-"""A non-Llama architecture over real HTTP: `loramux serve --model DIR` on a random Gemma 3 text
-checkpoint (sliding and global layers, q/k norms, GeGLU, tied embeddings), a peft LoRA registered
-through the vLLM route, greedy answers from the `openai` client == transformers / peft; and the
-one-line refusal of a checkpoint we cannot serve."""
+"""Each architecture family over real HTTP: `loramux serve --model DIR` on a random checkpoint of it
+(Llama 3.x with its llama3 rope and biases, Qwen2 with a sliding window, Qwen3 with q/k norms,
+Mistral with a window shorter than the prompts, Phi-3 with fused projections, partial rotary and
+longrope, Gemma 3 text with sliding and global layers), a peft LoRA on all its linear layers
+registered through the vLLM route, greedy answers from the `openai` client == transformers / peft; and
+the one-line refusal of a checkpoint we cannot serve."""
 from __future__ import annotations
 
 import json
@@ -19,11 +21,11 @@ from tests.hf_reference import hf_greedy
 from tests.server_process import start_server
 
 
-@pytest.fixture(scope="module")
-def gemma(base_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gemma-http")
-    path = write_arch_checkpoint("gemma3", root / "gemma3-tiny", base_model_dir)
-    adapter = make_lora_adapter(path, root / "adapters" / "gemma-lora", r=4, alpha=8, targets="all-linear",
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "qwen3", "mistral", "phi3", "gemma3"])
+def arch_server(request, base_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"{request.param}-http")
+    path = write_arch_checkpoint(request.param, root / f"{request.param}-tiny", base_model_dir)
+    adapter = make_lora_adapter(path, root / "adapters" / "lora", r=4, alpha=8, targets="all-linear",
                                 init_lora_weights=False, seed=7, b_std=0.1)
     server = start_server(root, "--model", str(path), "--dtype", "float32", "--quantize", "none",
                           "--kv-cache-gb", "0.01", "--allowed-root", str(root / "adapters"))
@@ -31,11 +33,11 @@ def gemma(base_model_dir, tmp_path_factory):
     server.stop()
 
 
-def test_gemma3_greedy_over_http_matches_transformers_and_peft(gemma):
+def test_greedy_over_http_matches_transformers_and_peft(arch_server):
     from openai import OpenAI
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, adapter, server = gemma
+    path, adapter, server = arch_server
     r = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "g", "lora_path": str(adapter)},
                    timeout=60)
     assert r.status_code == 200, r.text
