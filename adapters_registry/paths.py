@@ -1,4 +1,4 @@
-"""Confining register-by-path to folders the operator allowed (`--adapter-root`)."""
+"""Confining register-by-path to folders the operator allowed (`--allowed-root`)."""
 from __future__ import annotations
 
 import os

@@ -11,7 +11,7 @@ Both run the native kernel (``engine.native_quant``: activations quantized to in
 they run ATen's weight-only kernels on bf16 activations (``_weight_int4pack_mm_for_cpu``,
 ``_weight_int8pack_mm``), and an int4 projection keeps a bf16 copy of its dequantized weight for
 steps with more than ``dense_above`` rows: there ATen's int4 kernel is compute-bound and slower
-than a bf16 GEMM (benchmarks/results/linear.json). The native and ATen forms store the same codes
+than a bf16 GEMM (benchmarks/bench_native.py, its `aten_int4_us` and `bf16_linear_us` columns). The native and ATen forms store the same codes
 and bf16 scales/zeros; only the byte order of the packed codes differs (``pack_int4``).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from loramux.engine import native_quant
 
 INT4_GROUP = 32            # the GGUF Q4_0/Q4_1/Q8_0 block: scales map one to one
-INT4_DENSE_ABOVE = 16      # rows from which the bf16 GEMM beats the int4 kernel (benchmarks/bench_linear.py)
+INT4_DENSE_ABOVE = 16      # rows from which the bf16 GEMM beats ATen's int4 kernel (benchmarks/bench_native.py)
 
 
 def native_available() -> bool:

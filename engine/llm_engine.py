@@ -52,7 +52,6 @@ class StepOutput:
 class EngineStats:
     steps: int = 0
     last_batch_size: int = 0
-    last_batch_tokens: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # drained by the metrics exporter
 
 
@@ -211,7 +210,6 @@ class LLMEngine:
     def _record(self, batch: ScheduledBatch) -> None:
         self.stats.steps += 1
         self.stats.last_batch_size = len(batch.sequences)
-        self.stats.last_batch_tokens = batch.num_tokens
         self.stats.batch_sizes.append(len(batch.sequences))
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> StepOutput:

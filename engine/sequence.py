@@ -72,10 +72,6 @@ class Sequence:
         return self.num_prefix_tokens + len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def num_real_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def lora_slot(self) -> int:
         return getattr(self.lease, "slot", -1) if self.lease is not None else -1
 
