@@ -8,7 +8,8 @@ behaves the same in any app.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pydantic_core
@@ -22,6 +23,7 @@ from loramux.server.auth import check_admin_key
 from loramux.server.backends import AdapterAdmin
 from loramux.server.errors import APIError, error_response
 from loramux.server.json_body import too_complex, validate_json
+from loramux.server.protocol import MixtureFields
 from loramux.server.uploads import staged_upload
 
 Route = Callable[..., Awaitable[Response]]
@@ -36,6 +38,26 @@ def _openai_errors(route: Route) -> Route:
         except (AdapterError, APIError) as e:
             return error_response(e.status, e.message, e.param, e.code, headers=getattr(e, "headers", None))
     return guarded
+
+
+@contextmanager
+def _fields_as_sent(names: dict[str, str | None]) -> Iterator[None]:
+    """Errors raised inside name the field at fault in the registry's words (`id`, `path`, `merge`,
+    `adapters.0.weight`): renamed here to the field of the body the client sent (`lora_path`,
+    `mixture.merge`), or to None for one it did not send."""
+    try:
+        yield
+    except (AdapterError, APIError) as e:
+        head, dot, rest = (e.param or "").partition(".")
+        if head in names:
+            e.param = None if names[head] is None else names[head] + dot + rest
+        raise
+
+
+# The registry's names of a mixture's fields, and where RegisterMixture has them.
+_IN_MIXTURE = {name: f"mixture.{name}" for name in MixtureFields.model_fields}
+_VLLM_LOAD = {"id": "lora_name", "path": "lora_path"}
+_VLLM_UNLOAD = {"id": "lora_name", "model": "lora_name"}    # the registry's 404 names the `model` asked for
 
 
 def _adapter_json(info: dict) -> dict:
@@ -58,12 +80,8 @@ def make_admin_router(admin: AdapterAdmin, admin_key: str | None) -> APIRouter:
 
     async def register_upload(request: Request) -> dict:
         async with staged_upload(request, admin.upload_bytes, admin.staging_dir()) as (adapter_id, folder):
-            try:
+            with _fields_as_sent({"path": None}):      # the registry's word for "the adapter's files"
                 return await admin.register_upload(adapter_id, folder)
-            except (AdapterError, APIError) as e:
-                if e.param == "path":     # the registry's word for "the adapter's files": none was sent
-                    e.param = None
-                raise
 
     @router.post("/v1/adapters", openapi_extra=body_doc([RegisterByPath, RegisterMixture], multipart=True))
     @_openai_errors
@@ -74,8 +92,9 @@ def make_admin_router(admin: AdapterAdmin, admin_key: str | None) -> APIRouter:
             info = await register_upload(request)
         elif ctype.startswith("application/json") and _names_mixture(await request.body()):
             body = validate_json(RegisterMixture, await request.body())
-            recipe = MixtureRecipe.create(**body.mixture.recipe_args())
-            info = await admin.save_mixture(body.id, recipe)
+            with _fields_as_sent(_IN_MIXTURE):
+                recipe = MixtureRecipe.create(**body.mixture.recipe_args())
+                info = await admin.save_mixture(body.id, recipe)
         elif ctype.startswith("application/json"):
             body = validate_json(RegisterByPath, await request.body())
             info = await admin.register_path(body.id, body.path)
@@ -109,7 +128,8 @@ def make_admin_router(admin: AdapterAdmin, admin_key: str | None) -> APIRouter:
     async def vllm_load(request: Request) -> Response:
         check_admin_key(request, admin_key)
         body = validate_json(VllmLoad, await request.body())
-        await admin.register_path(body.lora_name, body.lora_path)
+        with _fields_as_sent(_VLLM_LOAD):
+            await admin.register_path(body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     @router.post("/v1/unload_lora_adapter", openapi_extra=body_doc([VllmUnload]))
@@ -117,7 +137,8 @@ def make_admin_router(admin: AdapterAdmin, admin_key: str | None) -> APIRouter:
     async def vllm_unload(request: Request) -> Response:
         check_admin_key(request, admin_key)
         body = validate_json(VllmUnload, await request.body())
-        await admin.delete(body.lora_name)
+        with _fields_as_sent(_VLLM_UNLOAD):
+            await admin.delete(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     return router

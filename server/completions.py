@@ -31,8 +31,10 @@ async def run_request(state: ServerState, req: CompletionRequest | ChatCompletio
     deadline = time.monotonic() + state.request_timeout if state.request_timeout else None
     if req.adapters is not None:  # a per-request mixture, merged on first use (off the event loop)
         model, adapter_id = await run_in_threadpool(state.resolve_mixture, req)
+    elif req.adapter_id:
+        model, adapter_id = state.resolve_model(req.adapter_id, param="adapter_id")
     else:
-        model, adapter_id = state.resolve_model(req.adapter_id or req.model)
+        model, adapter_id = state.resolve_model(req.model)
     prep = await build_jobs(state, req, adapter_id)
     try:
         state.engine.check_accepting()

@@ -41,7 +41,7 @@ def validate_json(model: type[M], raw: bytes) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as e:
-        raise validation_error(e.errors(include_url=False)) from None
+        raise validation_error(e.errors(include_url=False), model) from None
 
 
 async def parse_json(model: type[M], raw: bytes, limiter: anyio.CapacityLimiter | None = None) -> M:

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from loramux.adapters_registry.mixtures import MAX_SOURCES
 from loramux.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from loramux.engine.structured import Grammar
+from loramux.server.errors import FieldError
 from loramux.server.structured_request import StructuredFields
 from loramux.server.tool_calls import ToolFields
 
@@ -170,7 +171,7 @@ class CompletionRequest(_Common):
     @model_validator(mode="after")
     def _zero_tokens_with_echo(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens: 0 is allowed only with echo: true")
+            raise FieldError("max_tokens", "0 is allowed only with echo: true")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -37,8 +37,9 @@ class ServerState:
         if self.token_bound is None:
             self.token_bound = TokenBound.of(self.tokenizer)
 
-    def resolve_model(self, name: str) -> tuple[str, str | None]:
-        """`model` (or `adapter_id`) -> (name to report, adapter id or None for the bare base model)."""
+    def resolve_model(self, name: str, param: str = "model") -> tuple[str, str | None]:
+        """`model` (or `adapter_id`: the request field `param` names) -> (name to report, adapter id or
+        None for the bare base model)."""
         if name == self.base_model_name:
             return name, None
         if self.registry is not None:
@@ -48,14 +49,15 @@ class ServerState:
                 return name, name
             except AdapterError:
                 pass
-        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        raise APIError(404, f"The model `{name}` does not exist.", param=param, code="model_not_found")
 
     def resolve_mixture(self, req) -> tuple[str, str]:
         """A request's `adapters` -> (mixture id to report, its adapter id), merging on first use:
         this can take seconds, so call it off the event loop. `model` must name the base model."""
         if req.model != self.base_model_name or req.adapter_id is not None:
             raise APIError(400, f"with `adapters`, `model` must be the base model `{self.base_model_name}` "
-                                f"(and no `adapter_id`)", param="model", code="invalid_value")
+                                f"(and no `adapter_id`)", param="model" if req.model != self.base_model_name else "adapter_id",
+                           code="invalid_value")
         if self.registry is None:
             raise APIError(400, "this server serves no adapters", param="adapters", code="invalid_value")
         from loramux.adapters_registry.errors import AdapterError

@@ -135,10 +135,10 @@ def test_save_mixture(target, admin, spec):
                         "already exists")
     unknown = {"adapters": [{"id": "c-mix-a"}, {"id": "c-no-such"}]}
     err = assert_openai_error(admin.post("/v1/adapters", json={"id": "c-blend-2", "mixture": unknown}), 404)
-    assert (err["code"], err["param"]) == ("adapter_not_found", "adapters")
+    assert (err["code"], err["param"]) == ("adapter_not_found", "mixture.adapters")
     err = assert_openai_error(admin.post("/v1/adapters", json={"id": "c-blend-2", "mixture": {
         **mixture, "merge": "magic"}}), 400)
-    assert err["param"] == "merge"
+    assert err["param"] == "mixture.merge"
     assert admin.delete("/v1/adapters/c-mix-a").status_code == 200
     again = completion(target.url, "c-blend", max_tokens=8, ignore_eos=True)      # a copy: its source may go
     assert again.json()["choices"] == per_request.json()["choices"]
@@ -162,7 +162,8 @@ def test_register_by_path_is_confined_to_the_allowed_roots(target, admin, spec, 
         for route, body in (("/v1/adapters", {"id": "c-conf", "path": path}),
                             ("/v1/load_lora_adapter", {"lora_name": "c-conf", "lora_path": path})):
             err = assert_openai_error(admin.post(route, json=body), status, words)
-            assert (err["code"] == "path_not_allowed") == (status == 403) and err["param"] == "path", (path, err)
+            assert (err["code"] == "path_not_allowed") == (status == 403), (path, err)
+            assert err["param"] == ("path" if route == "/v1/adapters" else "lora_path"), (route, path, err)
     assert_openai_error(admin.post("/v1/adapters", content=b'{"id": "c-conf", "path": "/tmp/\\u0000x"}',
                                    headers={"content-type": "application/json"}), 400)
     assert "c-conf" not in ids(admin.get("/v1/adapters").json())
