@@ -12,6 +12,8 @@ token), and that prompt's time to first token. 4096 holds the whole prompt: a st
 Runs alternate between budgets (trial 1 of each, then trial 2, ...) so a shared machine's load
 drifts over all of them alike; the load average is recorded.
 Goal (issue #17): p99 during the arrival <= 2x p50, max <= 3x.
+`--streams 0`: an idle server, the long prompt's TTFT alone per budget (issue #26: the default budget
+within 1.1x of one that holds the whole prompt); results in chunked_prefill_idle.json.
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ async def one_run(url: str, streams: int, prompt: list[int], max_tokens: int) ->
     limits = httpx.Limits(max_connections=streams + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits, trust_env=False) as client:
         body = {"model": "SmolLM2-135M-Instruct", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        if streams == 0:                                   # idle: the prompt's TTFT alone
+            arrival = await stream_completion(client, {**body, "prompt": prompt, "max_tokens": 1})
+            if arrival.error:
+                raise RuntimeError(arrival.error)
+            return {"ttft_long_prompt_s": round(arrival.ttft, 3)}
         runs = [Stream(time.perf_counter()) for _ in range(streams)]
         tasks = [asyncio.create_task(stream_completion(client, {**body, "prompt": STORY.format(i=i)}, s))
                  for i, s in enumerate(runs)]
@@ -74,6 +81,8 @@ def summarize(rows: list[dict]) -> dict:
         return sorted(r["itl_during_arrival_s"][key] / r[ref]["p50"] for r in rows)
 
     mid = len(rows) // 2
+    if "itl_whole_run_s" not in rows[0]:                  # idle runs
+        return {"ttft_long_prompt_s_median": sorted(r["ttft_long_prompt_s"] for r in rows)[mid]}
     out = {}
     for ref, name in (("itl_during_arrival_s", "window_p50"), ("itl_whole_run_s", "whole_run_p50")):
         p99, worst = ratios(ref, "p99"), ratios(ref, "max")
@@ -113,7 +122,11 @@ def main() -> None:
     res = run(args.streams, args.prompt_tokens, budgets, args.trials, args.max_tokens)
     for b, r in res["by_budget"].items():
         print(b, r["summary"])
-    print(write_results("chunked_prefill", res, f"python -m benchmarks.bench_chunked_prefill --streams {args.streams} "
+    if args.streams == 0:
+        ttft = {b: r["summary"]["ttft_long_prompt_s_median"] for b, r in res["by_budget"].items()}
+        res["ttft_over_first_budget"] = {b: round(t / ttft[str(budgets[0])], 3) for b, t in ttft.items()}
+        print(res["ttft_over_first_budget"])
+    print(write_results("chunked_prefill_idle" if args.streams == 0 else "chunked_prefill", res, f"python -m benchmarks.bench_chunked_prefill --streams {args.streams} "
                         f"--prompt-tokens {args.prompt_tokens} --budgets {args.budgets} --trials {args.trials} "
                         f"--max-tokens {args.max_tokens}"))
 
