@@ -198,3 +198,15 @@ def pytest_collection_modifyitems(config, items):
             for mark in sorted(lane_marks(item)):
                 item.add_marker(mark)
 
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """While `item` runs, a server started for it refuses to start unless it is marked e2e
+    (tests.server_process.refuse_unless_e2e): the rules above missed it."""
+    from tests import server_process
+
+    server_process.running_test = item
+    try:
+        return (yield)
+    finally:
+        server_process.running_test = None
