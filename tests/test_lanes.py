@@ -4,7 +4,9 @@ A `pytest --co -m "not e2e"` of the whole suite in a subprocess, with a probe pl
 starts a server on its own, without the marks: every fixture or test function that reaches one of
 conftest's SERVER_STARTERS through the functions and classes of tests/ it names. No test left after
 `-m "not e2e"` may use such a fixture or be such a test, conftest's SERVER_FIXTURES must name every
-one of conftest.py's own, and the e2e side must hold the server tests. Collection only: ~10 s.
+one of conftest.py's own, and the e2e side must hold the server tests. Collection only: ~10 s, and
+in the fast lane itself, which it guards. Behind it, tests.server_process refuses to start a server for
+a test not marked e2e, whichever lane runs it.
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from tests import ray_cluster, server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,3 +123,12 @@ def test_no_test_outside_e2e_starts_a_server(tmp_path):
     kept = {t["id"] for t in lanes["selected"]}
     assert "tests/test_architecture_http.py::test_unsupported_checkpoint_is_refused_in_one_line" in kept
     assert any(i.startswith("tests/test_kernels.py::") for i in kept)
+
+
+def test_a_test_not_marked_e2e_cannot_start_a_server(request, tmp_path):
+    # The starters by their names as strings: naming them in code would mark this test e2e (conftest.py).
+    assert request.node.get_closest_marker("e2e") is None
+    with pytest.raises(RuntimeError, match="is not marked e2e"):
+        getattr(server_process, "start_server")(tmp_path)  # noqa: B009
+    assert not list(tmp_path.iterdir()), "refused before anything started"
+    assert "refuse_unless_e2e" in getattr(ray_cluster, "start_ray_server").__code__.co_names  # noqa: B009
