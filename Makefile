@@ -8,7 +8,7 @@ PIN := -c $(LOCK) --build-constraint $(LOCK)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test lint bench setup lock
+.PHONY: serve test test-fast lint bench setup lock
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ serve: setup
 # threads of one process starve the other's (measured: a 0.5 ms matmul taking 500 ms).
 test: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q --durations=30 tests
+
+# The fast lane: no server processes or Ray (`e2e`), no runs of the embedded model or trainer (`slow`);
+# tests/conftest.py marks both by rule.
+test-fast: setup
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -m "not e2e and not slow" tests
 
 lint: setup
 	$(BIN)/python -m ruff check .

@@ -130,3 +130,83 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# Lanes: `make test` runs every test, `make test-fast` those marked neither `e2e` nor `slow`. The marks
+# are applied here, by rule, before `-m` deselects by them:
+#   e2e  - the test or a fixture it uses (item.fixturenames holds them all, through fixtures of fixtures)
+#          starts a real server and talks to it over a socket: it uses one of SERVER_FIXTURES, a function
+#          among them calls one of SERVER_STARTERS (a module's own fixture may start its server itself), or
+#          it is marked `ray`.
+#   slow - the test or a fixture it uses runs the embedded model: transformers on its weights
+#          (`hf_model_fp32`, the oracle of every real-model comparison), an engine built by a function
+#          that takes `base_model_dir` (the model, or a checkpoint made with its tokenizer), or a module
+#          fixture making peft adapters / references on it (tens of seconds of setup, shared by the module's
+#          tests); or the test is in SLOW_MODULES. The other users of `base_model_dir` read its config or
+#          tokenizer, or make one adapter in a test, and stay in the fast lane.
+SERVER_FIXTURES = frozenset({"server_pool", "serve", "server", "client", "_ray_holder", "ray_server", "target",
+                             "admin"})
+SERVER_STARTERS = frozenset({"start_server", "ServerPool", "start_ray_server"})   # server_process.py, ray_cluster.py
+MODEL_FIXTURES = frozenset({"hf_model_fp32"})
+ENGINE_BUILDERS = frozenset({"LLMEngine", "build_engine", "AsyncEngine"})
+PEFT_ON_THE_MODEL = frozenset({"make_adapters", "make_lora_adapter", "make_prefix_adapter", "load_peft_model",
+                               "fresh_base_model"})   # tests/adapter_factory.py
+SLOW_MODULES = frozenset({
+    "test_trainer.py", "test_trainer_methods.py",   # training runs of the embedded model (~1 min per fixture)
+    "test_lm_eval.py",                              # lm-evaluation-harness in a subprocess
+})
+
+
+def _code_names(code) -> frozenset[str]:
+    """The global and attribute names a code object and the functions nested in it use."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if hasattr(const, "co_names"):
+            names |= _code_names(const)
+    return frozenset(names)
+
+
+def _functions(item):
+    """(is a fixture, argument names, names used) of the test function and of every fixture it uses."""
+    funcs = [(False, item.function)] + [(True, fixturedef.func) for defs in item._fixtureinfo.name2fixturedefs.values()
+                                        for fixturedef in defs]
+    for is_fixture, func in funcs:
+        code = getattr(func, "__code__", None)
+        if code is not None:
+            yield is_fixture, code.co_varnames[:code.co_argcount], _code_names(code)
+
+
+def lane_marks(item) -> set[str]:
+    """The lane marks `item` gets: a subset of {"e2e", "slow"}."""
+    funcs = list(_functions(item))
+    fixtures = set(item.fixturenames)
+    marks = set()
+    if (fixtures & SERVER_FIXTURES or item.get_closest_marker("ray") is not None
+            or any(names & SERVER_STARTERS for _, _, names in funcs)):
+        marks.add("e2e")
+    if (fixtures & MODEL_FIXTURES or Path(str(item.fspath)).name in SLOW_MODULES
+            or any("base_model_dir" in args and (names & ENGINE_BUILDERS or is_fixture and names & PEFT_ON_THE_MODEL)
+                   for is_fixture, args, names in funcs)):
+        marks.add("slow")
+    return marks
+
+
+@pytest.hookimpl(tryfirst=True)   # before the mark plugin's `-m` deselects by these marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if isinstance(item, pytest.Function):
+            for mark in sorted(lane_marks(item)):
+                item.add_marker(mark)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """While `item` runs, a server started for it refuses to start unless it is marked e2e
+    (tests.server_process.refuse_unless_e2e): the rules above missed it."""
+    from tests import server_process
+
+    server_process.running_test = item
+    try:
+        return (yield)
+    finally:
+        server_process.running_test = None

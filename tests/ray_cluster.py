@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.server_process import ADMIN_KEY, free_port
+from tests.server_process import ADMIN_KEY, free_port, refuse_unless_e2e
 
 PER_REPLICA = 6          # Serve's multiplexing LRU: adapters one replica holds at once
 UPLOAD_BYTES = 1 << 20   # as `--max-upload-mb 1` (tests.server_process.LOCKED)
@@ -43,6 +43,7 @@ def start_ray_server(root: Path) -> RayServer:
     from loramux.server.ray_app import build
     from loramux.server.ray_config import RayConfig
 
+    refuse_unless_e2e()
     started = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=False)
     port = free_port()

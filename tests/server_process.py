@@ -20,6 +20,16 @@ ADMIN_KEY = "loramux-test-admin-key"
 LOCKED = ("--dtype", "float32", "--max-model-len", "64", "--kv-cache-gb", "0.05", "--max-loras", "2",
           "--max-lora-rank", "8", "--max-num-seqs", "8", "--admin-key", ADMIN_KEY, "--max-upload-mb", "1",
           "--request-timeout", "120")
+# The test being run (set by tests/conftest.py): a server is started only for a test marked e2e.
+running_test = None
+
+
+def refuse_unless_e2e() -> None:
+    """Stop a test that starts a server without the `e2e` mark, which `make test-fast` would run."""
+    if running_test is not None and running_test.get_closest_marker("e2e") is None:
+        raise RuntimeError(
+            f"{running_test.nodeid} starts a server but is not marked e2e, so `make test-fast` runs it: see "
+            "the lane rules in tests/conftest.py (SERVER_FIXTURES, SERVER_STARTERS)")
 
 
 def free_port() -> int:
@@ -55,6 +65,7 @@ class ServerProcess:
 
 
 def start_server(tmp: Path, *args: str, timeout: float = 180, env: dict | None = None) -> ServerProcess:
+    refuse_unless_e2e()
     port = free_port()
     log_path = tmp / f"server-{port}.log"
     cmd = [sys.executable, "-m", "loramux", "serve", "--port", str(port), "--data-dir", str(tmp / "data"), *args]

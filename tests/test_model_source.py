@@ -21,6 +21,7 @@ def test_embedded_model_is_converted_once_and_cached(base_model_dir, monkeypatch
     assert resolve_model(None) == base_model_dir
 
 
+@pytest.mark.slow   # no rule of tests/conftest.py sees a conversion of the embedded model
 def test_gguf_conversion_into_the_configured_cache(tmp_path, monkeypatch, base_model_dir):
     """The real dequantization (about 20 s) into $LORAMUX_CACHE gives the same weights as the cache."""
     from safetensors import safe_open
