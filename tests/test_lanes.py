@@ -108,7 +108,7 @@ def test_no_test_outside_e2e_starts_a_server(tmp_path):
     lanes = json.loads(out.read_text())
 
     # The probe finds the servers by itself: the session's pool, Ray, and a module's own (test_architecture_http.py).
-    assert {"server_pool", "ray_server", "gemma"} <= set(lanes["server_fixtures"]), lanes["server_fixtures"]
+    assert {"server_pool", "ray_server", "arch_server"} <= set(lanes["server_fixtures"]), lanes["server_fixtures"]
     missing = set(lanes["conftest_server_fixtures"]) - set(lanes["listed"])
     assert not missing, f"conftest.py fixtures that start a server, missing from SERVER_FIXTURES: {missing}"
 
@@ -119,7 +119,7 @@ def test_no_test_outside_e2e_starts_a_server(tmp_path):
     assert any(i.startswith("tests/test_server.py::") for i in deselected), "the hook marked no server test e2e"
     assert any(i.startswith("tests/test_http_ray.py::") for i in deselected)
     assert any("[ray]" in i for i in deselected)            # `target`'s Ray parameter (conftest.py)
-    assert "tests/test_architecture_http.py::test_gemma3_greedy_over_http_matches_transformers_and_peft" in deselected
+    assert "tests/test_architecture_http.py::test_greedy_over_http_matches_transformers_and_peft[gemma3]" in deselected
     kept = {t["id"] for t in lanes["selected"]}
     assert "tests/test_architecture_http.py::test_unsupported_checkpoint_is_refused_in_one_line" in kept
     assert any(i.startswith("tests/test_kernels.py::") for i in kept)
