@@ -80,8 +80,11 @@ def _head_dim(config) -> int:
 
 
 def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
-    """theta^(-2i/dim) in float32 as llama.cpp's converter and transformers compute it, as float64."""
-    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))).double()
+    """theta^(-2i/dim) in float32 (engine.models.spec.Rope.default: as llama.cpp's converter and
+    transformers compute it), as float64."""
+    from loramux.engine.models.spec import Rope
+
+    return torch.tensor(Rope.default(theta, dim).inv_freq, dtype=torch.float64)
 
 
 def _check_rope(rope_type: str, config, want: torch.Tensor, attention: float, name: str) -> str | None:
@@ -110,21 +113,16 @@ def _phi3_longrope(meta: dict[str, object], tensors: dict[str, np.ndarray], conf
     """Phi-3 128k / Phi-4-mini: longrope with the file's factors, original context and attention factor.
     The context served stops at the original one (engine.models.spec), where the short factors hold."""
     short, long = tensors.get("rope_factors_short.weight"), tensors.get("rope_factors_long.weight")
-    original = meta.get("rope.scaling.original_context_length")
-    if short is None or long is None or original is None:
-        return "its longrope tables lack rope_factors_long.weight or rope.scaling.original_context_length"
-    params = {**config.rope_parameters, "rope_type": "longrope", "short_factor": short.tolist(),
-              "long_factor": long.tolist(), "original_max_position_embeddings": int(original)}
-    attention = meta.get("rope.scaling.attn_factor")
-    if attention is not None:
-        params["attention_factor"] = float(attention)
-    config.rope_parameters = params
-    dim = int(_head_dim(config) * params.get("partial_rotary_factor", 1.0))
-    want = _default_inv_freq(params["rope_theta"], dim) / torch.from_numpy(short).double()
-    ratio = config.max_position_embeddings / int(original)
-    default_attention = math.sqrt(1 + math.log(ratio) / math.log(int(original))) if ratio > 1 else 1.0
-    return _check_rope("longrope", config, want, float(attention) if attention is not None else default_attention,
-                       "rope_factors_short.weight")
+    original, attention = meta.get("rope.scaling.original_context_length"), meta.get("rope.scaling.attn_factor")
+    if short is None or long is None or original is None or attention is None:   # the converter writes all four
+        return ("its longrope needs rope_factors_short.weight, rope_factors_long.weight, "
+                "rope.scaling.original_context_length and rope.scaling.attn_factor")
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "longrope", "short_factor": short.tolist(),
+                              "long_factor": long.tolist(), "original_max_position_embeddings": int(original),
+                              "attention_factor": float(attention)}
+    dim = int(_head_dim(config) * config.rope_parameters.get("partial_rotary_factor", 1.0))
+    want = _default_inv_freq(config.rope_parameters["rope_theta"], dim) / torch.from_numpy(short).double()
+    return _check_rope("longrope", config, want, float(attention), "rope_factors_short.weight")
 
 
 def llama3_rope_parameters(factors: list[float], theta: float, dim: int) -> dict | None:
