@@ -68,7 +68,8 @@ def main() -> None:
     out = write_results("gguf_forms", {
         "cpu_model": cpu_model(), "native_path": native_quant.path_name(ops.best_path()) if ops else "none (ATen)",
         "shape": f"{n}x{k}", "threads": args.threads, "uptime_at_start": start, "uptime_at_end": uptime(),
-        "rows": rows})
+        "rows": rows}, f"python -m benchmarks.bench_gguf_forms --rows {' '.join(map(str, args.rows))} "
+                     f"--shape {args.shape} --threads {args.threads}")
     print(f"wrote {out}")
 
 

@@ -27,7 +27,7 @@ from loramux.engine.config import EngineConfig
 from loramux.engine.llm_engine import LLMEngine
 from loramux.engine.sampling_params import SamplingParams
 from tests.hf_reference import hf_greedy
-from tests.tiny_gguf import ARCH_MIXES, arch_gguf_file, tiny_gguf_files
+from tests.tiny_gguf import ARCH_MIXES, arch_gguf_file, finish_gguf, tiny_gguf_files
 
 MIXES = ("q4_k_m", "q5_k_m", "legacy")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"]
@@ -148,10 +148,7 @@ def _tiny_file(path: Path, arch: str, kind: str, tensor: str = "blk.0.attn_q.wei
     w = GGUFWriter(path, arch)
     w.add_tensor(tensor, np.random.default_rng(0).integers(0, 256, (256, 256 // block * size),
                                                                           dtype=np.uint8), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return path
 
 
@@ -393,10 +390,7 @@ def _rewritten(src: Path, dst: Path, key: str | None, value, tensors: dict | Non
         w.add_key_value(k, value if k == f"{arch}.{key}" else f.contents(), f.types[0], sub_type=sub)
     for t in reader.tensors:
         w.add_tensor(t.name, (tensors or {}).get(t.name, t.data.copy()))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return dst
 
 

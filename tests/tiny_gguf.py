@@ -70,6 +70,14 @@ def random_tensor(rng: np.random.Generator, kind: str, rows: int, cols: int):
     return raw.reshape(rows, -1), qtype
 
 
+def finish_gguf(w) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, in the order gguf-py requires, and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_tiny_gguf(path: Path, kinds: dict[str, str], *, seed: int = 0, arch: str = "llama",
                     tokenizer_from: Path) -> Path:
     """A 2-layer Llama GGUF at `path` whose tensor types are `kinds` (role -> type; no "output": tied)."""
@@ -110,10 +118,7 @@ def write_tiny_gguf(path: Path, kinds: dict[str, str], *, seed: int = 0, arch: s
     w.add_tensor("output_norm.weight", norm())
     if "output" in kinds:
         add("output.weight", "output", vocab, SHAPE["hidden"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     os.replace(tmp, path)
     return path
 
@@ -304,10 +309,7 @@ def convert_checkpoint(model_dir: Path, path: Path, mix: dict[str, str], *, toke
         kind = mix.get(role, mix.get("*", "F32")) if a.ndim == 2 else "F32"
         data, raw_dtype = _stored(np.ascontiguousarray(a), kind)
         w.add_tensor(f"{gguf_name}.{suffix}", data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     os.replace(tmp, path)
     return path
 
