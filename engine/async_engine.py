@@ -71,6 +71,7 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self._looping = False             # `start` or `run` has been called
         self._stopped = threading.Event()
+        engine.arrivals = self._has_arrivals
 
     def start(self) -> None:
         """Run the step loop on a thread of its own."""
@@ -155,6 +156,11 @@ class AsyncEngine:
         self._wakeup.set()
 
     # -- engine thread ----------------------------------------------------------------------------
+
+    def _has_arrivals(self) -> bool:
+        """(asked by the engine mid-step) Requests or aborts wait in the inbox. Read without the lock:
+        a list's length is read atomically, and a late answer only delays the yield by a layer."""
+        return bool(self._new or self._aborts)
 
     def _drain_inbox(self) -> None:
         with self._lock:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from loramux.engine.gguf_weights import projection_kinds
 from loramux.engine.lora_slots import LoraSlots
 from loramux.engine.model_runner import ModelRunner
 from loramux.engine.model_source import gguf_source
-from loramux.engine.models.llama import PROJECTIONS, LlamaModel
+from loramux.engine.models.llama import PROJECTIONS, LlamaModel, StepYielded
 from loramux.engine.models.loader import load_model
 from loramux.engine.models.spec import ModelSpec
 from loramux.engine.quantize import GGUF_MODES, resident_bytes, resolve_mode
@@ -51,6 +52,7 @@ class StepOutput:
 @dataclass
 class EngineStats:
     steps: int = 0
+    yielded_steps: int = 0              # long idle prefills stopped for an arriving request
     last_batch_size: int = 0
     batch_sizes: list[int] = field(default_factory=list)  # drained by the metrics exporter
 
@@ -82,6 +84,10 @@ class LLMEngine:
         self.sampler = Sampler(self.spec.vocab_size, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size)   # used by the server's threads
         self.stats = EngineStats()
+        # True while requests wait to enter (AsyncEngine's inbox): a whole-prompt step of an idle
+        # engine stops between layers for them, so a short request never waits for a long prefill.
+        self.arrivals: Callable[[], bool] | None = None
+        self._yielded = False               # the last step yielded: this one runs to its end
 
     def _load_model(self) -> LlamaModel:
         t0 = time.perf_counter()
@@ -168,8 +174,12 @@ class LLMEngine:
             return failed
         self._record(batch)
         seqs = batch.sampled
+        yieldable, self._yielded = self._yieldable(batch), False
         try:
-            logits = self.runner.run(batch)
+            logits = self.runner.run(batch, self.arrivals if yieldable else None)
+        except StepYielded:
+            self._unwind(batch)
+            return failed
         except BaseException:
             self.blocks.forget_step()        # what this step registered in the prefix cache was never written
             raise
@@ -182,6 +192,25 @@ class LLMEngine:
             return failed
         tokens, lps = self.sampler(logits, seqs)
         return failed + [self._append(seq, tok, lp) for seq, tok, lp in zip(seqs, tokens, lps)]
+
+    def _yieldable(self, batch: ScheduledBatch) -> bool:
+        """A step may stop for arrivals when it is one prompt's idle prefill longer than a streaming
+        step (the scheduler's whole-prompt budget): no decode waits on it, and no other sequence of
+        the step can have read a block it registers in the prefix cache. Never two steps running: a
+        flood of requests the engine then refuses cannot hold a prompt back."""
+        return (self.arrivals is not None and not self._yielded and not batch.decodes and len(batch.prefills) == 1
+                and batch.num_tokens > self.scheduler.max_num_batched_tokens)
+
+    def _unwind(self, batch: ScheduledBatch) -> None:
+        """A yielded step: its chunk counts as not computed (the runner advances nothing before the
+        forward returns), and the blocks it registered in the prefix cache are forgotten, to be
+        registered again by the step that computes them. The next step admits the arrivals beside
+        the rest of the prompt, under the streaming budget (engine.scheduler)."""
+        self.blocks.forget_step()
+        for seq in batch.prefills:
+            seq.num_hashed_blocks = min(seq.num_hashed_blocks, seq.num_computed_tokens // self.blocks.block_size)
+        self.stats.yielded_steps += 1
+        self._yielded = True
 
     def _fail_nonfinite(self, batch: ScheduledBatch, logits: torch.Tensor, seqs: list[Sequence],
                         failed: list[StepOutput]) -> tuple[torch.Tensor, list[Sequence], list[StepOutput]]:

@@ -5,6 +5,8 @@ way); every layer reuses it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from loramux.engine.attention import AttentionMetadata, KVCache, PrefillSpan
@@ -161,11 +163,13 @@ class ModelRunner:
         attn.decode_mask = mask.to(self.device)
         attn.block_size = bs
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, should_yield: Callable[[], bool] | None = None) -> torch.Tensor:
         """Forward the batch; returns float32 logits [len(batch.sampled), vocab]: the last token of
         each sequence that gets a token from this step, in `batch.sampled` order. The prompt positions
-        scored for prompt_logprobs are left in `self.prompt_logits`."""
+        scored for prompt_logprobs are left in `self.prompt_logits`. `should_yield` is asked before
+        each layer: True raises StepYielded, nothing of the step counted as computed."""
         input_ids, ctx, logit_rows = self.prepare(batch)
+        ctx.should_yield = should_yield
         logits = self.model(input_ids, ctx, logit_rows)
         bad = ctx.attn.nonfinite_rows
         self.nonfinite = [seq for start, end, seq in self._row_owners if bad and any(start <= r < end for r in bad)]

@@ -15,6 +15,7 @@ GeGLU, softmax scale, rotary tables and sliding window per layer, final soft-cap
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -31,6 +32,10 @@ QKV, O, GATE_UP, DOWN = range(4)          # indices of SHRINK_GROUPS, one per fu
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # DecoderLayer attribute of each
 
 
+class StepYielded(Exception):
+    """The step stopped between layers for a request that arrived (engine.llm_engine.LLMEngine.step)."""
+
+
 @dataclass
 class ForwardContext:
     """Everything a step's forward pass needs besides the tokens; passed down, never global."""
@@ -41,6 +46,8 @@ class ForwardContext:
     windowed: dict[int, AttentionMetadata] = field(default_factory=dict)  # per sliding window: its masks
     # per rotary table of the spec: (cos, signed sin) (T, 1, rotary dim) for this step's positions, set once
     rope: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # asked before each layer: True stops the step (StepYielded), its work dropped; None: never stops
+    should_yield: Callable[[], bool] | None = None
 
     def attention(self, window: int | None) -> AttentionMetadata:
         return self.attn if window is None else self.windowed[window]
@@ -176,6 +183,8 @@ class LlamaModel(nn.Module):
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
         ctx.rope = [rope.tables(ctx.positions, h.dtype) for rope in self.ropes]
         for layer in self.layers:
+            if ctx.should_yield is not None and ctx.should_yield():
+                raise StepYielded
             h = layer(h, ctx)
         if logit_rows is not None:
             h = h[logit_rows]
