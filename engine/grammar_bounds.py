@@ -7,12 +7,14 @@ overflow in native code is a segfault: the whole server gone, no log line. Its o
 (LLParserLimits: nesting of groups and regexes, lexer size, "schema too large") stop other shapes
 with an error, not a crash.
 
-So, two independent guards, either enough for the chains measured:
+So, two independent guards, either enough for the chains measured, and a sandbox should both fail:
 - a bound on the client's text before compiling: MAX_GRAMMAR_RULES rules and MAX_GRAMMAR_BYTES for
   a grammar or regex, MAX_SCHEMA_NODES objects in a JSON schema (a chain is at most that deep);
 - compilation on a thread of its own with COMPILE_STACK_BYTES of stack (reserved address space,
   touched only as deep as the recursion goes): ~90,000 levels, 20x the deepest chain the bounds let
-  through; past the bounds llguidance's own "schema too large" stops `$ref` chains before 70,000.
+  through; past the bounds llguidance's own "schema too large" stops `$ref` chains before 70,000;
+- every new grammar compiled first in a child process (engine.grammar_sandbox): a crash there is a
+  400 for that request, never the server's end.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ _stack_lock = threading.Lock()
 
 
 def grammar_cost_problem(kind: str, text: str) -> str | None:
-    """Why the grammar of `kind` (engine/structured.py's GRAMMAR_KINDS) is too costly to compile, or None."""
+    """Why the grammar of `kind` (engine/grammar_compile.py's GRAMMAR_KINDS) is too costly to compile, or None."""
     if kind == "json_schema":
         nodes = _count_objects(json.loads(text))     # our own canonical text (schema_text), already bounded
         if nodes > MAX_SCHEMA_NODES:
@@ -64,8 +66,8 @@ def _count_objects(node: Any) -> int:
     return count
 
 
-def on_deep_stack(fn: Callable[[], T]) -> T:
-    """`fn()` on a fresh thread with COMPILE_STACK_BYTES of stack; its result, or its exception re-raised."""
+def on_deep_stack(fn: Callable[[], T], stack_bytes: int = COMPILE_STACK_BYTES) -> T:
+    """`fn()` on a fresh thread with `stack_bytes` of stack; its result, or its exception re-raised."""
     result: list[Any] = []
     failure: list[BaseException] = []
 
@@ -76,7 +78,7 @@ def on_deep_stack(fn: Callable[[], T]) -> T:
             failure.append(exc)
 
     with _stack_lock:       # threading.stack_size is process-wide: set it for this one thread's start only
-        before = threading.stack_size(COMPILE_STACK_BYTES)
+        before = threading.stack_size(stack_bytes)
         try:
             thread = threading.Thread(target=run, name="grammar-compile", daemon=True)
             thread.start()

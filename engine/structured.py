@@ -12,34 +12,24 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from loramux.engine.grammar_bounds import grammar_cost_problem, on_deep_stack
+from loramux.engine.grammar_compile import (
+    GrammarError,
+    GrammarSpec,
+    clean,
+    compile_template,
+    ll_tokenizer,
+    tokenizer_json,
+)
+from loramux.engine.grammar_sandbox import GrammarSandbox
 from loramux.engine.json_bounds import JsonTooComplex, loads_bounded
 
-GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
-MAX_ERROR_CHARS = 1000               # of llguidance's message, which quotes the grammar
 CACHE_SIZE = 256                     # compiled grammars kept (least recently used dropped first)
-# Between JSON tokens: one optional line break and some indentation, enough for compact and pretty-printed
-# JSON. Any-whitespace (JSON's own rule) lets a small model spin on blank lines until max_tokens instead of
-# closing the object, as SmolLM2 does with tool_choice "required".
-JSON_WHITESPACE = r"(\r?\n)?[ \t]{0,40}"
-
-
-class GrammarError(ValueError):
-    """A schema, regex, choice list or grammar llguidance refuses; the message says why."""
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """What to constrain to: `kind` one of GRAMMAR_KINDS, `text` the schema (JSON text), regex,
-    choice list (JSON text) or grammar (Lark or GBNF)."""
-    kind: str
-    text: str
 
 
 class Grammar:
@@ -52,60 +42,19 @@ class Grammar:
         return self._template.deep_copy()
 
 
-def _llguidance_text(spec: GrammarSpec) -> str:
-    import llguidance
-
-    if spec.kind in ("json_object", "json_schema"):
-        schema = '{"type": "object"}' if spec.kind == "json_object" else spec.text
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
-    if spec.kind == "grammar":
-        return llguidance.grammar_from("grammar", spec.text)      # Lark, or GBNF (llama.cpp / vLLM's EBNF)
-    if spec.kind in ("regex", "choice"):
-        return llguidance.grammar_from(spec.kind, spec.text)
-    raise GrammarError(f"unknown grammar kind {spec.kind!r}")
-
-
-def _limits() -> Any:
-    """llguidance's own bounds on a grammar's parser and lexer (its defaults), with errors that say what
-    limit was hit without dumping the parser's state."""
-    import llguidance
-
-    return llguidance.LLParserLimits(verbose_errors=False)
-
-
-def _compiled(spec: GrammarSpec, tokenizer: Any) -> Any:
-    """A template matcher for `spec`, at the grammar's start with its first mask computed: a grammar
-    too complex to start (llguidance's row and lexer limits) is refused here, before any generation."""
-    import llguidance
-
-    try:
-        text = _llguidance_text(spec)
-        error = llguidance.LLMatcher.validate_grammar(text, tokenizer, limits=_limits())
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # noqa: BLE001 - client text; a Rust panic is a BaseException (pyo3)
-        raise GrammarError(_clean(str(exc)) or type(exc).__name__) from None
-    if error:
-        raise GrammarError(_clean(error))
-    template = llguidance.LLMatcher(tokenizer, text, log_level=0, limits=_limits())
-    if not template.is_error():
-        template.compute_bitmask()
-    if template.is_error():
-        raise GrammarError(_clean(template.get_error()))
-    return template
-
-
 class GrammarCompiler:
     """Compiles GrammarSpecs against the model's tokenizer, caching the results.
 
     Thread-safe: the server compiles in its request-preparation threads (never on the event loop
-    or the engine thread). The llguidance tokenizer (~0.6 s to build) is made on first use.
+    or the engine thread). The llguidance tokenizer (~0.6 s to build) and the sandbox's child
+    process (engine.grammar_sandbox: every new grammar compiles there first) start on first use.
     """
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, cache_size: int = CACHE_SIZE) -> None:
         self.hf_tokenizer, self.vocab_size, self.cache_size = hf_tokenizer, vocab_size, cache_size
         self._lock = threading.Lock()
         self._ll_tokenizer: Any = None
+        self._sandbox: GrammarSandbox | None = None
         self._cache: OrderedDict[GrammarSpec, Grammar] = OrderedDict()
 
     def cached(self, spec: GrammarSpec) -> Grammar | None:
@@ -123,8 +72,9 @@ class GrammarCompiler:
         problem = grammar_cost_problem(spec.kind, spec.text)
         if problem is not None:
             raise GrammarError(f"too costly to compile: {problem}")
-        tokenizer = self._tokenizer()
-        template = on_deep_stack(lambda: _compiled(spec, tokenizer))
+        tokenizer, sandbox = self._tokenizer()
+        sandbox.check(spec)                          # a native crash ends the child's life, not ours
+        template = on_deep_stack(lambda: compile_template(spec, tokenizer))
         grammar = Grammar(spec, template)
         with self._lock:
             self._cache[spec] = grammar
@@ -132,13 +82,18 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
-    def _tokenizer(self) -> Any:
+    def _tokenizer(self) -> tuple[Any, GrammarSandbox]:
         with self._lock:
             if self._ll_tokenizer is None:
-                import llguidance.hf
+                text, eos = tokenizer_json(self.hf_tokenizer), self.hf_tokenizer.eos_token_id
+                self._ll_tokenizer = ll_tokenizer(text, self.vocab_size, eos)
+                self._sandbox = GrammarSandbox(text, self.vocab_size, eos)
+            return self._ll_tokenizer, self._sandbox
 
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(self.hf_tokenizer, n_vocab=self.vocab_size)
-            return self._ll_tokenizer
+    def close(self) -> None:
+        """Stop the sandbox's child process (it also ends by itself when this process does)."""
+        if self._sandbox is not None:
+            self._sandbox.close()
 
 
 class GrammarMasks:
@@ -182,11 +137,7 @@ def matcher_error(matcher: Any) -> str | None:
     """The matcher's error (llguidance's limits, a token outside the grammar), or None."""
     if not matcher.is_error():
         return None
-    return _clean(matcher.get_error()) or "the grammar matcher failed"
-
-
-def _clean(message: str) -> str:
-    return message.replace("<non-verbose/>", "").strip()[:MAX_ERROR_CHARS]
+    return clean(matcher.get_error()) or "the grammar matcher failed"
 
 
 def schema_text(schema: Any, strict: bool = False) -> str:
