@@ -227,5 +227,12 @@ class ChatCompletionRequest(_Common, ToolFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self) -> ChatCompletionRequest:
+        # OpenAI and vLLM refuse it too: without logprobs the alternatives would be dropped unsaid
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
     def template_messages(self) -> list[dict[str, Any]]:
         return [m.template_message() for m in self.messages]

@@ -77,9 +77,11 @@ class StructuredFields(BaseModel):
             asked.append((GrammarSpec("json_object", ""), "response_format"))
         elif isinstance(rf, JsonSchemaResponseFormat):
             js = rf.json_schema
-            spec = GrammarSpec("json_object", "") if js.schema_ is None else \
-                GrammarSpec("json_schema", schema_or_400(js.schema_, bool(js.strict), "response_format"))
-            asked.append((spec, "response_format"))
+            if js.schema_ is None:
+                asked.append((GrammarSpec("json_object", ""), "response_format"))
+            else:
+                param = "response_format.json_schema.schema"
+                asked.append((GrammarSpec("json_schema", schema_or_400(js.schema_, bool(js.strict), param)), param))
         so = self.structured_outputs
         if so is not None:
             given = [(k, v) for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
@@ -88,7 +90,9 @@ class StructuredFields(BaseModel):
             if len(given) != 1:
                 raise APIError(400, "structured_outputs takes exactly one of json, regex, choice, grammar, "
                                     "json_object", param="structured_outputs", code="invalid_value")
-            asked.append((_spec(*given[0], param="structured_outputs"), "structured_outputs"))
+            kind, value = given[0]
+            param = f"structured_outputs.{kind}"
+            asked.append((_spec(kind, value, param=param), param))
         for kind, value in (("json", self.guided_json), ("regex", self.guided_regex),
                             ("choice", self.guided_choice), ("grammar", self.guided_grammar)):
             if value is not None:

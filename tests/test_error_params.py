@@ -89,6 +89,10 @@ CASES = [
     (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     (CHAT, {"tools": [{"type": "function", "function": {"name": ""}}]}, 400, "tools.0.function.name"),
     (CHAT, {"top_logprobs": 21}, 400, "top_logprobs"),
+    (CHAT, {"top_logprobs": 2}, 400, "top_logprobs"),                               # was: 200 (logprobs off)
+    (C, {"structured_outputs": {"grammar": "root ::= nope"}}, 400, "structured_outputs.grammar"),  # was: top field
+    (CHAT, _schema(name="x", schema={"$ref": "#/$defs/gone"}), 400,
+     "response_format.json_schema.schema"),                                          # was: response_format
     # admin: a mixture's fields are under `mixture`
     (ADMIN, {"mixture": {"adapters": [{"id": "p-src-a", "weight": 1e74}]}}, 400,
      "mixture.adapters.0.weight"),                                                   # was: adapters.0.weight

@@ -97,10 +97,11 @@ def _error(r: httpx.Response, status: int) -> dict:
 # them (3,000 `$ref`s < 4,096 subschemas), compiled on the deep stack and answered.
 CRASHING_GRAMMARS = {
     "3,000 chained Lark rules": ({"guided_grammar": chain_grammar(3000)}, "guided_grammar", 400),
-    "5,000 chained Lark rules": ({"structured_outputs": {"grammar": chain_grammar(5000)}}, "structured_outputs", 400),
+    "5,000 chained Lark rules": ({"structured_outputs": {"grammar": chain_grammar(5000)}}, "structured_outputs.grammar",
+                                 400),
     "5,000 chained $refs": ({"guided_json": ref_chain_schema(5000)}, "guided_json", 400),
     "3,000 chained $refs in response_format": ({"response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": ref_chain_schema(3000)}}}, "response_format", 200),
+        "name": "x", "schema": ref_chain_schema(3000)}}}, "response_format.json_schema.schema", 200),
 }
 
 
@@ -191,7 +192,7 @@ DEEP_JSON = {
     "guided_json of 200,000 nested brackets": ({"guided_json": _nested(200_000)}, "guided_json"),
     "guided_json nested 5,000 levels": ({"guided_json": '{"a":' * 5000 + "1" + "}" * 5000}, "guided_json"),
     "structured_outputs.json nested 100,000 deep": ({"structured_outputs": {"json": _nested(100_000)}},
-                                                     "structured_outputs"),
+                                                     "structured_outputs.json"),
 }
 
 

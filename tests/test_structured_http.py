@@ -97,7 +97,7 @@ def _requests_total(url: str) -> str:
     ({"guided_json": {"type": "integer", "minimum": 5, "maximum": 1}}, "guided_json", "minimum"),
     ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/gone"}}}},
-     "response_format", "gone"),
+     "response_format.json_schema.schema", "gone"),
     ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar", "undefined_rule"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one"),
     ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", "one kind"),
