@@ -6,10 +6,12 @@ Two modes (engine.quantize):
           stored; any other type requantized min/max in groups of 32 (``quantize_int4``), which moves
           a weight by at most requant_int4_bound = half a step, (max - min) / 30 of its group.
     gguf  (what `auto` picks for a GGUF model in bf16 on the CPU) each fused projection in the
-          int4 kernel's form that holds the file's weights (the form decode steps of up to 16 rows
-          run; larger ones take the bf16 copy):
+          fastest form that holds the file's weights:
             all parts Q4_0 / Q4_1 / Q4_K      one int4 part, the codes as stored
-            any part Q8_0 / Q5_K / Q6_K       two int4 parts (8-bit codes, w = scale * u + offset:
+            any part Q8_0 / Q5_K / Q6_K       on a CPU that multiplies bf16 in hardware (AVX512-BF16,
+                                              AMX), dense bf16: faster than two parts at every row
+                                              count (dense_beats_two_parts); elsewhere
+                                              two int4 parts (8-bit codes, w = scale * u + offset:
                                               u = 16 hi + lo, engine.linear.Int4Linear sums them);
                                               Q8_0 / Q5_K codes as stored, 4-bit parts with a null
                                               second part; Q6_K (a scale per 16 weights) requantized
@@ -21,7 +23,9 @@ The int4 kernel reads scales and zeros in bf16: "as stored" is exact in the code
 scales (tests/test_gguf_blocks.py), then the scales round to bf16 as for every int4 projection,
 which moves a weight by at most ``stored_form_bound`` (about a bf16 rounding of the weight and
 of its group's scale and offset).
-Both forms keep a bf16 copy of the file's dequantized weight for large steps (engine.linear).
+With ATen's kernel (no native build) both int4 forms also keep a bf16 copy of the file's dequantized
+weight for steps of more than 16 rows (engine.linear); the native kernel reads the blocks at every
+row count.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from loramux.engine.gguf_blocks import FLOAT_KINDS, Int4Blocks, Int8Blocks
 from loramux.engine.linear import (
     DenseLinear,
     Int4Linear,
+    bf16_matmul_in_hardware,
     native_available,
     pack_int4,
     quantize_int4,
@@ -64,16 +69,28 @@ def exact_projection(weights: list[torch.Tensor], blocks: list[Blocks], kinds: l
                      dtype: torch.dtype) -> nn.Module:
     """`gguf` mode: the form that holds every part exactly (module docstring)."""
     weight = torch.cat(weights)                                                 # (N, K) float32
-    if any(k in FLOAT_KINDS for k in kinds):
+    if any(k in FLOAT_KINDS for k in kinds) or (two_parts(blocks) and dense_beats_two_parts(dtype)):
         return DenseLinear(weight.to(dtype))
     # the native kernel reads the blocks at every row count: a bf16 copy for large steps is ATen's need
     return int4_parts(weights, blocks, dense=None if native_available() else weight.to(torch.bfloat16))
 
 
+def two_parts(blocks: list[Blocks]) -> bool:
+    """Whether the int4 kernel needs two parts to hold these blocks (any not 4-bit)."""
+    return not all(isinstance(b, Int4Blocks) for b in blocks)
+
+
+def dense_beats_two_parts(dtype: torch.dtype) -> bool:
+    """Where the CPU multiplies bf16 in hardware, a bf16 GEMM beats two int4 parts at every row count
+    (benchmarks/results/gguf_forms.json: two parts 0.6-0.9x its speed at 1 row, 0.1x at 32), for
+    about a bf16 rounding of each weight (2^-9 relative: the order of stored_form_bound)."""
+    return dtype == torch.bfloat16 and bf16_matmul_in_hardware()
+
+
 def int4_parts(weights: list[torch.Tensor], blocks: list[Blocks], dense: torch.Tensor | None) -> Int4Linear:
     """One int4 part when every part's blocks are 4-bit, else two (8-bit codes; Q6_K / float parts
     requantized to int8 in groups of 32)."""
-    if all(isinstance(b, Int4Blocks) for b in blocks):
+    if not two_parts(blocks):
         part = pack_int4(*(torch.cat(xs) for xs in zip(*((b.codes, b.scale, b.zero) for b in blocks))))
         return Int4Linear([part], part[0].shape[0], dense)
     rows = [_two_part_rows(w, b) for w, b in zip(weights, blocks)]

@@ -2,6 +2,9 @@
 `engine.quantize.resident_bytes` (and the base_weights metric) is checked against."""
 from __future__ import annotations
 
+import torch
+
+from loramux.engine.gguf_forms import dense_beats_two_parts
 from loramux.engine.linear import native_available
 from loramux.engine.models.spec import ModelSpec
 
@@ -23,7 +26,8 @@ def expected_weight_bytes(spec: ModelSpec, mode: str, dtype_bytes: int = 4) -> t
     """Embeddings, lm_head (once if tied) and norms in the engine dtype + the four fused projections
     per layer as `mode` stores them. -> (bytes, number of projections).
 
-    int4 holds the lm_head as int8 in groups of 32 (two int4 parts). Without the native kernel
+    int4 holds the lm_head as int8 in groups of 32 (two int4 parts), or a tied one in bf16 as the
+    embedding itself where the CPU multiplies bf16 in hardware (engine.gguf_forms). Without the native kernel
     (ATen's path) it also keeps a bf16 dense copy of each projection (for steps of more than 16
     rows) and of the lm_head, which for a tied head is the embedding's own storage when the engine
     runs bf16 and a separate copy otherwise; with it, only the head's copy that costs nothing.
@@ -41,7 +45,10 @@ def expected_weight_bytes(spec: ModelSpec, mode: str, dtype_bytes: int = 4) -> t
     embed = dtype_bytes * spec.vocab_size * d
     if mode == "int4":
         shares_embedding = spec.tie_word_embeddings and dtype_bytes == 2
-        head = 2 * int4_part_bytes(spec.vocab_size, d) + (0 if shares_embedding else dense_copy * spec.vocab_size * d)
+        if shares_embedding and dense_beats_two_parts(torch.bfloat16):
+            head = 0                               # the embedding itself serves as the head
+        else:
+            head = 2 * int4_part_bytes(spec.vocab_size, d) + (0 if shares_embedding else dense_copy * spec.vocab_size * d)
     else:
         head = 0 if spec.tie_word_embeddings else embed
     norms = dtype_bytes * d * (2 * spec.num_layers + 1)

@@ -96,20 +96,33 @@ def test_float32_weights_and_greedy_are_transformers_on_the_same_file(gguf_files
 
 
 # -- c. bf16 auto: the exact form of each projection --------------------------------------------------
-def test_auto_serves_each_projection_in_its_exact_form(gguf_files):
+@pytest.mark.parametrize("bf16_hardware", [True, False], ids=["bf16-hardware", "no-bf16-hardware"])
+def test_auto_serves_each_projection_in_its_exact_form(gguf_files, monkeypatch, bf16_hardware):
+    """Both CPUs' choices, on any CPU (the choice is a function of the CPU's features; what each form
+    multiplies by is not): one int4 part for 4-bit blocks; the 8-bit types in two parts, or dense
+    bf16 where the CPU multiplies bf16 in hardware (faster at every row count)."""
+    from loramux.engine import gguf_forms
     from loramux.engine.gguf_forms import requant_int8_bound, requantized_int8, stored_form_bound
     from loramux.engine.gguf_weights import GGUFWeights
     from loramux.engine.linear import DenseLinear, Int4Linear, native_available, pack_int4
     from loramux.engine.model_source import resolve_model
 
+    monkeypatch.setattr(gguf_forms, "bf16_matmul_in_hardware", lambda: bf16_hardware)
     engine = LLMEngine(EngineConfig(resolve_model(gguf_files["q4_k_m"]), dtype="bfloat16", **SMALL))
     assert engine.quantize == "gguf"
     spec, model = engine.spec, engine.model
     codes = GGUFWeights(gguf_files["q4_k_m"], spec.num_heads, spec.num_kv_heads)
     for layer in model.layers:
-        # q, k Q4_K + v Q6_K -> two parts; o, gate|up Q4_K -> one part as stored; down Q6_K -> two parts
-        assert [getattr(layer, a).num_parts for a in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")] == \
-            [2, 1, 1, 2]
+        # q, k Q4_K + v Q6_K -> two parts (or dense); o, gate|up Q4_K -> one part as stored; down Q6_K -> two parts
+        if bf16_hardware:
+            for attr, names in (("qkv_proj", [f"self_attn.{m}_proj" for m in "qkv"]), ("down_proj", ["mlp.down_proj"])):
+                file_w = torch.cat([codes.dequantized(f"layers.{layer.layer}.{n}.weight") for n in names])
+                proj = getattr(layer, attr)
+                assert isinstance(proj, DenseLinear) and torch.equal(proj.weight, file_w.to(torch.bfloat16)), attr
+            assert [getattr(layer, a).num_parts for a in ("o_proj", "gate_up_proj")] == [1, 1]
+        else:
+            assert [getattr(layer, a).num_parts for a in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")] == \
+                [2, 1, 1, 2]
         o = codes.blocks(f"layers.{layer.layer}.self_attn.o_proj.weight")
         packed, scales_zeros = pack_int4(o.codes, o.scale, o.zero)
         assert torch.equal(layer.o_proj.packed0, packed) and torch.equal(layer.o_proj.scales_zeros0, scales_zeros)
@@ -118,23 +131,28 @@ def test_auto_serves_each_projection_in_its_exact_form(gguf_files):
         else:
             assert torch.equal(layer.o_proj.dense,
                                codes.dequantized(f"layers.{layer.layer}.self_attn.o_proj.weight").to(torch.bfloat16))
-    # what the kernel multiplies by (un-permuted q/k codes and scales, Q6_K v requantized) against the file
-    qkv, names = model.layers[1].qkv_proj, [f"layers.1.self_attn.{m}_proj.weight" for m in "qkv"]
-    kernel = Int4Linear([(qkv.packed0, qkv.scales_zeros0), (qkv.packed1, qkv.scales_zeros1)], qkv.out_features)
-    file_w = [codes.dequantized(n) for n in names]
-    v = requantized_int8(file_w[2])
-    bound = torch.cat([stored_form_bound(file_w[0], codes.blocks(names[0])),
-                       stored_form_bound(file_w[1], codes.blocks(names[1])),
-                       stored_form_bound(file_w[2], v) + requant_int8_bound(file_w[2]).repeat_interleave(32, -1)])
-    assert ((kernel.dequantized() - torch.cat(file_w)).abs() <= bound * (1 + 1e-6)).all()
-    assert isinstance(model.lm_head, Int4Linear) and model.lm_head.num_parts == 2      # Q6_K head: int8 groups
+    if bf16_hardware:
+        assert isinstance(model.lm_head, DenseLinear)                                 # Q6_K head, untied: bf16
+        assert torch.equal(model.lm_head.weight, codes.dequantized("lm_head.weight").to(torch.bfloat16))
+    else:
+        # what the kernel multiplies by (un-permuted q/k codes and scales, Q6_K v requantized) against the file
+        qkv, names = model.layers[1].qkv_proj, [f"layers.1.self_attn.{m}_proj.weight" for m in "qkv"]
+        kernel = Int4Linear([(qkv.packed0, qkv.scales_zeros0), (qkv.packed1, qkv.scales_zeros1)], qkv.out_features)
+        file_w = [codes.dequantized(n) for n in names]
+        v = requantized_int8(file_w[2])
+        bound = torch.cat([stored_form_bound(file_w[0], codes.blocks(names[0])),
+                           stored_form_bound(file_w[1], codes.blocks(names[1])),
+                           stored_form_bound(file_w[2], v) + requant_int8_bound(file_w[2]).repeat_interleave(32, -1)])
+        assert ((kernel.dequantized() - torch.cat(file_w)).abs() <= bound * (1 + 1e-6)).all()
+        assert isinstance(model.lm_head, Int4Linear) and model.lm_head.num_parts == 2  # Q6_K head: int8 groups
     # all projections in 4-bit blocks: `auto` is plain int4 (the file's codes); float parts stay dense
     assert LLMEngine(EngineConfig(resolve_model(gguf_files["all_4bit"]), dtype="bfloat16", **SMALL)).quantize == "int4"
     legacy = LLMEngine(EngineConfig(resolve_model(gguf_files["legacy"]), dtype="bfloat16", **SMALL))
     assert legacy.quantize == "gguf"
     first = legacy.model.layers[0]
     assert isinstance(first.o_proj, DenseLinear) and isinstance(first.down_proj, DenseLinear)   # F16, BF16
-    assert first.qkv_proj.num_parts == 2 and first.gate_up_proj.num_parts == 1                 # Q8_0 v; Q4_1|Q4_0
+    assert first.gate_up_proj.num_parts == 1                                                   # Q4_1|Q4_0
+    assert isinstance(first.qkv_proj, DenseLinear) if bf16_hardware else first.qkv_proj.num_parts == 2   # Q8_0 v
 
 
 # -- d. refusals ------------------------------------------------------------------------------------------
@@ -284,9 +302,9 @@ def test_auto_holds_each_architectures_blocks(arch):
     """bf16 `auto` on the Q4_0 / Q4_1 / Q8_0 / F16 file: every projection's kernel weight within
     stored_form_bound of transformers' dequantized weight from the same file (the blocks as stored,
     Phi-3's fused ones split by rows, Mistral's q/k un-permuted), F16 parts dense (exact in bf16
-    rounding), Qwen2's biases unquantized."""
+    rounding), and so Q8_0 ones where the CPU multiplies bf16 in hardware; Qwen2's biases unquantized."""
     from loramux.engine.gguf_blocks import split_rows
-    from loramux.engine.gguf_forms import stored_form_bound
+    from loramux.engine.gguf_forms import dense_beats_two_parts, stored_form_bound, two_parts
     from loramux.engine.gguf_weights import GGUFWeights
     from loramux.engine.linear import DenseLinear, Int4Linear
     from loramux.engine.model_source import resolve_model
@@ -309,6 +327,10 @@ def test_auto_holds_each_architectures_blocks(arch):
             blocks = (split_rows(codes.blocks(names[0]), sizes) if len(names) == 1 and len(group) > 1
                       else [codes.blocks(n) for n in names])
             assert all(b is not None for b in blocks)
+            if isinstance(proj, DenseLinear):              # Q8_0 parts where this CPU multiplies bf16 in hardware
+                assert two_parts(blocks) and dense_beats_two_parts(torch.bfloat16), (arch, i, attr)
+                assert torch.equal(proj.weight, w.to(torch.bfloat16)), (arch, i, attr)
+                continue
             kernel = Int4Linear([(getattr(proj, f"packed{j}"), getattr(proj, f"scales_zeros{j}"))
                                  for j in range(proj.num_parts)], proj.out_features, native=proj.native)
             bound = torch.cat([stored_form_bound(p, b) for p, b in zip(w.split(sizes), blocks)])

@@ -13,8 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loramux.engine.gguf_forms import dense_beats_two_parts
 from loramux.engine.linear import (
     INT4_GROUP,
+    DenseLinear,
     Int4Linear,
     bf16_matmul_in_hardware,
     int8_groups_as_int4_parts,
@@ -234,8 +236,8 @@ class _RecordedLogits:
     def __enter__(self) -> dict[str, list[torch.Tensor]]:
         run = self.engine.runner.run
 
-        def recorded(batch):
-            logits = run(batch)
+        def recorded(batch, should_yield=None):
+            logits = run(batch, should_yield)
             for seq, row in zip(batch.sequences, logits):
                 self.rows.setdefault(seq.request_id, []).append(row.clone())
             return logits
@@ -289,13 +291,16 @@ def test_engine_serves_the_gguf_codes(engine, gguf):
             packed, scales_zeros = pack_int4(*(torch.cat(xs) for xs in zip(*(gguf.int4(i, m) for m in group))))
             assert torch.equal(proj.packed0, packed) and torch.equal(proj.scales_zeros0, scales_zeros), (i, attr)
     head, q8 = engine.model.lm_head, int8_groups_as_int4_parts(*gguf.token_embedding_q8())
-    assert isinstance(head, Int4Linear) and head.num_parts == 2
-    assert all(torch.equal(getattr(head, n), getattr(q8, n)) for n in ("packed0", "scales_zeros0", "packed1",
-                                                                      "scales_zeros1"))
-    if head.native and not bf16_matmul_in_hardware():
-        assert head.dense is None                  # the native kernel's parts beat bf16 widened to float32
+    if dense_beats_two_parts(torch.bfloat16):      # bf16 hardware: the tied embedding itself, faster than two parts
+        assert isinstance(head, DenseLinear) and head.weight is engine.model.embed_tokens
     else:
-        assert head.dense is engine.model.embed_tokens and head.dense.dtype == torch.bfloat16  # tied: one copy
+        assert isinstance(head, Int4Linear) and head.num_parts == 2
+        assert all(torch.equal(getattr(head, n), getattr(q8, n)) for n in ("packed0", "scales_zeros0", "packed1",
+                                                                          "scales_zeros1"))
+        if head.native and not bf16_matmul_in_hardware():
+            assert head.dense is None              # the native kernel's parts beat bf16 widened to float32
+        else:
+            assert head.dense is engine.model.embed_tokens and head.dense.dtype == torch.bfloat16  # tied: one copy
     assert engine.weight_bytes == expected_weight_bytes(engine.spec, "int4", dtype_bytes=2)[0]
 
 

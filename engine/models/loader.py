@@ -17,7 +17,13 @@ from safetensors import safe_open
 from torch import nn
 
 from loramux.engine.gguf_blocks import Int4Blocks, Int8Blocks, split_rows
-from loramux.engine.gguf_forms import exact_projection, int4_parts, int4_projection
+from loramux.engine.gguf_forms import (
+    dense_beats_two_parts,
+    exact_projection,
+    int4_parts,
+    int4_projection,
+    two_parts,
+)
 from loramux.engine.gguf_weights import GGUFWeights
 from loramux.engine.linear import (
     DenseLinear,
@@ -126,11 +132,15 @@ def _lm_head(weight: torch.Tensor, tied: torch.Tensor | None, quantize: str, dty
     so the int4 / gguf modes hold it as int8 in groups of 32 (a GGUF's own blocks when a group-32
     form holds them: Q8_0, Q5_K; 4-bit ones as they are), read by the int4 kernel in two parts.
     Large batches use the dense (tied) weight, which with the native kernel is kept only where it
-    costs nothing (the bf16 embedding itself) and the CPU has bf16 hardware to make it faster. The
+    costs nothing (the bf16 embedding itself) and the CPU has bf16 hardware to make it faster. On
+    such a CPU two int4 parts are slower than bf16 at every row count (engine.gguf_forms), so a
+    head in two parts is dense there when that adds no byte (tied) or `auto` chose it (gguf). The
     bitsandbytes modes leave it dense, as transformers' BitsAndBytesConfig does."""
     if quantize not in GGUF_MODES:
         return DenseLinear(tied if tied is not None else weight.to(dtype))
     dense = tied.to(torch.bfloat16) if tied is not None else weight.to(torch.bfloat16)
+    if two_parts([blocks]) and dense_beats_two_parts(dtype) and (dense is tied or quantize == "gguf"):
+        return DenseLinear(dense)           # the embedding itself (no byte added), or `auto`'s fastest form
     if blocks is None:
         head = int8_groups_as_int4_parts(*quantize_int8_groups(weight))
     else:
