@@ -16,6 +16,8 @@ and bf16 scales/zeros; only the byte order of the packed codes differs (``pack_i
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +25,7 @@ from torch import nn
 from loramux.engine import native_quant
 
 INT4_GROUP = 32            # the GGUF Q4_0/Q4_1/Q8_0 block: scales map one to one
-INT4_DENSE_ABOVE = 16      # rows from which the bf16 GEMM beats ATen's int4 kernel (benchmarks/bench_native.py)
+INT4_DENSE_ABOVE = 16      # rows from which a bf16 GEMM beats the int4 kernels (benchmarks/bench_native.py)
 
 
 def native_available() -> bool:
@@ -31,6 +33,7 @@ def native_available() -> bool:
     return native_quant.ops() is not None
 
 
+@functools.cache
 def bf16_matmul_in_hardware() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there a bf16 GEMM beats
     the int4 kernels on many rows; elsewhere oneDNN widens bf16 to float32 and runs 3-8x slower than
@@ -73,7 +76,12 @@ class Int4Linear(nn.Module):
         self.num_parts = len(parts)
         self._out_features = out_features
         self.register_buffer("dense", dense)                         # bf16 (d_out, d_in) or None
-        self.dense_above = dense_above
+        # Steps of more rows than dense_above multiply by bf16 weights: the resident copy (ATen's
+        # path), or on a CPU that multiplies bf16 in hardware, the native parts dequantized for the
+        # step (one pass over the codes): there the integer dots cost ~4x a bf16 GEMM per row on many
+        # rows. None: the int4 kernel at every row count (--batch-invariant).
+        self.dense_above: int | None = dense_above
+        self.dequantize_for_steps = self.native and bf16_matmul_in_hardware()
 
     @property
     def out_features(self) -> int:
@@ -105,9 +113,14 @@ class Int4Linear(nn.Module):
                 for i in range(self.num_parts))
         return w.T.contiguous()
 
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(getattr(self, f"packed{i}"), getattr(self, f"scales_zeros{i}")) for i in range(self.num_parts)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > self.dense_above:
-            y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.dense)
+        if (self.dense_above is not None and x.shape[0] > self.dense_above
+                and (self.dense is not None or self.dequantize_for_steps)):
+            w = self.dense if self.dense is not None else native_quant.dequantize_bf16(self.parts())
+            y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), w)
         elif self.native:
             act = native_quant.quantize_rows(x)
             y = native_quant.int4_mm(act, self.packed0, self.scales_zeros0)

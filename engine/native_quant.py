@@ -116,3 +116,8 @@ def int8_mm(act: tuple[torch.Tensor, torch.Tensor, torch.Tensor], q: torch.Tenso
     """float32 (M, N): quantized activations x per-channel int8 weights q (N, K), bf16 scale (N,)."""
     qx, dx, _ = act
     return ops().int8_mm(qx, dx, q, scale, forced_path() if path is None else path)  # type: ignore[union-attr]
+
+
+def dequantize_bf16(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """bf16 (N, K): the summed weight of int4 parts (packed, scales_zeros) in the native layout."""
+    return ops().dequantize_bf16([p for p, _ in parts], [sz for _, sz in parts])  # type: ignore[union-attr]

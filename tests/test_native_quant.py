@@ -156,6 +156,19 @@ def test_native_layout_round_trips_and_paths_are_checked(ops):
             native_quant.int4_mm(act, packed, scales_zeros, path=ops.best_path() + 1)
 
 
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("num_parts", [1, 2])
+def test_dequantize_bf16_is_the_parts_weight_rounded_once(ops, n, k, num_parts):
+    """The weight a large step multiplies by: the parts' float32 weights (unpack_native_int4: the
+    same operations), summed, rounded to bf16 (nearest even) once: bit for bit, odd shapes too."""
+    gen = torch.Generator().manual_seed(n * k + num_parts)
+    parts = [pack_int4(*_random_int4(gen, n, k), native=True) for _ in range(num_parts)]
+    want = sum(unpack_native_int4(p, sz) for p, sz in parts).to(torch.bfloat16)
+    got = native_quant.dequantize_bf16(parts)
+    assert got.dtype == torch.bfloat16 and got.shape == (n, k)
+    assert torch.equal(got, want)
+
+
 def test_rows_do_not_depend_on_their_batch_mates(ops):
     """Each row is quantized alone and each output sums its groups in one fixed order; threads split
     columns only: a row's output is the same bit for bit alone or among 63 others, on every path."""

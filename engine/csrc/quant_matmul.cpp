@@ -344,7 +344,50 @@ at::Tensor int8_mm(const at::Tensor& qx, const at::Tensor& dx, const at::Tensor&
   return out;
 }
 
+// w (N, K) bf16 = the sum over the parts of (code - 8) * s + z: each part's weight in float32 (no fma:
+// -ffp-contract=off), the parts added, rounded to bf16 once (nearest even, as torch's .to(bfloat16)):
+// the weight a large step multiplies by in one bf16 GEMM, bit for bit engine.linear.unpack_native_int4's.
+at::Tensor dequantize_bf16(const std::vector<at::Tensor>& packed, const std::vector<at::Tensor>& scales_zeros) {
+  TORCH_CHECK(!packed.empty() && packed.size() == scales_zeros.size(), "one scales_zeros per part");
+  const int64_t N = packed[0].size(0), K = packed[0].size(1) * 2, G = K / GROUP;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    TORCH_CHECK(packed[i].scalar_type() == at::kByte && packed[i].is_contiguous() &&
+                    packed[i].sizes() == at::IntArrayRef({N, K / 2}), "packed must be contiguous uint8 (N, K / 2)");
+    TORCH_CHECK(scales_zeros[i].scalar_type() == at::kBFloat16 && scales_zeros[i].is_contiguous() &&
+                    scales_zeros[i].sizes() == at::IntArrayRef({G, N, 2}), "scales_zeros: bf16 (K / 32, N, 2)");
+  }
+  at::Tensor out = at::empty({N, K}, packed[0].options().dtype(at::kBFloat16));
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t parts = static_cast<int64_t>(packed.size());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float v[GROUP];
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < parts; ++i) {
+          const uint8_t* w = packed[i].data_ptr<uint8_t>() + n * (K / 2) + g * (GROUP / 2);
+          const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_zeros[i].data_ptr<at::BFloat16>()) + (g * N + n) * 2;
+          const float sc = bf16_to_float(sz[0]), z = bf16_to_float(sz[1]);
+          for (int64_t j = 0; j < GROUP / 2; ++j) {
+            const float lo = static_cast<float>(static_cast<int32_t>(w[j] & 15) - 8) * sc + z;
+            const float hi = static_cast<float>(static_cast<int32_t>(w[j] >> 4) - 8) * sc + z;
+            v[j] = i ? v[j] + lo : lo;
+            v[j + GROUP / 2] = i ? v[j + GROUP / 2] + hi : hi;
+          }
+        }
+        uint16_t* dst = o + n * K + g * GROUP;
+        for (int64_t j = 0; j < GROUP; ++j) {          // round to nearest even (the weights are finite)
+          uint32_t u;
+          std::memcpy(&u, &v[j], 4);
+          dst[j] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("dequantize_bf16", &dequantize_bf16, "int4 parts (packed, scales_zeros) -> their summed weight, bf16 (N, K)");
   m.def("best_path", &best_path, "0 scalar, 1 AVX2, 2 AVX512-VNNI: the fastest path this CPU runs");
   m.def("quantize_rows", &quantize_rows, "x (M, K), path -> qx int8 (M, K), dx float32 (M, K/32), sx int32 (M, K/32)");
   m.def("int4_mm", &int4_mm, "out (M, N) (+)= int8 activations x one int4 part");
