@@ -61,7 +61,7 @@ def make_batch_invariant(model: nn.Module, projections: tuple[str, ...]) -> None
     """Turn a loaded model's projections (each layer's `projections` and the lm_head) per-row."""
     def convert(module: nn.Module) -> nn.Module:
         if isinstance(module, Int4Linear):
-            module.dense, module.dense_above = None, None     # the int4 kernel at every row count
+            module.dense, module.dequantize_above = None, None   # the int4 kernel at every row count
             return module
         if isinstance(module, DenseLinear):
             return RowTiledLinear(module)

@@ -25,7 +25,11 @@ from torch import nn
 from loramux.engine import native_quant
 
 INT4_GROUP = 32            # the GGUF Q4_0/Q4_1/Q8_0 block: scales map one to one
-INT4_DENSE_ABOVE = 16      # rows from which a bf16 GEMM beats the int4 kernels (benchmarks/bench_native.py)
+INT4_DENSE_ABOVE = 16      # rows from which the bf16 GEMM beats ATen's int4 kernel (benchmarks/bench_native.py)
+# rows from which dequantizing the native parts for the step and one bf16 GEMM beat the integer dots,
+# on a CPU with bf16 hardware (measured on the embedded model, EPYC AVX512-BF16: a 17-row step 71 vs
+# 68 ms, 24 rows 74 vs 83 ms, 128 rows 169 vs 320 ms, 1,500 rows 1.9 vs 4.1 s)
+INT4_DEQUANTIZE_ABOVE = 20
 
 
 def native_available() -> bool:
@@ -76,12 +80,12 @@ class Int4Linear(nn.Module):
         self.num_parts = len(parts)
         self._out_features = out_features
         self.register_buffer("dense", dense)                         # bf16 (d_out, d_in) or None
-        # Steps of more rows than dense_above multiply by bf16 weights: the resident copy (ATen's
-        # path), or on a CPU that multiplies bf16 in hardware, the native parts dequantized for the
-        # step (one pass over the codes): there the integer dots cost ~4x a bf16 GEMM per row on many
-        # rows. None: the int4 kernel at every row count (--batch-invariant).
-        self.dense_above: int | None = dense_above
-        self.dequantize_for_steps = self.native and bf16_matmul_in_hardware()
+        self.dense_above = dense_above
+        # On a CPU that multiplies bf16 in hardware, steps of more rows multiply by the native parts
+        # dequantized for the step (one pass over the codes) in one bf16 GEMM: there the integer dots
+        # cost ~2-3x a bf16 GEMM per row. None: the int4 kernel at every row count.
+        self.dequantize_above: int | None = (INT4_DEQUANTIZE_ABOVE if self.native and bf16_matmul_in_hardware()
+                                             else None)
 
     @property
     def out_features(self) -> int:
@@ -117,9 +121,11 @@ class Int4Linear(nn.Module):
         return [(getattr(self, f"packed{i}"), getattr(self, f"scales_zeros{i}")) for i in range(self.num_parts)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.dense_above is not None and x.shape[0] > self.dense_above
-                and (self.dense is not None or self.dequantize_for_steps)):
-            w = self.dense if self.dense is not None else native_quant.dequantize_bf16(self.parts())
+        rows = x.shape[0]
+        if self.dense is not None and rows > self.dense_above:
+            y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.dense)
+        elif self.dequantize_above is not None and rows > self.dequantize_above:
+            w = native_quant.dequantize_bf16(self.parts())
             y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), w)
         elif self.native:
             act = native_quant.quantize_rows(x)

@@ -23,7 +23,7 @@ from loramux.engine.linear import (
 
 U = 2.0 ** -8        # bf16 unit roundoff: 8 significant bits, round to nearest
 U32 = 2.0 ** -24     # float32's
-BATCHES = (1, 5, 17, 64)   # rows; above INT4_DENSE_ABOVE (16) Int4Linear takes its bf16 dense copy
+BATCHES = (1, 5, 17, 21, 64)   # rows; above INT4_DENSE_ABOVE (16) the bf16 dense copy, above 20 dequantized parts
 N_OUT, K_IN = 96, 576      # 96 = a full and a partial block of the AVX512 kernel's 64 columns; 576 = hidden size
 
 
@@ -66,8 +66,8 @@ def _int8_activations(x: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
 
 def _bf16_path(lin, rows: int) -> bool:
     """The step multiplies by bf16 weights: the dense copy, or the native parts dequantized for it."""
-    return lin.dense_above is not None and rows > lin.dense_above and (lin.dense is not None or
-                                                                        lin.dequantize_for_steps)
+    return ((lin.dense is not None and rows > lin.dense_above)
+            or (lin.dequantize_above is not None and rows > lin.dequantize_above))
 
 
 def _native_path(lin, rows: int) -> bool:
@@ -93,7 +93,7 @@ def _per_group(t: torch.Tensor) -> torch.Tensor:
 def test_int4_linear_matches_float64(rows, dtype):
     """ATen, r = 3: activations, scale/zero (int4 kernel) or the dequantized weight (dense copy),
     output. Native, r = 2: scale/zero, output (bf16 only), + the int8 activations' term; its steps of
-    more than 16 rows on a CPU with bf16 hardware (the parts dequantized to bf16), r = 4: activations,
+    more than 20 rows on a CPU with bf16 hardware (the parts dequantized to bf16), r = 4: activations,
     scale/zero, the weight's own bf16 rounding, output."""
     gen = torch.Generator().manual_seed(rows)
     codes, scale, zero = _random_int4(gen)

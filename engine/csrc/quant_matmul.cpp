@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -344,42 +345,85 @@ at::Tensor int8_mm(const at::Tensor& qx, const at::Tensor& dx, const at::Tensor&
   return out;
 }
 
-// w (N, K) bf16 = the sum over the parts of (code - 8) * s + z: each part's weight in float32 (no fma:
-// -ffp-contract=off), the parts added, rounded to bf16 once (nearest even, as torch's .to(bfloat16)):
-// the weight a large step multiplies by in one bf16 GEMM, bit for bit engine.linear.unpack_native_int4's.
-at::Tensor dequantize_bf16(const std::vector<at::Tensor>& packed, const std::vector<at::Tensor>& scales_zeros) {
+// ---- dequantization to bf16, for steps of many rows (one bf16 GEMM beats the integer dots there) ----
+// A group of 32 weights of one part in float32: (code - 8) * s + z, a multiply then an add (no fma).
+void dequant_group_scalar(const uint8_t* w, float sc, float z, float* dst) {
+  for (int64_t j = 0; j < GROUP / 2; ++j) {
+    dst[j] = static_cast<float>(static_cast<int32_t>(w[j] & 15) - 8) * sc + z;
+    dst[j + GROUP / 2] = static_cast<float>(static_cast<int32_t>(w[j] >> 4) - 8) * sc + z;
+  }
+}
+
+// float32 -> bf16, round to nearest even (the weights are finite): torch's .to(bfloat16).
+void round_group_scalar(const float* v, uint16_t* out) {
+  for (int64_t j = 0; j < GROUP; ++j) {
+    uint32_t u;
+    std::memcpy(&u, &v[j], 4);
+    out[j] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+__attribute__((target("avx512f"))) void dequant_group_avx512(const uint8_t* w, float sc, float z, float* dst) {
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m512i eight = _mm512_set1_epi32(8);
+  const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(x, _mm512_set1_epi32(15)), eight);
+  const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(x, 4), eight);
+  const __m512 s = _mm512_set1_ps(sc), zz = _mm512_set1_ps(z);
+  _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), s), zz));
+  _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), s), zz));
+}
+
+__attribute__((target("avx512f"))) void add_group_avx512(float* v, const float* part) {
+  for (int64_t k = 0; k < GROUP; k += 16)
+    _mm512_storeu_ps(v + k, _mm512_add_ps(_mm512_loadu_ps(v + k), _mm512_loadu_ps(part + k)));
+}
+
+__attribute__((target("avx512f"))) void round_group_avx512(const float* v, uint16_t* out) {
+  for (int64_t k = 0; k < GROUP; k += 16) {
+    const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(v + k));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), _mm512_cvtepi32_epi16(r));
+  }
+}
+
+// w (N, K) bf16 = the sum over the parts of (code - 8) * s + z: each part's weight in float32, the
+// parts added, rounded to bf16 once: bit for bit engine.linear.unpack_native_int4's sum, .to(bf16)
+// (the AVX-512 path does the same float32 operations, 16 lanes at a time).
+at::Tensor dequantize_bf16(const std::vector<at::Tensor>& packed, const std::vector<at::Tensor>& scales_zeros,
+                           int64_t path) {
   TORCH_CHECK(!packed.empty() && packed.size() == scales_zeros.size(), "one scales_zeros per part");
   const int64_t N = packed[0].size(0), K = packed[0].size(1) * 2, G = K / GROUP;
-  for (size_t i = 0; i < packed.size(); ++i) {
+  const int64_t parts = static_cast<int64_t>(packed.size());
+  std::vector<const uint8_t*> codes(parts);
+  std::vector<const uint16_t*> szs(parts);
+  for (int64_t i = 0; i < parts; ++i) {
     TORCH_CHECK(packed[i].scalar_type() == at::kByte && packed[i].is_contiguous() &&
                     packed[i].sizes() == at::IntArrayRef({N, K / 2}), "packed must be contiguous uint8 (N, K / 2)");
     TORCH_CHECK(scales_zeros[i].scalar_type() == at::kBFloat16 && scales_zeros[i].is_contiguous() &&
                     scales_zeros[i].sizes() == at::IntArrayRef({G, N, 2}), "scales_zeros: bf16 (K / 32, N, 2)");
+    codes[i] = packed[i].data_ptr<uint8_t>();
+    szs[i] = reinterpret_cast<const uint16_t*>(scales_zeros[i].data_ptr<at::BFloat16>());
   }
   at::Tensor out = at::empty({N, K}, packed[0].options().dtype(at::kBFloat16));
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t parts = static_cast<int64_t>(packed.size());
+  const bool wide = checked_path(path) == VNNI;       // the AVX-512 path (VNNI implies AVX512F)
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    float v[GROUP];
+    alignas(64) float v[GROUP];
+    alignas(64) float part[GROUP];
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t i = 0; i < parts; ++i) {
-          const uint8_t* w = packed[i].data_ptr<uint8_t>() + n * (K / 2) + g * (GROUP / 2);
-          const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_zeros[i].data_ptr<at::BFloat16>()) + (g * N + n) * 2;
+          const uint8_t* w = codes[i] + n * (K / 2) + g * (GROUP / 2);
+          const uint16_t* sz = szs[i] + (g * N + n) * 2;
           const float sc = bf16_to_float(sz[0]), z = bf16_to_float(sz[1]);
-          for (int64_t j = 0; j < GROUP / 2; ++j) {
-            const float lo = static_cast<float>(static_cast<int32_t>(w[j] & 15) - 8) * sc + z;
-            const float hi = static_cast<float>(static_cast<int32_t>(w[j] >> 4) - 8) * sc + z;
-            v[j] = i ? v[j] + lo : lo;
-            v[j + GROUP / 2] = i ? v[j + GROUP / 2] + hi : hi;
+          float* dst = i ? part : v;
+          if (wide) dequant_group_avx512(w, sc, z, dst); else dequant_group_scalar(w, sc, z, dst);
+          if (i) {
+            if (wide) add_group_avx512(v, part); else for (int64_t j = 0; j < GROUP; ++j) v[j] += part[j];
           }
         }
-        uint16_t* dst = o + n * K + g * GROUP;
-        for (int64_t j = 0; j < GROUP; ++j) {          // round to nearest even (the weights are finite)
-          uint32_t u;
-          std::memcpy(&u, &v[j], 4);
-          dst[j] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-        }
+        if (wide) round_group_avx512(v, o + n * K + g * GROUP); else round_group_scalar(v, o + n * K + g * GROUP);
       }
     }
   });
@@ -387,7 +431,7 @@ at::Tensor dequantize_bf16(const std::vector<at::Tensor>& packed, const std::vec
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize_bf16", &dequantize_bf16, "int4 parts (packed, scales_zeros) -> their summed weight, bf16 (N, K)");
+  m.def("dequantize_bf16", &dequantize_bf16, "int4 parts (packed, scales_zeros), path -> their summed weight, bf16 (N, K)");
   m.def("best_path", &best_path, "0 scalar, 1 AVX2, 2 AVX512-VNNI: the fastest path this CPU runs");
   m.def("quantize_rows", &quantize_rows, "x (M, K), path -> qx int8 (M, K), dx float32 (M, K/32), sx int32 (M, K/32)");
   m.def("int4_mm", &int4_mm, "out (M, N) (+)= int8 activations x one int4 part");
