@@ -32,7 +32,8 @@ STORY = "Chapter {i}. The lighthouse keeper climbed the stairs and"
 
 
 def long_prompt(n: int, salt: int) -> list[int]:
-    """`n` token ids of real text, the first one varied by `salt` so no run reuses another's cache."""
+    """`n` token ids of real text, led by the tokens of a note naming `salt`, so no run reuses another's
+    cache (the note's first token alone is the same word for every salt)."""
     from transformers import AutoTokenizer
 
     from loramux.engine.model_source import resolve_model
@@ -41,7 +42,7 @@ def long_prompt(n: int, salt: int) -> list[int]:
     text = (Path(__file__).parent / "data" / "ppl.txt").read_text()
     ids = tok(text)["input_ids"]
     ids = (ids * (n // len(ids) + 1))[:n]
-    return [tok(f" Note {salt}:")["input_ids"][0]] + ids[1:]
+    return (tok(f"Note {salt}:")["input_ids"] + ids)[:n]
 
 
 async def one_run(url: str, streams: int, prompt: list[int], max_tokens: int) -> dict:
