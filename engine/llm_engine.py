@@ -167,7 +167,7 @@ class LLMEngine:
     # -- the step loop ----------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(arrivals_only=self._yielded)
         failed = [self._failure(s) for s in self.scheduler.failed]
         self.scheduler.failed.clear()
         if not batch:

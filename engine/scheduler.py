@@ -110,7 +110,10 @@ class Scheduler:
         if seq.adapter_id is not None and self.adapters is not None:
             self.adapters.prefetch(seq.adapter_id)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, arrivals_only: bool = False) -> ScheduledBatch:
+        """The next step. `arrivals_only` (the step after one that stopped for arrivals,
+        engine.llm_engine): a step that admits waiting requests beside a prefill in progress carries
+        no chunk of that prefill, so the arrivals' first tokens come after a step of their own size."""
         batch = ScheduledBatch()
         self.blocks.begin_step()
         self._schedule_decodes(batch)
@@ -124,7 +127,7 @@ class Scheduler:
             admitted = len(self.running)
             used = share - self._admit_waiting(batch, share, skipped)
             if len(self.running) > admitted:    # someone is starting: keep this step short
-                budget = min(budget, self.max_num_batched_tokens - len(batch.decodes))
+                budget = used if arrivals_only else min(budget, self.max_num_batched_tokens - len(batch.decodes))
             budget -= used
         budget = self._continue_prefills(batch, budget, in_progress)
         self._admit_waiting(batch, budget, skipped)

@@ -71,9 +71,11 @@ def test_a_yielded_step_computes_nothing_and_the_outputs_stay_those_alone(engine
     assert seq.num_computed_tokens == 0 and seq.num_hashed_blocks == 0
     assert engine.blocks.num_cached == cached, "blocks of the stopped step must not stay in the prefix cache"
     other = engine.add_request("short", short, PARAMS)[0]
-    engine.step()                              # the arrival is admitted beside a chunk of the long prompt
-    assert engine.stats.batch_sizes[-1] == 2 and len(other.output_token_ids) == 1
-    assert 0 < seq.num_computed_tokens < len(long)
+    engine.step()                              # the arrival alone: its first token after a step of its size
+    assert engine.stats.batch_sizes[-1] == 1 and len(other.output_token_ids) == 1
+    assert seq.num_computed_tokens == 0
+    engine.step()                              # then its decode beside a streaming chunk of the long prompt
+    assert engine.stats.batch_sizes[-1] == 2 and 0 < seq.num_computed_tokens < len(long)
     while engine.has_work:
         engine.step()
     assert seq.output_token_ids == want_long
