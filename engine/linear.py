@@ -125,7 +125,7 @@ class Int4Linear(nn.Module):
         if self.dense is not None and rows > self.dense_above:
             y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.dense)
         elif self.dequantize_above is not None and rows > self.dequantize_above:
-            w = native_quant.dequantize_bf16(self.parts())
+            w = native_quant.dequantize_bf16(self.parts(), _step_weight(self.out_features, self.packed0.shape[1] * 2))
             y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), w)
         elif self.native:
             act = native_quant.quantize_rows(x)
@@ -140,6 +140,18 @@ class Int4Linear(nn.Module):
             if self.num_parts == 2:
                 y.add_(torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed1, INT4_GROUP, self.scales_zeros1))
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+_STEP_WEIGHTS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _step_weight(n: int, k: int) -> torch.Tensor:
+    """The bf16 (n, k) buffer a step dequantizes int4 parts into, one per shape, reused by every
+    projection of that shape: the engine runs one projection at a time, on its own thread."""
+    buf = _STEP_WEIGHTS.get((n, k))
+    if buf is None:
+        buf = _STEP_WEIGHTS[n, k] = torch.empty(n, k, dtype=torch.bfloat16)
+    return buf
 
 
 class Int8Linear(nn.Module):

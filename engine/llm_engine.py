@@ -84,8 +84,8 @@ class LLMEngine:
         self.sampler = Sampler(self.spec.vocab_size, self.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer, self.spec.vocab_size)   # used by the server's threads
         self.stats = EngineStats()
-        # True while requests wait to enter (AsyncEngine's inbox): a whole-prompt step of an idle
-        # engine stops between layers for them, so a short request never waits for a long prefill.
+        # True while requests wait to enter (AsyncEngine's inbox): a whole-prompt step of an idle engine
+        # stops at the forward's next checkpoint for them: a short request never waits for a long prefill.
         self.arrivals: Callable[[], bool] | None = None
         self._yielded = False               # the last step yielded: this one runs to its end
 

@@ -166,8 +166,9 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, should_yield: Callable[[], bool] | None = None) -> torch.Tensor:
         """Forward the batch; returns float32 logits [len(batch.sampled), vocab]: the last token of
         each sequence that gets a token from this step, in `batch.sampled` order. The prompt positions
-        scored for prompt_logprobs are left in `self.prompt_logits`. `should_yield` is asked before
-        each layer: True raises StepYielded, nothing of the step counted as computed."""
+        scored for prompt_logprobs are left in `self.prompt_logits`. `should_yield` is asked at the
+        forward's checkpoints (ForwardContext.checkpoint): True raises StepYielded, nothing of the
+        step counted as computed."""
         input_ids, ctx, logit_rows = self.prepare(batch)
         ctx.should_yield = should_yield
         logits = self.model(input_ids, ctx, logit_rows)

@@ -118,7 +118,13 @@ def int8_mm(act: tuple[torch.Tensor, torch.Tensor, torch.Tensor], q: torch.Tenso
     return ops().int8_mm(qx, dx, q, scale, forced_path() if path is None else path)  # type: ignore[union-attr]
 
 
-def dequantize_bf16(parts: list[tuple[torch.Tensor, torch.Tensor]], path: int | None = None) -> torch.Tensor:
-    """bf16 (N, K): the summed weight of int4 parts (packed, scales_zeros) in the native layout."""
-    return ops().dequantize_bf16([p for p, _ in parts], [sz for _, sz in parts],  # type: ignore[union-attr]
+def dequantize_bf16(parts: list[tuple[torch.Tensor, torch.Tensor]], out: torch.Tensor | None = None,
+                    path: int | None = None) -> torch.Tensor:
+    """bf16 (N, K): the summed weight of int4 parts (packed, scales_zeros) in the native layout,
+    written into `out` when given (a buffer reused step after step: a fresh one of a few MB costs
+    page faults about as long as the dequantization itself)."""
+    packed = parts[0][0]
+    if out is None:
+        out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.bfloat16)
+    return ops().dequantize_bf16([p for p, _ in parts], [sz for _, sz in parts], out,  # type: ignore[union-attr]
                                  forced_path() if path is None else path)

@@ -1,5 +1,5 @@
 """An idle engine prefills a long prompt in one step; a request arriving meanwhile stops that step
-between layers (issue #28 item 7: no head-of-line blocking), and nothing comes out different:
+at the forward's checkpoints (issue #28 item 7: no head-of-line blocking), and nothing comes out different:
 float32 greedy tokens equal each request's own run alone, the prefix cache holds only what was
 computed, and a prompt is never held back by a flood of arrivals (at most every other step yields)."""
 from __future__ import annotations
@@ -49,7 +49,7 @@ def short(tokenizer) -> list[int]:
 
 
 class _AskedTimes:
-    """An arrivals hook that says yes on its `nth` call, once (before layer nth - 1 of the step)."""
+    """An arrivals hook that says yes on its `nth` call, once (4 checkpoints a layer)."""
 
     def __init__(self, nth: int) -> None:
         self.nth, self.calls = nth, 0
@@ -151,6 +151,6 @@ def test_the_yield_is_checked_between_layers_only_for_a_lone_idle_prompt(engine,
         engine.step()
     engine.add_request("d", long_prompt(6), PARAMS)
     engine.step()
-    assert hook.calls == engine.spec.num_layers
+    assert hook.calls == 4 * engine.spec.num_layers      # before each layer, its attention, MLP and down
     while engine.has_work:
         engine.step()

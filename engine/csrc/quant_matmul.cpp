@@ -391,7 +391,7 @@ __attribute__((target("avx512f"))) void round_group_avx512(const float* v, uint1
 // parts added, rounded to bf16 once: bit for bit engine.linear.unpack_native_int4's sum, .to(bf16)
 // (the AVX-512 path does the same float32 operations, 16 lanes at a time).
 at::Tensor dequantize_bf16(const std::vector<at::Tensor>& packed, const std::vector<at::Tensor>& scales_zeros,
-                           int64_t path) {
+                           at::Tensor out, int64_t path) {
   TORCH_CHECK(!packed.empty() && packed.size() == scales_zeros.size(), "one scales_zeros per part");
   const int64_t N = packed[0].size(0), K = packed[0].size(1) * 2, G = K / GROUP;
   const int64_t parts = static_cast<int64_t>(packed.size());
@@ -405,7 +405,8 @@ at::Tensor dequantize_bf16(const std::vector<at::Tensor>& packed, const std::vec
     codes[i] = packed[i].data_ptr<uint8_t>();
     szs[i] = reinterpret_cast<const uint16_t*>(scales_zeros[i].data_ptr<at::BFloat16>());
   }
-  at::Tensor out = at::empty({N, K}, packed[0].options().dtype(at::kBFloat16));
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.sizes() == at::IntArrayRef({N, K}),
+              "out must be contiguous bf16 (N, K)");
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const bool wide = checked_path(path) == VNNI;       // the AVX-512 path (VNNI implies AVX512F)
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -431,7 +432,7 @@ at::Tensor dequantize_bf16(const std::vector<at::Tensor>& packed, const std::vec
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize_bf16", &dequantize_bf16, "int4 parts (packed, scales_zeros), path -> their summed weight, bf16 (N, K)");
+  m.def("dequantize_bf16", &dequantize_bf16, "int4 parts (packed, scales_zeros), out, path -> out = their summed weight, bf16 (N, K)");
   m.def("best_path", &best_path, "0 scalar, 1 AVX2, 2 AVX512-VNNI: the fastest path this CPU runs");
   m.def("quantize_rows", &quantize_rows, "x (M, K), path -> qx int8 (M, K), dx float32 (M, K/32), sx int32 (M, K/32)");
   m.def("int4_mm", &int4_mm, "out (M, N) (+)= int8 activations x one int4 part");

@@ -46,11 +46,17 @@ class ForwardContext:
     windowed: dict[int, AttentionMetadata] = field(default_factory=dict)  # per sliding window: its masks
     # per rotary table of the spec: (cos, signed sin) (T, 1, rotary dim) for this step's positions, set once
     rope: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    # asked before each layer: True stops the step (StepYielded), its work dropped; None: never stops
+    # asked before each layer and its attention, MLP and down projection: True stops the step
+    # (StepYielded), its work dropped; None: never stops
     should_yield: Callable[[], bool] | None = None
 
     def attention(self, window: int | None) -> AttentionMetadata:
         return self.attn if window is None else self.windowed[window]
+
+    def checkpoint(self) -> None:
+        """Where a step may stop (between layers and between a layer's large parts): StepYielded."""
+        if self.should_yield is not None and self.should_yield():
+            raise StepYielded
 
 
 class RMSNorm(nn.Module):
@@ -143,6 +149,7 @@ class DecoderLayer(nn.Module):
         else:                                                 # one rotation over q and k side by side
             qk = RotaryEmbedding.rotate(qkv[:, :k_end].view(T, self.nh + self.nkv, self.hd), cos, sin)
             q, k = qk[:, :self.nh], qk[:, self.nh:]                                  # (T, nh, hd), (T, nkv, hd)
+        ctx.checkpoint()
         o = paged_attention(q, k, v, ctx.kv, self.layer, ctx.attention(self.window), self.scale)  # (T, nh * hd)
         out = self._project(O, o, ctx)
         if self.sandwich:
@@ -151,8 +158,10 @@ class DecoderLayer(nn.Module):
         else:
             h = h + out
             x = self.post_attention_layernorm(h)
+        ctx.checkpoint()
         gate_up = self._project(GATE_UP, x, ctx)                                    # (T, 2 ff)
         a = self.act(gate_up[:, :self.ff]) * gate_up[:, self.ff:]
+        ctx.checkpoint()
         out = self._project(DOWN, a, ctx)
         return h + (self.post_feedforward_layernorm(out) if self.sandwich else out)
 
@@ -183,8 +192,7 @@ class LlamaModel(nn.Module):
             h = h * torch.tensor(self.spec.embed_scale, dtype=h.dtype)
         ctx.rope = [rope.tables(ctx.positions, h.dtype) for rope in self.ropes]
         for layer in self.layers:
-            if ctx.should_yield is not None and ctx.should_yield():
-                raise StepYielded
+            ctx.checkpoint()
             h = layer(h, ctx)
         if logit_rows is not None:
             h = h[logit_rows]
