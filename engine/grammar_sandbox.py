@@ -45,19 +45,20 @@ class GrammarSandbox:
 
     def check(self, spec: GrammarSpec) -> None:
         with self._lock:
-            proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
+            if self._proc is None or self._proc.poll() is not None:
+                self._stop()                     # a child that died since: its pipes closed, then a new one
+                self._start()
+            proc = self._proc
             try:
                 _send(proc.stdin, json.dumps({"kind": spec.kind, "text": spec.text}))
                 reply = _read_line(proc.stdout, CHECK_SECONDS)
-            except (BrokenPipeError, TimeoutError) as exc:
+            except TimeoutError:
+                self._stop()
+                raise GrammarError(f"the grammar took longer than {CHECK_SECONDS:g} s to compile") from None
+            except BrokenPipeError:
                 reply = None
-                timed_out = isinstance(exc, TimeoutError)
-            else:
-                timed_out = False
             if reply is None:
                 self._stop()
-                if timed_out:
-                    raise GrammarError(f"the grammar took longer than {CHECK_SECONDS:g} s to compile") from None
                 log.warning("the grammar compiler crashed (exit %s) on a client's %s; refused",
                             proc.returncode, spec.kind)
                 raise GrammarError(f"the grammar crashed the grammar compiler ({_how(proc.returncode)}); "
@@ -70,17 +71,18 @@ class GrammarSandbox:
         with self._lock:
             self._stop()
 
-    def _start(self) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-P", "-m", "loramux.engine.grammar_sandbox"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/",
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _send(proc.stdin, self._header)
-        if _read_line(proc.stdout, START_SECONDS) is None:
-            proc.kill()
-            proc.wait()
+    def _start(self) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-P", "-m", "loramux.engine.grammar_sandbox"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/",
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            _send(self._proc.stdin, self._header)
+            ready = _read_line(self._proc.stdout, START_SECONDS)
+        except (BrokenPipeError, TimeoutError):
+            ready = None
+        if ready is None:
+            self._stop()
             raise GrammarError("the grammar compiler could not start")
-        self._proc = proc
-        return proc
 
     def _stop(self) -> None:
         proc, self._proc = self._proc, None
