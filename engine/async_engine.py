@@ -159,7 +159,7 @@ class AsyncEngine:
 
     def _has_arrivals(self) -> bool:
         """(asked by the engine mid-step) Requests or aborts wait in the inbox. Read without the lock:
-        a list's length is read atomically, and a late answer only delays the yield by a layer."""
+        a list's length is read atomically, and a late answer only delays the yield by a checkpoint."""
         return bool(self._new or self._aborts)
 
     def _drain_inbox(self) -> None:

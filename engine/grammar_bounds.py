@@ -7,7 +7,7 @@ overflow in native code is a segfault: the whole server gone, no log line. Its o
 (LLParserLimits: nesting of groups and regexes, lexer size, "schema too large") stop other shapes
 with an error, not a crash.
 
-So, two independent guards, either enough for the chains measured, and a sandbox should both fail:
+So, two independent guards, either enough for the chains measured, and a sandbox in case both fail:
 - a bound on the client's text before compiling: MAX_GRAMMAR_RULES rules and MAX_GRAMMAR_BYTES for
   a grammar or regex, MAX_SCHEMA_NODES objects in a JSON schema (a chain is at most that deep);
 - compilation on a thread of its own with COMPILE_STACK_BYTES of stack (reserved address space,

@@ -17,6 +17,7 @@ and bf16 scales/zeros; only the byte order of the packed codes differs (``pack_i
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -121,11 +122,12 @@ class Int4Linear(nn.Module):
         return [(getattr(self, f"packed{i}"), getattr(self, f"scales_zeros{i}")) for i in range(self.num_parts)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
+        rows, w = x.shape[0], None
         if self.dense is not None and rows > self.dense_above:
-            y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.dense)
+            w = self.dense
         elif self.dequantize_above is not None and rows > self.dequantize_above:
             w = native_quant.dequantize_bf16(self.parts(), _step_weight(self.out_features, self.packed0.shape[1] * 2))
+        if w is not None:
             y = F.linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), w)
         elif self.native:
             act = native_quant.quantize_rows(x)
@@ -142,15 +144,17 @@ class Int4Linear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-_STEP_WEIGHTS: dict[tuple[int, int], torch.Tensor] = {}
+_step_weights = threading.local()
 
 
 def _step_weight(n: int, k: int) -> torch.Tensor:
-    """The bf16 (n, k) buffer a step dequantizes int4 parts into, one per shape, reused by every
-    projection of that shape: the engine runs one projection at a time, on its own thread."""
-    buf = _STEP_WEIGHTS.get((n, k))
+    """The bf16 (n, k) buffer a step dequantizes int4 parts into, one per shape and thread, reused by
+    every projection of that shape: a thread runs one projection at a time, and two engines stepping
+    on two threads of one process never share one."""
+    buffers: dict[tuple[int, int], torch.Tensor] = _step_weights.__dict__.setdefault("by_shape", {})
+    buf = buffers.get((n, k))
     if buf is None:
-        buf = _STEP_WEIGHTS[n, k] = torch.empty(n, k, dtype=torch.bfloat16)
+        buf = buffers[n, k] = torch.empty(n, k, dtype=torch.bfloat16)
     return buf
 
 

@@ -204,8 +204,8 @@ class LLMEngine:
     def _unwind(self, batch: ScheduledBatch) -> None:
         """A yielded step: its chunk counts as not computed (the runner advances nothing before the
         forward returns), and the blocks it registered in the prefix cache are forgotten, to be
-        registered again by the step that computes them. The next step admits the arrivals beside
-        the rest of the prompt, under the streaming budget (engine.scheduler)."""
+        registered again by the step that computes them. The next step carries only the arrivals
+        (Scheduler.schedule's arrivals_only); the prompt goes on in streaming chunks beside them."""
         self.blocks.forget_step()
         for seq in batch.prefills:
             seq.num_hashed_blocks = min(seq.num_hashed_blocks, seq.num_computed_tokens // self.blocks.block_size)

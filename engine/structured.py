@@ -72,7 +72,7 @@ class GrammarCompiler:
         problem = grammar_cost_problem(spec.kind, spec.text)
         if problem is not None:
             raise GrammarError(f"too costly to compile: {problem}")
-        tokenizer, sandbox = self._tokenizer()
+        tokenizer, sandbox = self._tokenizer_and_sandbox()
         sandbox.check(spec)                          # a native crash ends the child's life, not ours
         template = on_deep_stack(lambda: compile_template(spec, tokenizer))
         grammar = Grammar(spec, template)
@@ -82,7 +82,8 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
-    def _tokenizer(self) -> tuple[Any, GrammarSandbox]:
+    def _tokenizer_and_sandbox(self) -> tuple[Any, GrammarSandbox]:
+        """llguidance's tokenizer and the sandbox compiling for the same tokenizer, built once."""
         with self._lock:
             if self._ll_tokenizer is None:
                 text, eos = tokenizer_json(self.hf_tokenizer), self.hf_tokenizer.eos_token_id

@@ -33,7 +33,7 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")   # DecoderLay
 
 
 class StepYielded(Exception):
-    """The step stopped between layers for a request that arrived (engine.llm_engine.LLMEngine.step)."""
+    """The step stopped at a checkpoint for a request that arrived (engine.llm_engine.LLMEngine.step)."""
 
 
 @dataclass
