@@ -28,7 +28,8 @@ from loramux.engine import native_quant
 INT4_GROUP = 32            # the GGUF Q4_0/Q4_1/Q8_0 block: scales map one to one
 INT4_DENSE_ABOVE = 16      # rows from which the bf16 GEMM beats ATen's int4 kernel (benchmarks/bench_native.py)
 # rows from which dequantizing the native parts for the step and one bf16 GEMM beat the integer dots,
-# on a CPU with bf16 hardware (measured on the embedded model, EPYC AVX512-BF16: a 17-row step 71 vs
+# on a CPU with bf16 hardware (one-off in-process timings of the embedded model's steps, EPYC AVX512-BF16,
+# not a benchmarks/ results file: a 17-row step 71 vs
 # 68 ms, 24 rows 74 vs 83 ms, 128 rows 169 vs 320 ms, 1,500 rows 1.9 vs 4.1 s)
 INT4_DEQUANTIZE_ABOVE = 20
 
